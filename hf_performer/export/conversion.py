@@ -1,0 +1,259 @@
+"""``convert``: a stock BERT, GPT-2 or Llama checkpoint → a FAVOR+ checkpoint anyone can load.
+
+OUT receives the weights with their random features, the exported model code and ``auto_map``
+(for ``trust_remote_code=True`` without hf-performer), the tokenizer and a README.md model card.
+
+Safety rules, in the order they apply:
+
+- everything that can be checked without loading weights is checked first (SRC is a checkpoint
+  of a supported architecture and head, OUT is usable, the settings and evaluation file are
+  valid), so a conversion that cannot succeed fails before any work;
+- nothing is written into SRC, and OUT may not be SRC, inside it, or contain it;
+- a non-empty OUT is refused unless ``overwrite=True``;
+- the checkpoint is written to a hidden staging folder next to OUT and renamed into place only
+  once complete, so an interrupted conversion leaves no half checkpoint (and, with
+  ``overwrite=True``, the previous OUT intact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import transformers
+from huggingface_hub import HfApi, ModelCard
+from transformers import AutoTokenizer
+from transformers.utils import cached_file
+
+from hf_performer.config import PerformerConfig, __version__
+from hf_performer.export.model_card import model_card, read_eval_results
+from hf_performer.export.remote_code import auto_map, write_remote_code
+from hf_performer.integration.attention import ATTENTION_NAME
+from hf_performer.models.base import Family
+from hf_performer.models.registry import FAMILIES
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot be done; the message says why and what would work."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What SRC holds, read from its config.json and file names (no weights loaded)."""
+
+    name: str
+    local: bool
+    family: Family
+    stock_class: type  # the head class of SRC, e.g. BertForMaskedLM
+    auto_class: str  # the Auto class that loads it, e.g. "AutoModelForMaskedLM"
+    has_tokenizer: bool
+    config: dict
+
+
+def _file(src: str, name: str) -> str | None:
+    """Path of file ``name`` of SRC (a folder or a Hub id, downloaded to the cache), or ``None`` if absent."""
+    return cached_file(src, name, _raise_exceptions_for_missing_entries=False)
+
+
+def inspect_source(src: str) -> Source:
+    """Check that SRC is a checkpoint that can be converted, reading only small files."""
+    local = Path(src).exists()
+    if local and not Path(src).is_dir():
+        raise ConversionError(f"SRC {src!r} is a file; give the checkpoint's folder")
+    try:
+        config_file = _file(src, "config.json")
+    except OSError as error:
+        raise ConversionError(
+            f"SRC {src!r} is neither a local folder nor a Hub model id that can be reached: {error}"
+        ) from None
+    if config_file is None:
+        where = "" if local else " (no such local folder, so it was read as a Hub model id)"
+        raise ConversionError(f"SRC {src!r} is not a checkpoint: it has no config.json{where}")
+    if local and not any((Path(src) / name).is_file() for name in WEIGHT_FILES):
+        raise ConversionError(f"SRC {src!r} is not a checkpoint: it has a config.json but no weights {WEIGHT_FILES}")
+    config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+
+    model_type = config.get("model_type")
+    if model_type in {family.model_type for family in FAMILIES.values()}:
+        raise ConversionError(f"SRC {src!r} is already a FAVOR+ checkpoint ({model_type}); convert its source instead")
+    if model_type not in FAMILIES:
+        raise ConversionError(
+            f"cannot convert SRC {src!r}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}"
+        )
+    family = FAMILIES[model_type]
+    heads = {
+        performer.__bases__[-1].__name__: (auto, performer.__bases__[-1])
+        for auto, performer in family.auto_models.items()
+    }
+    base_model_class = family.auto_models[transformers.AutoModel].__bases__[-1]
+    architecture = (config.get("architectures") or [base_model_class.__name__])[0]
+    if architecture not in heads:
+        raise ConversionError(
+            f"cannot convert SRC {src!r}: its head {architecture} has no FAVOR+ version; supported {model_type} "
+            f"heads: {', '.join(sorted(heads))}"
+        )
+    auto_class, stock_class = heads[architecture]
+    return Source(
+        name=src,
+        local=local,
+        family=family,
+        stock_class=stock_class,
+        auto_class=auto_class.__name__,
+        has_tokenizer=any(_file(src, name) is not None for name in TOKENIZER_FILES),
+        config=config,
+    )
+
+
+def _check_out(out: Path, source: Source, overwrite: bool) -> None:
+    if source.local:
+        src = Path(source.name).resolve()
+        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+            raise ConversionError(f"OUT {out} must lie outside SRC {src} (and not contain it): SRC is never written")
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"OUT {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"OUT {out} is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def _source_card_metadata(source: Source) -> dict:
+    """License and language of SRC, from its model card or, failing that, its config."""
+    card_file = _file(source.name, "README.md")
+    card = ModelCard.load(card_file, ignore_metadata_errors=True).data if card_file else None
+    return {
+        "license": getattr(card, "license", None) or source.config.get("license"),
+        "language": getattr(card, "language", None),
+    }
+
+
+def _staging_folder(out: Path) -> Path:
+    """A hidden empty folder next to OUT (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; OUT should get the usual permissions
+    return staging
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        staging.rename(out)
+        return
+    replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    out.rename(replaced)
+    staging.rename(out)
+    shutil.rmtree(replaced)
+
+
+def push_folder(folder: Path, repo_id: str, private: bool) -> str:
+    """Upload a finished checkpoint folder to the Hub; returns the commit URL.
+
+    The token comes from ``HF_TOKEN`` or ``hf auth login``.  Not exercised by the tests (no network).
+    """
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message=f"FAVOR+ checkpoint (hf-performer {__version__})"
+    ).commit_url
+
+
+def _print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    performer_config: PerformerConfig | dict | None = None,
+    *,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    eval_results: str | os.PathLike | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    progress: Callable[[str], None] = _print_progress,
+) -> Path:
+    """Convert checkpoint SRC (folder or Hub id; BERT, GPT-2 or Llama, any head) to a FAVOR+ checkpoint in OUT.
+
+    Args:
+        performer_config: FAVOR+ settings (:class:`PerformerConfig`, its dict, or ``None`` for defaults).
+        overwrite: replace a non-empty OUT (only once the new checkpoint is complete).
+        base_model: Hub id of the source for the card's ``base_model`` (default: SRC when it is a Hub id).
+        eval_results: JSON file of evaluation results for the card (format: :mod:`hf_performer.export.model_card`).
+        push_to_hub: Hub repository id to upload OUT to once written; ``private`` creates it private.
+        progress: called with a line of text at each step.
+
+    Returns:
+        The path of OUT.
+
+    Raises:
+        ConversionError: before any work, when SRC, OUT or the options make the conversion impossible.
+    """
+    started = time.monotonic()
+
+    def step(message: str) -> None:
+        progress(f"[{time.monotonic() - started:6.1f}s] {message}")
+
+    src, out = os.fspath(src), Path(out).expanduser().resolve()
+    try:
+        settings = PerformerConfig.coerce(performer_config)
+        results = read_eval_results(eval_results) if eval_results is not None else None
+    except (OSError, TypeError, ValueError) as error:
+        raise ConversionError(str(error)) from None
+    if private and not push_to_hub:
+        raise ConversionError("private=True only applies together with push_to_hub")
+    step(f"Reading {src}")
+    source = inspect_source(src)
+    _check_out(out, source, overwrite)
+    card_metadata = _source_card_metadata(source)
+
+    staging = _staging_folder(out)
+    try:
+        step(f"Loading {source.stock_class.__name__} weights with FAVOR+ attention ({settings.nb_features} features)")
+        model = source.stock_class.from_pretrained(src, attention=ATTENTION_NAME, performer_config=settings)
+        model.config.auto_map = auto_map(source.family)
+        step(f"Saving weights and random features ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+        model.save_pretrained(staging)
+        step("Writing the model code for trust_remote_code=True")
+        write_remote_code(source.family, staging)
+        if source.has_tokenizer:
+            step("Saving the tokenizer")
+            AutoTokenizer.from_pretrained(src).save_pretrained(staging)
+        else:
+            step("SRC has no tokenizer files: OUT has no tokenizer either")
+        step("Writing the model card README.md")
+        model_card(
+            push_to_hub or out.name,
+            stock_model_type=source.family.stock_model_type,
+            auto_class=source.auto_class,
+            settings=settings,
+            base_model=base_model or (None if source.local else src),
+            source_name=Path(src).name,
+            has_tokenizer=source.has_tokenizer,
+            eval_results=results,
+            **card_metadata,
+        ).save(staging / "README.md")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    step(f"Wrote {out}")
+    if push_to_hub:
+        step(f"Uploading to the Hub as {push_to_hub}{' (private)' if private else ''}")
+        step(f"Uploaded: {push_folder(out, push_to_hub, private)}")
+    return out

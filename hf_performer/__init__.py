@@ -1,0 +1,31 @@
+"""hf-performer: Performer (FAVOR+) attention for Hugging Face Transformers.
+
+``import hf_performer`` registers the ``"favor+"`` attention implementation, the ``performer_*``
+model types and ``from_pretrained(..., attention="favor+")``::
+
+    import hf_performer
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained("bert-base-uncased", attention="favor+")
+"""
+
+from hf_performer.config import PerformerConfig, __version__
+from hf_performer.favor.features import register_kernel
+from hf_performer.integration.loading import performer_config_from, to_performer
+from hf_performer.integration.registration import register
+from hf_performer.models.bert import PerformerBertConfig
+from hf_performer.models.gpt2 import PerformerGPT2Config
+from hf_performer.models.llama import PerformerLlamaConfig
+
+register()
+
+__all__ = [
+    "PerformerBertConfig",
+    "PerformerConfig",
+    "PerformerGPT2Config",
+    "PerformerLlamaConfig",
+    "__version__",
+    "performer_config_from",
+    "register",
+    "register_kernel",
+    "to_performer",
+]

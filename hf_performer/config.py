@@ -1,0 +1,104 @@
+"""``PerformerConfig``: the FAVOR+ settings of a model, validated and JSON-serialisable.
+
+Torch only; the transformers config classes store it as a plain dict (``config.performer_config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_performer.favor.features import FEATURE_SCALINGS, KERNELS
+
+__version__ = "0.1.0"
+
+
+@dataclass
+class PerformerConfig:
+    """How FAVOR+ replaces softmax attention in every attention layer of a model."""
+
+    nb_features: int = field(
+        default=256,
+        metadata={"help": "Number m of random features per layer (≥ 1). Error falls as m grows; cost is O(L·m·d)."},
+    )
+    kernel: str = field(
+        default="softmax",
+        metadata={
+            "help": "'softmax' (positive random features, unbiased softmax estimate), 'relu' (generalised "
+            "attention), or a name registered with hf_performer.register_kernel."
+        },
+    )
+    orthogonal: bool = field(
+        default=True, metadata={"help": "Orthogonal random features (lower variance) instead of i.i.d. Gaussian."}
+    )
+    feature_scaling: str = field(
+        default="chi",
+        metadata={"help": "Row norms of ω: 'chi' (unbiased, Gaussian-like norms) or 'sqrt_d' (all equal to √d)."},
+    )
+    redraw_interval: int = field(
+        default=1000,
+        metadata={
+            "help": "Redraw the random features every this many optimizer steps while training (0: never). "
+            "Draws depend only on the seed, so every process of a distributed run draws the same features."
+        },
+    )
+    causal_chunk_size: int = field(
+        default=128,
+        metadata={"help": "Tokens per chunk of causal attention (≥ 1): exact inside a chunk, prefix sums across."},
+    )
+    kernel_epsilon: float = field(
+        default=1e-3,
+        metadata={"help": "ε added to generalised-kernel features (≥ 0) so the denominator stays positive."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random features (≥ 0); layer l draws from (seed, l)."})
+
+    def __post_init__(self):
+        _check_int(self, "nb_features", 1)
+        _check_int(self, "redraw_interval", 0)
+        _check_int(self, "causal_chunk_size", 1)
+        _check_int(self, "seed", 0)
+        if self.kernel not in KERNELS:
+            raise ValueError(
+                f"PerformerConfig.kernel must be one of {sorted(KERNELS)} (register others with "
+                f"hf_performer.register_kernel), got {self.kernel!r}"
+            )
+        if not isinstance(self.orthogonal, bool):
+            raise ValueError(f"PerformerConfig.orthogonal must be True or False, got {self.orthogonal!r}")
+        if self.feature_scaling not in FEATURE_SCALINGS:
+            raise ValueError(
+                f"PerformerConfig.feature_scaling must be one of {FEATURE_SCALINGS}, got {self.feature_scaling!r}"
+            )
+        if isinstance(self.kernel_epsilon, bool) or not isinstance(self.kernel_epsilon, (int, float)) or not (
+            self.kernel_epsilon >= 0
+        ):
+            raise ValueError(f"PerformerConfig.kernel_epsilon must be a number ≥ 0, got {self.kernel_epsilon!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, stamped with the hf-performer version that wrote them."""
+        return {**dataclasses.asdict(self), "hf_performer_version": __version__}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PerformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names - {"hf_performer_version"}
+        if unknown:
+            raise ValueError(f"unknown PerformerConfig fields {sorted(unknown)}; known fields: {sorted(names)}")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def coerce(cls, value: PerformerConfig | dict[str, Any] | None) -> PerformerConfig:
+        """Accept a ``PerformerConfig``, its dict form (as saved in config.json) or ``None`` (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise TypeError(f"performer_config must be a PerformerConfig or a dict, got {type(value).__name__}")
+
+
+def _check_int(config: PerformerConfig, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"PerformerConfig.{name} must be an integer ≥ {minimum}, got {value!r}")

@@ -1,0 +1,29 @@
+"""The FAVOR+ math: random features and linear attention, torch only (no transformers import)."""
+
+from hf_performer.favor.attention import (
+    FavorState,
+    bidirectional_linear_attention,
+    causal_linear_attention,
+    favor_attention,
+    fold_keys,
+)
+from hf_performer.favor.features import (
+    KERNELS,
+    key_features,
+    orthogonal_random_matrix,
+    query_features,
+    register_kernel,
+)
+
+__all__ = [
+    "FavorState",
+    "KERNELS",
+    "bidirectional_linear_attention",
+    "causal_linear_attention",
+    "favor_attention",
+    "fold_keys",
+    "key_features",
+    "orthogonal_random_matrix",
+    "query_features",
+    "register_kernel",
+]

@@ -1,0 +1,216 @@
+"""FAVOR+ attention: ``softmax(QKᵀ)V ≈ D⁻¹ φ(Q)(φ(K)ᵀV)`` in O(L·m·d) time (paper eq. 4–5).
+
+Torch only.  Layout: ``query [B, H, Lq, D]``, ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]``
+with ``H`` a multiple of ``Hk`` (grouped-query attention shares a key head across ``H / Hk``
+query heads).  All arithmetic runs in float32 whatever the input dtype; the output comes back in
+the query's dtype.
+
+Keys carry a log-weight ``c_s`` (see :func:`key_features`): ``φ(k_s) = exp(c_s) φ̃(k_s)``.  Sums over
+keys are kept relative to a reference ``M ≥ c_s`` so nothing overflows; in causal mode ``M`` is the
+running maximum over *past* keys, so outputs at position ``t`` depend on tokens ``≤ t`` only, bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from hf_performer.favor.features import key_features, query_features
+
+NEG_LOG_WEIGHT = -1e30
+"""Log-weight of a masked (padding) key: exp(NEG_LOG_WEIGHT − anything finite) is exactly 0."""
+
+
+class FavorState(NamedTuple):
+    """Causal FAVOR+ state after the keys seen so far (the paper's prefix sums, rescaled).
+
+    ``S = Σ_s φ(k_s) v_sᵀ = exp(log_scale) · kv`` and ``z = Σ_s φ(k_s) = exp(log_scale) · k_sum``.
+
+    - ``kv``: ``[B, H, m, Dv]``
+    - ``k_sum``: ``[B, H, m]``
+    - ``log_scale``: ``[B, H]``, the largest key log-weight seen (``NEG_LOG_WEIGHT`` when none)
+
+    Its size does not depend on the number of tokens: this is what constant-memory decoding keeps.
+    """
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    log_scale: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, nb_features: int, value_dim: int, device=None) -> FavorState:
+        return cls(
+            torch.zeros(batch, heads, nb_features, value_dim, device=device),
+            torch.zeros(batch, heads, nb_features, device=device),
+            torch.full((batch, heads), NEG_LOG_WEIGHT, device=device),
+        )
+
+
+def _rescaled(state: FavorState, log_scale: torch.Tensor) -> FavorState:
+    """The same sums expressed relative to a new reference ``log_scale ≥ state.log_scale``."""
+    factor = torch.exp(state.log_scale - log_scale)
+    return FavorState(state.kv * factor[..., None, None], state.k_sum * factor[..., None], log_scale)
+
+
+def fold_keys(state: FavorState, k_feat: torch.Tensor, log_weight: torch.Tensor, value: torch.Tensor) -> FavorState:
+    """Add keys ``k_feat [B, H, L, m]`` (log-weights ``[B, H, L]``) and values ``[B, H, L, Dv]``."""
+    log_scale = torch.maximum(state.log_scale, log_weight.amax(-1))
+    state = _rescaled(state, log_scale)
+    weighted = k_feat * torch.exp(log_weight - log_scale[..., None])[..., None]
+    return FavorState(state.kv + weighted.transpose(-1, -2) @ value, state.k_sum + weighted.sum(-2), log_scale)
+
+
+def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0."""
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None]
+
+
+def bidirectional_linear_attention(
+    q_feat: torch.Tensor, k_feat: torch.Tensor, log_weight: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``D⁻¹ φ(Q)(φ(K)ᵀV)`` (paper eq. 5): ``[B, H, Lq, m], [B, H, Lk, m], [B, H, Lk], [B, H, Lk, Dv]``
+    → ``[B, H, Lq, Dv]``.  Cost O((Lq + Lk)·m·Dv); the ``Lq × Lk`` matrix is never formed."""
+    b, h, _, m = k_feat.shape
+    state = fold_keys(FavorState.empty(b, h, m, value.shape[-1], k_feat.device), k_feat, log_weight, value)
+    return _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
+
+
+def causal_linear_attention(
+    q_feat: torch.Tensor,
+    k_feat: torch.Tensor,
+    log_weight: torch.Tensor,
+    value: torch.Tensor,
+    chunk_size: int = 128,
+    initial_state: FavorState | None = None,
+) -> tuple[torch.Tensor, FavorState]:
+    """Causal FAVOR+ (paper §2.5, prefix sums), computed chunk by chunk.
+
+    Shapes: ``q_feat, k_feat [B, H, L, m]``, ``log_weight [B, H, L]``, ``value [B, H, L, Dv]``;
+    returns ``([B, H, L, Dv], final FavorState)``.  Query ``t`` attends to the keys of
+    ``initial_state`` and to keys ``≤ t``.
+
+    Inside a chunk of ``C`` tokens the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay) V`` is computed exactly
+    (``decay[t, s] = exp(c_s − M_t)`` for ``s ≤ t``, 0 above the diagonal); across chunks a state
+    ``(S, z)`` is carried.  Memory is O(L·(m + C) + (L/C)·m·Dv): no ``[L, m, Dv]`` tensor is built.
+    ``M_t`` is the running maximum of the key log-weights up to ``t``, so no future token changes a
+    past output.
+    """
+    b, h, length, m = q_feat.shape
+    dv = value.shape[-1]
+    if initial_state is None:
+        initial_state = FavorState.empty(b, h, m, dv, q_feat.device)
+    chunk = max(1, min(chunk_size, length))
+    n_chunks = math.ceil(length / chunk)
+    pad = n_chunks * chunk - length
+    if pad:
+        q_feat = F.pad(q_feat, (0, 0, 0, pad))
+        k_feat = F.pad(k_feat, (0, 0, 0, pad))
+        value = F.pad(value, (0, 0, 0, pad))
+        log_weight = F.pad(log_weight, (0, pad), value=NEG_LOG_WEIGHT)
+
+    # [B, H, n, C]: reference of each query, then the reference of the state entering each chunk
+    running_max = torch.maximum(torch.cummax(log_weight, -1).values, initial_state.log_scale[..., None])
+    running_max = running_max.view(b, h, n_chunks, chunk)
+    log_weight = log_weight.view(b, h, n_chunks, chunk)
+    chunk_end = running_max[..., -1]
+    state_ref = torch.cat([initial_state.log_scale[..., None], chunk_end[..., :-1]], -1)
+
+    q_feat = q_feat.view(b, h, n_chunks, chunk, m)
+    k_feat = k_feat.view(b, h, n_chunks, chunk, m)
+    value = value.view(b, h, n_chunks, chunk, dv)
+
+    # within a chunk: exact masked product; clamping keeps exp finite above the diagonal
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q_feat.device).tril()
+    decay = torch.exp((log_weight[..., None, :] - running_max[..., :, None]).clamp(max=0)) * causal
+    scores = (q_feat @ k_feat.transpose(-1, -2)) * decay  # [B, H, n, C, C]
+
+    # each chunk's own sums, relative to its end reference, then an exclusive scan over chunks
+    weighted = k_feat * torch.exp(log_weight - chunk_end[..., None])[..., None]
+    chunk_kv = weighted.transpose(-1, -2) @ value  # [B, H, n, m, Dv]
+    chunk_k_sum = weighted.sum(-2)  # [B, H, n, m]
+    entering_kv, entering_k_sum = [], []
+    state = initial_state
+    for j in range(n_chunks):
+        entering_kv.append(state.kv)
+        entering_k_sum.append(state.k_sum)
+        state = _rescaled(state, chunk_end[..., j])
+        state = FavorState(state.kv + chunk_kv[:, :, j], state.k_sum + chunk_k_sum[:, :, j], state.log_scale)
+    kv_in = torch.stack(entering_kv, 2)  # [B, H, n, m, Dv]
+    k_sum_in = torch.stack(entering_k_sum, 2)  # [B, H, n, m]
+
+    carry = torch.exp(state_ref[..., None] - running_max)  # [B, H, n, C], ≤ 1
+    numerator = scores @ value + carry[..., None] * (q_feat @ kv_in)
+    denominator = scores.sum(-1) + carry * (q_feat @ k_sum_in.unsqueeze(-1)).squeeze(-1)
+    out = _divide(numerator, denominator).view(b, h, n_chunks * chunk, dv)[:, :, :length]
+    return out, state
+
+
+def favor_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kernel_epsilon: float = 1e-3,
+    chunk_size: int = 128,
+    initial_state: FavorState | None = None,
+) -> tuple[torch.Tensor, FavorState | None]:
+    """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``.
+
+    Args:
+        query: ``[B, H, Lq, D]``; key ``[B, Hk, Lk, D]``; value ``[B, Hk, Lk, Dv]``; ``H % Hk == 0``.
+        projection: ``ω`` of shape ``[m, D]`` (see :func:`orthogonal_random_matrix`).
+        scaling: softmax temperature (default ``D^-½``); ``√scaling`` multiplies both ``q`` and ``k``
+            (the paper's ``d^-¼`` renormalisation) so the kernel sees ``scaling · qᵀk``.
+        causal: query ``i`` sees keys ``≤ Lk − Lq + i`` (queries are the last ``Lq`` positions, as
+            with a key/value cache).  Bidirectional otherwise.
+        key_padding_mask: ``[B, Lk]`` bool, ``True`` for real tokens; padded keys get ``φ(k) = 0``.
+        kernel_fn: ``None`` for the positive softmax features, else generalised attention's ``f``.
+        chunk_size: tokens per chunk of the causal computation (memory vs. matmul efficiency).
+        initial_state: causal only: a :class:`FavorState` of earlier keys to continue from.
+
+    Returns:
+        ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
+        recurrent decoding), ``None`` when bidirectional.
+    """
+    heads, key_heads = query.shape[1], key.shape[1]
+    if heads % key_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({key_heads})")
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if causal and q_len > k_len:
+        raise ValueError(f"causal attention needs at least as many keys ({k_len}) as queries ({q_len})")
+    if initial_state is not None and not causal:
+        raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
+
+    scale = math.sqrt(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    projection = projection.float()
+    q_feat = query_features(query.float() * scale, projection, kernel_fn, kernel_epsilon)
+    k_feat, log_weight = key_features(key.float() * scale, projection, kernel_fn, kernel_epsilon)
+    value_f = value.float()
+    if key_padding_mask is not None:
+        keep = key_padding_mask.to(torch.bool)[:, None, :]
+        k_feat = k_feat * keep[..., None]
+        log_weight = log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
+    if heads != key_heads:
+        group = heads // key_heads
+        k_feat, log_weight, value_f = (t.repeat_interleave(group, dim=1) for t in (k_feat, log_weight, value_f))
+
+    if not causal:
+        return bidirectional_linear_attention(q_feat, k_feat, log_weight, value_f).to(query.dtype), None
+    prefix = k_len - q_len
+    if prefix:  # keys before the first query (a key/value cache) enter as state
+        b, _, _, m = k_feat.shape
+        start = initial_state or FavorState.empty(b, heads, m, value_f.shape[-1], query.device)
+        initial_state = fold_keys(start, k_feat[:, :, :prefix], log_weight[:, :, :prefix], value_f[:, :, :prefix])
+    out, state = causal_linear_attention(
+        q_feat, k_feat[:, :, prefix:], log_weight[:, :, prefix:], value_f[:, :, prefix:], chunk_size, initial_state
+    )
+    return out.to(query.dtype), state

@@ -1,0 +1,139 @@
+"""Random features for FAVOR+ (Choromanski et al., ICLR 2021, arXiv 2009.14794).
+
+Torch only: nothing here knows about transformers.
+
+Notation follows the paper: ``d`` is the head dimension, ``m`` the number of random features,
+``ω`` (``projection``, shape ``[m, d]``) the random directions.  Softmax attention uses the kernel
+``SM(x, y) = exp(xᵀy)``, estimated without bias by the positive random features of Lemma 1::
+
+    φ(x) = m^-½ · exp(ωx − ‖x‖²/2)          (paper eq. 7 with h(x) = exp(−‖x‖²/2), f = exp)
+
+so that ``E[φ(x)ᵀφ(y)] = exp(xᵀy)``.  Generalised attention (paper §2.2) replaces ``exp`` by any
+non-negative ``f``: ``φ(x) = m^-½ · (f(ωx) + ε)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+FEATURE_SCALINGS = ("chi", "sqrt_d")
+
+
+def orthogonal_random_matrix(
+    nb_features: int,
+    dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    orthogonal: bool = True,
+    scaling: str = "chi",
+) -> torch.Tensor:
+    """Draw the random projection ``ω`` of shape ``[nb_features, dim]`` (float32, on the CPU).
+
+    With ``orthogonal=True`` the rows come from stacked ``dim × dim`` blocks, each an exactly
+    orthogonal (Haar) matrix: the QR factor of a Gaussian matrix with the signs of ``diag(R)``
+    folded in, so that rows within a block are orthogonal (paper §2.4, "ORFs"); the last block is
+    truncated when ``nb_features`` is not a multiple of ``dim``.  Orthogonality lowers the
+    estimator's variance for every ``m`` (paper Theorem 2).  With ``orthogonal=False`` the rows are
+    i.i.d. Gaussian.
+
+    ``scaling`` sets the row norms: ``"chi"`` gives each row the norm of an independent
+    ``N(0, I_d)`` vector (chi-distributed with ``d`` degrees of freedom), which keeps every row
+    marginally ``N(0, I_d)`` and so the estimator unbiased; ``"sqrt_d"`` fixes all norms at ``√d``
+    (the regularised variant of the paper's code).
+
+    The draw happens on the CPU from ``generator`` so that the same seed gives the same matrix on
+    every device and every process of a distributed run; move it where it is needed.
+    """
+    if scaling not in FEATURE_SCALINGS:
+        raise ValueError(f"scaling must be one of {FEATURE_SCALINGS}, got {scaling!r}")
+    if orthogonal:
+        nb_blocks = math.ceil(nb_features / dim)
+        gaussian = torch.randn(nb_blocks, dim, dim, generator=generator)
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        directions = q.transpose(-2, -1).reshape(nb_blocks * dim, dim)[:nb_features]  # unit rows
+    else:
+        directions = torch.randn(nb_features, dim, generator=generator)
+        if scaling == "chi":
+            return directions
+        directions = directions / directions.norm(dim=1, keepdim=True)
+    if scaling == "chi":
+        norms = torch.randn(nb_features, dim, generator=generator).norm(dim=1, keepdim=True)
+    else:
+        norms = torch.full((nb_features, 1), math.sqrt(dim))
+    return directions * norms
+
+
+def softmax_kernel_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Exponents ``ωx − ‖x‖²/2`` of the positive softmax features, ``[..., L, d] → [..., L, m]``.
+
+    One matmul computes both terms: ``[x, −‖x‖²/2] · [ω, 1]ᵀ``.
+    """
+    half_sq_norm = x.pow(2).sum(-1, keepdim=True).mul(-0.5)
+    ones = projection.new_ones(projection.shape[0], 1)
+    return torch.cat([x, half_sq_norm], -1) @ torch.cat([projection, ones], -1).transpose(0, 1)
+
+
+def query_features(
+    q: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kernel_epsilon: float = 1e-3,
+) -> torch.Tensor:
+    """φ(Q) up to a per-query positive factor, ``[..., L, d] → [..., L, m]``.
+
+    For the softmax kernel each row is divided by ``exp(max_i logit_i)`` (detached): a per-query
+    factor cancels between the numerator and the denominator of ``D⁻¹ φ(Q)(φ(K)ᵀV)``, and it keeps
+    every entry in ``(0, m^-½]`` whatever the logit scale.  ``kernel_fn=None`` means softmax.
+    """
+    m = projection.shape[0]
+    if kernel_fn is not None:
+        return (kernel_fn(q @ projection.transpose(0, 1)) + kernel_epsilon) * m**-0.5
+    logits = softmax_kernel_logits(q, projection)
+    return torch.exp(logits - logits.amax(-1, keepdim=True).detach()) * m**-0.5
+
+
+def key_features(
+    k: torch.Tensor,
+    projection: torch.Tensor,
+    kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kernel_epsilon: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ(K) split as ``φ(k_s) = exp(c_s) · φ̃(k_s)``: returns ``(φ̃(K) [..., L, m], c [..., L])``.
+
+    For the softmax kernel ``c_s = max_i logit_si`` (detached), so ``φ̃`` lies in ``(0, m^-½]`` and the
+    key's scale lives in the log-weight ``c_s``.  Keeping it per key (instead of subtracting one
+    maximum over all keys, as performer-pytorch does) is what lets causal attention stabilise with
+    a running maximum over past keys only: no future key ever changes a past output, bit for bit.
+    Generalised kernels need no stabiliser: ``c = 0``.
+    """
+    m = projection.shape[0]
+    if kernel_fn is not None:
+        features = (kernel_fn(k @ projection.transpose(0, 1)) + kernel_epsilon) * m**-0.5
+        return features, features.new_zeros(features.shape[:-1])
+    logits = softmax_kernel_logits(k, projection)
+    log_weight = logits.amax(-1).detach()
+    return torch.exp(logits - log_weight.unsqueeze(-1)) * m**-0.5, log_weight
+
+
+KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "softmax": None,
+    "relu": torch.relu,
+}
+"""Kernel name → ``f`` of generalised attention (``None``: the positive softmax features)."""
+
+
+def register_kernel(name: str, kernel_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make ``kernel=name`` select generalised attention with ``φ(x) = m^-½ (kernel_fn(ωx) + ε)``.
+
+    ``kernel_fn`` must map ``[..., m]`` to non-negative values of the same shape.  Configs store
+    only the name, so register the same function before loading a model saved with it.
+    """
+    if name == "softmax":
+        raise ValueError("'softmax' names the positive softmax features and cannot be replaced")
+    if not callable(kernel_fn):
+        raise TypeError(f"kernel_fn for {name!r} must be callable, got {type(kernel_fn).__name__}")
+    KERNELS[name] = kernel_fn

@@ -1,0 +1,40 @@
+"""Naive O(L²) references for testing the FAVOR+ ops (torch only, computed as written).
+
+Not for use in models: they materialise the ``[Lq, Lk]`` matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _visible(q_len: int, k_len: int, causal: bool, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """``[B or 1, 1, Lq, Lk]`` bool: which key each query may see (causal queries end-aligned)."""
+    visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible.tril(diagonal=k_len - q_len)
+    visible = visible[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.to(torch.bool)[:, None, None, :]
+    return visible
+
+
+def softmax_attention(query, key, value, *, scaling=None, causal=False, key_padding_mask=None):
+    """Exact ``softmax(scaling · QKᵀ + mask) V``; shapes as :func:`favor_attention` (``H == Hk``)."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    visible = _visible(query.shape[-2], key.shape[-2], causal, key_padding_mask, query.device)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ value
+
+
+def positive_softmax_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """φ(x) = m^-½ exp(ωx − ‖x‖²/2) exactly as in the paper (no stabiliser): ``[..., L, d] → [..., L, m]``."""
+    m = projection.shape[0]
+    return torch.exp(x @ projection.transpose(0, 1) - x.pow(2).sum(-1, keepdim=True) / 2) / m**0.5
+
+
+def quadratic_linear_attention(q_feat, k_feat, value, *, causal=False, key_padding_mask=None):
+    """``D⁻¹ (φ(Q)φ(K)ᵀ ⊙ mask) V`` with the full ``[Lq, Lk]`` matrix (paper eq. 4 and its masked form)."""
+    scores = q_feat @ k_feat.transpose(-1, -2)
+    scores = scores * _visible(q_feat.shape[-2], k_feat.shape[-2], causal, key_padding_mask, q_feat.device)
+    return (scores @ value) / scores.sum(-1, keepdim=True)

@@ -1,0 +1,1 @@
+"""The transformers seam: attention and mask functions, random-feature buffers, loading, redraws."""

@@ -1,0 +1,66 @@
+"""``FavorProjection``: the random features ω of one attention module, kept as buffers.
+
+Attached as ``attention_module.favor``; its buffers are persistent, so they are saved in the
+safetensors file and a saved model reloads with bit-identical features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from hf_performer.config import PerformerConfig
+from hf_performer.favor.features import orthogonal_random_matrix
+
+
+def feature_seed(seed: int, layer_idx: int, stream: int, draw: int) -> int:
+    """A 63-bit seed for draw number ``draw`` of layer ``layer_idx`` (stream 0: self-, 1: cross-attention).
+
+    Hashing keeps the draws of different layers and redraws independent while depending on nothing
+    but these integers, so all processes of a distributed run agree without communicating.
+    """
+    digest = hashlib.sha256(f"{seed}/{layer_idx}/{stream}/{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class FavorProjection(nn.Module):
+    """Random features of one attention layer, shared by its heads.
+
+    Buffers: ``projection`` ``[nb_features, head_dim]`` (float32, the ω of the paper) and ``draws``
+    (how many times it has been redrawn; the next draw's seed depends on it).
+    """
+
+    def __init__(self, settings: PerformerConfig, head_dim: int, layer_idx: int, stream: int = 0):
+        super().__init__()
+        self.settings = settings
+        self.layer_idx = layer_idx
+        self.stream = stream
+        self.register_buffer("projection", self._draw(0, head_dim))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+
+    def _draw(self, draw: int, head_dim: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(feature_seed(self.settings.seed, self.layer_idx, self.stream, draw))
+        return orthogonal_random_matrix(
+            self.settings.nb_features,
+            head_dim,
+            generator=generator,
+            orthogonal=self.settings.orthogonal,
+            scaling=self.settings.feature_scaling,
+        )
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the first draw of the seed (what a freshly converted checkpoint gets)."""
+        self.draws.zero_()
+        self.projection.copy_(self._draw(0, self.projection.shape[1]))
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Replace ω by the next draw of the seed (training only: eval never redraws)."""
+        self.draws += 1
+        self.projection.copy_(self._draw(int(self.draws), self.projection.shape[1]))
+
+    def extra_repr(self) -> str:
+        return f"nb_features={self.settings.nb_features}, head_dim={self.projection.shape[1]}, layer={self.layer_idx}"

@@ -1,0 +1,44 @@
+"""Shared fixtures: small random configs of every family and the offline environment."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import BertConfig, GPT2Config, LlamaConfig
+
+import hf_performer  # noqa: F401  (registers FAVOR+)
+
+VOCAB = 99
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    values = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB)
+    return BertConfig(**{**values, **overrides})
+
+
+def tiny_gpt2_config(**overrides) -> GPT2Config:
+    values = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return GPT2Config(**{**values, **overrides})
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    values = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)

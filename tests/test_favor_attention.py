@@ -1,0 +1,208 @@
+"""FAVOR+ attention ops against the naive O(L²) references: values, gradients, masks, state."""
+
+import pytest
+import torch
+
+from hf_performer.favor import FavorState, favor_attention, orthogonal_random_matrix
+from hf_performer.favor.naive import positive_softmax_features, quadratic_linear_attention, softmax_attention
+
+B, H, D, M = 2, 3, 16, 64
+
+
+def qkv(length, *, heads=H, key_heads=None, key_length=None, scale=1.0, dtype=torch.float64):
+    key_heads = key_heads or heads
+    key_length = key_length or length
+    q = torch.randn(B, heads, length, D, dtype=dtype) * scale
+    k = torch.randn(B, key_heads, key_length, D, dtype=dtype) * scale
+    v = torch.randn(B, key_heads, key_length, D, dtype=dtype)
+    return q, k, v
+
+
+def projection(m=M, seed=0):
+    return orthogonal_random_matrix(m, D, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(q, k, v, omega, *, causal, key_padding_mask=None):
+    """Quadratic linear attention with the unstabilised features of the paper, in float64."""
+    s = D**-0.25
+    q_feat = positive_softmax_features(q.double() * s, omega.double())
+    k_feat = positive_softmax_features(k.double() * s, omega.double())
+    return quadratic_linear_attention(q_feat, k_feat, v.double(), causal=causal, key_padding_mask=key_padding_mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
+def test_matches_quadratic_reference(causal, chunk_size):
+    q, k, v = qkv(37)
+    omega = projection()
+    out, _ = favor_attention(q, k, v, omega, causal=causal, chunk_size=chunk_size)
+    torch.testing.assert_close(out, reference(q, k, v, omega, causal=causal), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_quadratic_reference(causal):
+    omega = projection()
+    inputs = [t.requires_grad_() for t in qkv(21)]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out, _ = favor_attention(*inputs, omega, causal=causal, chunk_size=8)
+    expected = reference(*reference_inputs, omega, causal=causal)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_error_against_softmax_falls_as_nb_features_grows(causal):
+    q, k, v = qkv(64, scale=0.5)
+    exact = softmax_attention(q, k, v, causal=causal)
+
+    def mean_error(m):
+        errors = [
+            (favor_attention(q, k, v, projection(m, seed), causal=causal)[0] - exact).pow(2).mean()
+            for seed in range(8)
+        ]
+        return torch.stack(errors).mean()
+
+    errors = [mean_error(m) for m in (16, 64, 256, 1024)]
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] < errors[0] / 8
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 32])
+def test_future_tokens_never_change_past_outputs_bit_exact(chunk_size):
+    q, k, v = qkv(40, dtype=torch.float32)
+    omega = projection()
+    out, _ = favor_attention(q, k, v, omega, causal=True, chunk_size=chunk_size)
+    for t in (0, 4, 17, 31):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        # large keys in the future would move any key-maximum stabiliser that looks ahead
+        q2[:, :, t + 1 :] = torch.randn_like(q2[:, :, t + 1 :]) * 5
+        k2[:, :, t + 1 :] = torch.randn_like(k2[:, :, t + 1 :]) * 5
+        v2[:, :, t + 1 :] = torch.randn_like(v2[:, :, t + 1 :])
+        out2, _ = favor_attention(q2, k2, v2, omega, causal=True, chunk_size=chunk_size)
+        assert torch.equal(out[:, :, : t + 1], out2[:, :, : t + 1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_do_not_change_outputs(causal):
+    omega = projection()
+    q, k, v = qkv(12, dtype=torch.float32)
+    mask = torch.ones(B, 12, dtype=torch.bool)
+    if causal:  # left padding, as in batched generation
+        mask[0, :4] = False
+        real = slice(4, None)
+    else:  # right padding, as in encoders
+        mask[0, 8:] = False
+        real = slice(0, 8)
+    out, _ = favor_attention(q, k, v, omega, causal=causal, key_padding_mask=mask, chunk_size=5)
+    alone, _ = favor_attention(
+        q[:1, :, real], k[:1, :, real], v[:1, :, real], omega, causal=causal, chunk_size=5
+    )
+    torch.testing.assert_close(out[:1, :, real], alone, rtol=1e-5, atol=1e-6)
+    expected = reference(q, k, v, omega, causal=causal, key_padding_mask=mask).float()
+    torch.testing.assert_close(out[:, :, real], expected[:, :, real], rtol=1e-4, atol=1e-5)
+
+
+def test_query_that_sees_only_padding_gets_zeros_not_nan():
+    q, k, v = qkv(6, dtype=torch.float32)
+    mask = torch.ones(B, 6, dtype=torch.bool)
+    mask[0, :3] = False
+    out, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, :3] == 0).all()
+
+
+def test_grouped_query_heads_share_key_heads():
+    q, k, v = qkv(10, heads=4, key_heads=2)
+    omega = projection()
+    out, _ = favor_attention(q, k, v, omega, causal=True)
+    expanded = favor_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), omega, causal=True)[0]
+    torch.testing.assert_close(out, expanded)
+
+
+def test_cross_attention_with_different_lengths():
+    q, k, v = qkv(5, key_length=11)
+    omega = projection()
+    out, _ = favor_attention(q, k, v, omega)
+    torch.testing.assert_close(out, reference(q, k, v, omega, causal=False), rtol=1e-4, atol=1e-5)
+
+
+def test_causal_queries_are_the_last_positions_of_the_keys():
+    """With a key/value cache, 3 new queries attend to 9 cached keys plus themselves."""
+    q, k, v = qkv(12)
+    omega = projection()
+    full, _ = favor_attention(q, k, v, omega, causal=True)
+    last, _ = favor_attention(q[:, :, 9:], k, v, omega, causal=True)
+    torch.testing.assert_close(last, full[:, :, 9:], rtol=1e-4, atol=1e-5)
+
+
+def test_continuing_from_final_state_equals_one_pass():
+    q, k, v = qkv(30)
+    omega = projection()
+    full, full_state = favor_attention(q, k, v, omega, causal=True, chunk_size=8)
+    first, state = favor_attention(q[:, :, :13], k[:, :, :13], v[:, :, :13], omega, causal=True, chunk_size=8)
+    outputs = [first]
+    for t in range(13, 30):  # token by token, as in decoding
+        out, state = favor_attention(
+            q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], omega, causal=True, initial_state=state
+        )
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, 2), full, rtol=1e-4, atol=1e-5)
+    assert isinstance(state, FavorState) and state.kv.shape == (B, H, M, D)
+    torch.testing.assert_close(state.log_scale, full_state.log_scale)
+    torch.testing.assert_close(state.kv, full_state.kv, rtol=1e-4, atol=1e-5)
+
+
+def test_large_logits_stay_finite():
+    q, k, v = qkv(50, scale=8.0, dtype=torch.float32)  # logit std ≈ 8, as in trained models
+    for causal in (False, True):
+        out, _ = favor_attention(q, k, v, projection(), causal=causal)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    q, k, v = qkv(33, dtype=torch.float32)
+    omega = projection()
+    full, _ = favor_attention(q, k, v, omega, causal=True)
+    half, _ = favor_attention(q.to(dtype), k.to(dtype), v.to(dtype), omega, causal=True)
+    assert half.dtype == dtype
+    tolerance = 2e-2 if dtype == torch.float16 else 6e-2
+    torch.testing.assert_close(half.float(), full, rtol=tolerance, atol=tolerance)
+
+
+def test_relu_kernel_matches_its_quadratic_form():
+    q, k, v = qkv(17)
+    omega = projection()
+    out, _ = favor_attention(q, k, v, omega, causal=True, kernel_fn=torch.relu, kernel_epsilon=1e-3)
+    s = D**-0.25
+
+    def features(x):
+        return (torch.relu(x * s @ omega.double().T) + 1e-3) / M**0.5
+
+    expected = quadratic_linear_attention(features(q), features(k), v, causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_scaling_is_honoured():
+    q, k, v = qkv(9)
+    omega = projection()
+    scaling = 0.3  # e.g. GPT-2's scale_attn_by_inverse_layer_idx
+    out, _ = favor_attention(q, k, v, omega, scaling=scaling)
+    rescaled = (scaling * D**0.5) ** 0.5  # reference() applies D^-¼ to q and k
+    expected = reference(q * rescaled, k * rescaled, v, omega, causal=False)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    omega = projection()
+    q, k, v = qkv(4, heads=3, key_heads=2)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        favor_attention(q, k, v, omega)
+    q, k, v = qkv(6, key_length=4)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        favor_attention(q, k, v, omega, causal=True)
+    with pytest.raises(ValueError, match="bidirectional attention has none"):
+        favor_attention(*qkv(4), omega, initial_state=FavorState.empty(B, H, M, D))

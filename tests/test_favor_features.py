@@ -1,0 +1,70 @@
+"""Random features: orthogonality, norms, seeding; positive features estimate exp(xᵀy) without bias."""
+
+import math
+
+import pytest
+import torch
+
+from hf_performer.favor import orthogonal_random_matrix
+from hf_performer.favor.naive import positive_softmax_features
+
+
+def test_orthogonal_blocks_have_orthogonal_rows():
+    omega = orthogonal_random_matrix(40, 16, generator=torch.Generator().manual_seed(1))
+    assert omega.shape == (40, 16)
+    for block in (omega[:16], omega[16:32], omega[32:]):
+        gram = block @ block.T
+        off_diagonal = gram - torch.diag(torch.diagonal(gram))
+        assert off_diagonal.abs().max() < 1e-4 * gram.diagonal().max()
+
+
+def test_chi_scaling_gives_gaussian_row_norms():
+    omega = orthogonal_random_matrix(4096, 16, generator=torch.Generator().manual_seed(2))
+    sq_norms = omega.pow(2).sum(1)
+    assert sq_norms.mean().item() == pytest.approx(16, rel=0.05)  # E‖g‖² = d for g ~ N(0, I_d)
+    assert sq_norms.var().item() == pytest.approx(32, rel=0.15)  # Var‖g‖² = 2d
+
+
+def test_sqrt_d_scaling_fixes_row_norms():
+    omega = orthogonal_random_matrix(48, 16, generator=torch.Generator().manual_seed(3), scaling="sqrt_d")
+    torch.testing.assert_close(omega.norm(dim=1), torch.full((48,), 4.0))
+
+
+def test_iid_features_are_not_orthogonal():
+    omega = orthogonal_random_matrix(16, 16, generator=torch.Generator().manual_seed(4), orthogonal=False)
+    gram = omega @ omega.T
+    assert (gram - torch.diag(gram.diagonal())).abs().max() > 1.0
+
+
+def test_same_seed_same_draw_and_different_seed_different_draw():
+    def draw(seed):
+        return orthogonal_random_matrix(32, 8, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(5), draw(5))
+    assert not torch.equal(draw(5), draw(6))
+
+
+def test_unknown_scaling_is_refused():
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        orthogonal_random_matrix(8, 8, scaling="unit")
+
+
+@pytest.mark.parametrize("orthogonal", [True, False])
+def test_positive_features_estimate_softmax_kernel_without_bias(orthogonal):
+    """Mean of φ(q)ᵀφ(k) over many draws → exp(qᵀk), within 4 standard errors of the sample mean."""
+    d, m, draws = 8, 16, 4000
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, d, dtype=torch.float64, generator=generator) * 0.4
+    y = torch.randn(5, d, dtype=torch.float64, generator=generator) * 0.4
+    estimates = torch.stack(
+        [
+            positive_softmax_features(x, w) @ positive_softmax_features(y, w).T
+            for w in (
+                orthogonal_random_matrix(m, d, generator=generator, orthogonal=orthogonal).double()
+                for _ in range(draws)
+            )
+        ]
+    )
+    exact = torch.exp(x @ y.T)
+    standard_error = estimates.std(0) / math.sqrt(draws)
+    assert ((estimates.mean(0) - exact).abs() <= 4 * standard_error).all()

@@ -1,0 +1,251 @@
+"""Performer model types through transformers: every head class, padding, save/load, loading API."""
+
+import pytest
+import torch
+import transformers
+from transformers import (
+    AttentionInterface,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertModel,
+)
+from transformers.masking_utils import AttentionMaskInterface
+
+import hf_performer
+from hf_performer import PerformerConfig
+from hf_performer.models.registry import FAMILIES
+from tests.conftest import VOCAB, tiny_bert_config, tiny_gpt2_config, tiny_llama_config
+
+TINY_CONFIGS = {"bert": tiny_bert_config, "gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
+HEAD_CLASSES = [
+    (family, performer_class)
+    for family in FAMILIES.values()
+    for performer_class in family.auto_models.values()
+]
+
+
+def stock_model(model_type, stock_class, **overrides):
+    return stock_class(TINY_CONFIGS[model_type](**overrides)).eval()
+
+
+def inputs_for(model, batch=2, length=9):
+    ids = torch.randint(3, VOCAB, (batch, length))
+    if "MultipleChoice" in type(model).__name__:
+        return {"input_ids": ids[:, None].repeat(1, 3, 1)}
+    return {"input_ids": ids}
+
+
+@pytest.mark.parametrize(
+    "family,performer_class", HEAD_CLASSES, ids=[c.__name__ for _, c in HEAD_CLASSES]
+)
+def test_every_head_class_runs_forward_and_backward(family, performer_class):
+    stock = stock_model(family.stock_model_type, performer_class.__bases__[-1])
+    model = hf_performer.to_performer(stock, PerformerConfig(nb_features=32)).train()
+    assert model.config._attn_implementation == "favor+"
+    outputs = model(**inputs_for(model))
+    first = next(v for v in outputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    first.float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.favor.projection.grad is None for p in [m for m in model.modules() if hasattr(m, "favor")])
+
+
+def test_favor_replaces_softmax_in_every_attention_layer():
+    stock = stock_model("bert", transformers.BertModel)
+    model = hf_performer.to_performer(stock, PerformerConfig(nb_features=16))
+    calls = []
+    original = AttentionInterface._global_mapping["favor+"]
+    AttentionInterface._global_mapping["favor+"] = lambda module, *a, **k: calls.append(module) or original(module, *a, **k)
+    try:
+        model(torch.randint(0, VOCAB, (1, 5)))
+    finally:
+        AttentionInterface._global_mapping["favor+"] = original
+    assert len(calls) == stock.config.num_hidden_layers
+
+
+def test_bert_right_padding_does_not_change_real_tokens():
+    model = hf_performer.to_performer(stock_model("bert", transformers.BertModel))
+    ids = torch.randint(3, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    padded = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    alone = model(input_ids=ids[1:, :6]).last_hidden_state
+    torch.testing.assert_close(padded[1:, :6], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,stock_class", [("gpt2", transformers.GPT2LMHeadModel), ("llama", transformers.LlamaForCausalLM)])
+def test_left_padding_does_not_change_real_tokens(model_type, stock_class):
+    model = hf_performer.to_performer(stock_model(model_type, stock_class))
+    ids = torch.randint(3, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    alone = model(input_ids=ids[:1, 4:]).logits
+    torch.testing.assert_close(padded[:1, 4:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_stock_checkpoint_loads_as_favor_with_both_spellings(tmp_path):
+    stock_model("bert", transformers.BertForSequenceClassification).save_pretrained(tmp_path)
+    settings = PerformerConfig(nb_features=48, seed=3)
+    by_attention = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, attention="favor+", performer_config=settings
+    )
+    by_implementation = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, attn_implementation="favor+", performer_config=settings
+    )
+    direct = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, attention="favor+", performer_config=settings
+    )
+    for model in (by_attention, by_implementation, direct):
+        assert type(model).__name__ == "PerformerBertForSequenceClassification"
+        assert model.config.model_type == "performer_bert"
+        assert model.config.favor_settings == settings
+    ids = torch.randint(3, VOCAB, (2, 7))
+    expected = by_attention(ids).logits
+    torch.testing.assert_close(by_implementation(ids).logits, expected)
+    torch.testing.assert_close(direct(ids).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "model_type,stock_class,auto_class",
+    [
+        ("bert", transformers.BertModel, AutoModel),
+        ("gpt2", transformers.GPT2LMHeadModel, AutoModelForCausalLM),
+        ("llama", transformers.LlamaForCausalLM, AutoModelForCausalLM),
+    ],
+)
+def test_save_then_load_keeps_favor_and_gives_identical_outputs(tmp_path, model_type, stock_class, auto_class):
+    stock_model(model_type, stock_class).save_pretrained(tmp_path / "stock")
+    model = auto_class.from_pretrained(tmp_path / "stock", attention="favor+").eval()
+    model.save_pretrained(tmp_path / "favor")
+    again = auto_class.from_pretrained(tmp_path / "favor").eval()
+    assert again.config._attn_implementation == "favor+"
+    assert type(again) is type(model)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    first, second = model(ids)[0], again(ids)[0]
+    assert torch.equal(first, second)
+    for a, b in zip(model.favor_projections(), again.favor_projections()):
+        assert torch.equal(a.projection, b.projection)
+
+
+def test_stock_checkpoint_gets_features_from_the_seed(tmp_path):
+    stock_model("bert", BertModel).save_pretrained(tmp_path)
+    one = AutoModel.from_pretrained(tmp_path, attention="favor+", performer_config=PerformerConfig(seed=1))
+    same = AutoModel.from_pretrained(tmp_path, attention="favor+", performer_config=PerformerConfig(seed=1))
+    other = AutoModel.from_pretrained(tmp_path, attention="favor+", performer_config=PerformerConfig(seed=2))
+    projections = [[p.projection for p in m.favor_projections()] for m in (one, same, other)]
+    assert all(torch.equal(a, b) for a, b in zip(projections[0], projections[1]))
+    assert not any(torch.equal(a, b) for a, b in zip(projections[0], projections[2]))
+    assert not torch.equal(projections[0][0], projections[0][1])  # layers draw independently
+    assert all(torch.isfinite(p).all() for p in projections[0])
+
+
+def test_saved_performer_runs_exact_attention_on_request(tmp_path):
+    model = hf_performer.to_performer(stock_model("bert", BertModel))
+    model.save_pretrained(tmp_path)
+    exact = AutoModel.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert exact.config._attn_implementation == "sdpa"
+
+
+def test_registration_is_idempotent():
+    attention_before = AttentionInterface._global_mapping["favor+"]
+    from_pretrained_before = transformers.PreTrainedModel.__dict__["from_pretrained"]
+    hf_performer.register()
+    hf_performer.register()
+    assert AttentionInterface._global_mapping["favor+"] is attention_before
+    assert "favor+" in AttentionMaskInterface._global_mapping
+    assert transformers.PreTrainedModel.__dict__["from_pretrained"] is from_pretrained_before
+
+
+def test_redraws_every_interval_optimizer_steps_in_training_only():
+    model = hf_performer.to_performer(
+        stock_model("bert", BertModel), PerformerConfig(nb_features=16, redraw_interval=2)
+    ).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    initial = model.favor_projections()[0].projection.clone()
+
+    def step():
+        model(torch.randint(3, VOCAB, (1, 6))).last_hidden_state.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    assert torch.equal(model.favor_projections()[0].projection, initial)
+    step()
+    redrawn = model.favor_projections()[0].projection.clone()
+    assert not torch.equal(redrawn, initial)
+    assert int(model.favor_projections()[0].draws) == 1
+    model.eval()
+    step()
+    step()
+    assert torch.equal(model.favor_projections()[0].projection, redrawn)
+
+
+def test_redraws_are_the_same_in_every_process():
+    """Draws depend only on (seed, layer, draw): two replicas redraw to identical features."""
+    replicas = [
+        hf_performer.to_performer(stock_model("bert", BertModel), PerformerConfig(nb_features=16, redraw_interval=1))
+        for _ in range(2)
+    ]
+    for replica in replicas:
+        replica.redraw_features()
+    for a, b in zip(replicas[0].favor_projections(), replicas[1].favor_projections()):
+        assert torch.equal(a.projection, b.projection)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("nb_features", 0, "nb_features must be an integer ≥ 1"),
+        ("redraw_interval", -1, "redraw_interval must be an integer ≥ 0"),
+        ("causal_chunk_size", 0, "causal_chunk_size must be an integer ≥ 1"),
+        ("seed", -2, "seed must be an integer ≥ 0"),
+        ("kernel", "cosine", "kernel must be one of"),
+        ("feature_scaling", "unit", "feature_scaling must be one of"),
+        ("orthogonal", "yes", "orthogonal must be True or False"),
+        ("kernel_epsilon", -1.0, "kernel_epsilon must be a number ≥ 0"),
+    ],
+)
+def test_bad_performer_config_names_field_and_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PerformerConfig(**{field: value})
+
+
+def test_unknown_attention_name_is_refused(tmp_path):
+    stock_model("bert", BertModel).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention='favor\\+'"):
+        AutoModel.from_pretrained(tmp_path, attention="linear")
+
+
+def test_performer_config_without_favor_is_refused(tmp_path):
+    stock_model("bert", BertModel).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="only applies together with attention='favor\\+'"):
+        AutoModel.from_pretrained(tmp_path, performer_config=PerformerConfig())
+
+
+def test_unsupported_architecture_is_refused():
+    model = transformers.DistilBertModel(transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    with pytest.raises(ValueError, match="does not support model_type 'distilbert'"):
+        hf_performer.to_performer(model)
+
+
+def test_changing_settings_of_a_converted_model_is_refused(tmp_path):
+    hf_performer.to_performer(stock_model("bert", BertModel)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="already FAVOR\\+"):
+        AutoModel.from_pretrained(tmp_path, attention="favor+", performer_config=PerformerConfig(nb_features=8))
+
+
+def test_arbitrary_4d_mask_is_refused():
+    model = hf_performer.to_performer(stock_model("bert", BertModel))
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match="cannot be expressed with random features"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))
+
+
+def test_setting_favor_on_a_stock_model_without_features_explains_the_fix():
+    model = stock_model("bert", BertModel)
+    model.set_attn_implementation("favor+")
+    with pytest.raises(ValueError, match="to_performer"):
+        model(torch.randint(3, VOCAB, (1, 5)))

@@ -18,12 +18,15 @@ from hf_performer.models.llama import PerformerLlamaConfig
 
 register()
 
+from hf_performer.export import convert  # noqa: E402  (uses the registered classes)
+
 __all__ = [
     "PerformerBertConfig",
     "PerformerConfig",
     "PerformerGPT2Config",
     "PerformerLlamaConfig",
     "__version__",
+    "convert",
     "performer_config_from",
     "register",
     "register_kernel",

@@ -19,10 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hf_performer.favor.features import key_features, query_features
-
-NEG_LOG_WEIGHT = -1e30
-"""Log-weight of a masked (padding) key: exp(NEG_LOG_WEIGHT − anything finite) is exactly 0."""
+from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, query_features
 
 
 class FavorState(NamedTuple):
@@ -69,14 +66,19 @@ def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None]
 
 
-def bidirectional_linear_attention(
-    q_feat: torch.Tensor, k_feat: torch.Tensor, log_weight: torch.Tensor, value: torch.Tensor
-) -> torch.Tensor:
-    """``D⁻¹ φ(Q)(φ(K)ᵀV)`` (paper eq. 5): ``[B, H, Lq, m], [B, H, Lk, m], [B, H, Lk], [B, H, Lk, Dv]``
-    → ``[B, H, Lq, Dv]``.  Cost O((Lq + Lk)·m·Dv); the ``Lq × Lk`` matrix is never formed."""
-    b, h, _, m = k_feat.shape
-    state = fold_keys(FavorState.empty(b, h, m, value.shape[-1], k_feat.device), k_feat, log_weight, value)
-    return _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
+def bidirectional_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``D⁻¹ φ(Q)(φ(K)ᵀV)`` (paper eq. 5): ``[B, H, Lq, m], [B, Hk, Lk, m], [B, Hk, Lk, Dv]`` → ``[B, H, Lq, Dv]``.
+
+    Cost O((Lq + Lk)·m·Dv); the ``Lq × Lk`` matrix is never formed.  The ``H / Hk`` query heads of a
+    key head share its ``φ(K)ᵀV`` (grouped-query attention without repeating keys).
+    """
+    b, heads, q_len, m = q_feat.shape
+    key_heads = k_feat.shape[1]
+    grouped = q_feat.reshape(b, key_heads, heads // key_heads * q_len, m)
+    kv = k_feat.transpose(-1, -2) @ value  # [B, Hk, m, Dv]
+    k_sum = k_feat.sum(-2).unsqueeze(-1)  # [B, Hk, m, 1]
+    out = _divide(grouped @ kv, (grouped @ k_sum).squeeze(-1))
+    return out.view(b, heads, q_len, value.shape[-1])
 
 
 def causal_linear_attention(
@@ -192,19 +194,17 @@ def favor_attention(
 
     scale = math.sqrt(scaling if scaling is not None else query.shape[-1] ** -0.5)
     projection = projection.float()
+    keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :]
     q_feat = query_features(query.float() * scale, projection, kernel_fn, kernel_epsilon)
-    k_feat, log_weight = key_features(key.float() * scale, projection, kernel_fn, kernel_epsilon)
+    k_feat, log_weight = key_features(
+        key.float() * scale, projection, kernel_fn, kernel_epsilon, keep, per_key_scale=causal
+    )
     value_f = value.float()
-    if key_padding_mask is not None:
-        keep = key_padding_mask.to(torch.bool)[:, None, :]
-        k_feat = k_feat * keep[..., None]
-        log_weight = log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
+    if not causal:
+        return bidirectional_linear_attention(q_feat, k_feat, value_f).to(query.dtype), None
     if heads != key_heads:
         group = heads // key_heads
         k_feat, log_weight, value_f = (t.repeat_interleave(group, dim=1) for t in (k_feat, log_weight, value_f))
-
-    if not causal:
-        return bidirectional_linear_attention(q_feat, k_feat, log_weight, value_f).to(query.dtype), None
     prefix = k_len - q_len
     if prefix:  # keys before the first query (a key/value cache) enter as state
         b, _, _, m = k_feat.shape

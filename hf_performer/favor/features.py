@@ -21,6 +21,9 @@ import torch
 
 FEATURE_SCALINGS = ("chi", "sqrt_d")
 
+NEG_LOG_WEIGHT = -1e30
+"""Log-weight of a padding key: exp(NEG_LOG_WEIGHT − anything finite) is exactly 0."""
+
 
 def orthogonal_random_matrix(
     nb_features: int,
@@ -93,7 +96,8 @@ def query_features(
     if kernel_fn is not None:
         return (kernel_fn(q @ projection.transpose(0, 1)) + kernel_epsilon) * m**-0.5
     logits = softmax_kernel_logits(q, projection)
-    return torch.exp(logits - logits.amax(-1, keepdim=True).detach()) * m**-0.5
+    # in place: one pass over the [L, m] tensor; m^-½ rides in the exponent
+    return logits.sub_(logits.detach().amax(-1, keepdim=True) + 0.5 * math.log(m)).exp_()
 
 
 def key_features(
@@ -101,22 +105,44 @@ def key_features(
     projection: torch.Tensor,
     kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     kernel_epsilon: float = 1e-3,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """φ(K) split as ``φ(k_s) = exp(c_s) · φ̃(k_s)``: returns ``(φ̃(K) [..., L, m], c [..., L])``.
+    keep: torch.Tensor | None = None,
+    *,
+    per_key_scale: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """φ(K) for ``k [..., L, d]`` → ``([..., L, m], log-weights [..., L] or None)``.
 
-    For the softmax kernel ``c_s = max_i logit_si`` (detached), so ``φ̃`` lies in ``(0, m^-½]`` and the
-    key's scale lives in the log-weight ``c_s``.  Keeping it per key (instead of subtracting one
-    maximum over all keys, as performer-pytorch does) is what lets causal attention stabilise with
-    a running maximum over past keys only: no future key ever changes a past output, bit for bit.
-    Generalised kernels need no stabiliser: ``c = 0``.
+    ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.
+
+    ``per_key_scale=True`` (causal attention) returns ``φ̃`` and ``c`` with ``φ(k_s) = exp(c_s) φ̃(k_s)``:
+    for the softmax kernel ``c_s = max_i logit_si`` (detached) so ``φ̃ ≤ m^-½``, and the key's scale
+    lives in ``c_s``.  Keeping it per key (instead of subtracting one maximum over all keys, as
+    performer-pytorch does) lets causal attention stabilise with a running maximum over *past* keys:
+    no future key ever changes a past output, bit for bit.  Padding keys get ``c = NEG_LOG_WEIGHT``.
+
+    ``per_key_scale=False`` (bidirectional attention, where every query sees every key anyway)
+    divides all keys by one shared ``exp(max)`` over the real keys and returns no log-weights.
     """
     m = projection.shape[0]
     if kernel_fn is not None:
         features = (kernel_fn(k @ projection.transpose(0, 1)) + kernel_epsilon) * m**-0.5
-        return features, features.new_zeros(features.shape[:-1])
+        if keep is not None:
+            features = features * keep[..., None]
+        if not per_key_scale:
+            return features, None
+        log_weight = features.new_zeros(features.shape[:-1])
+        return features, log_weight if keep is None else log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
     logits = softmax_kernel_logits(k, projection)
-    log_weight = logits.amax(-1).detach()
-    return torch.exp(logits - log_weight.unsqueeze(-1)) * m**-0.5, log_weight
+    if not per_key_scale:
+        if keep is not None:
+            logits = logits.masked_fill_(~keep[..., None], float("-inf"))
+        shared = logits.detach().amax((-2, -1), keepdim=True)
+        shared = torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared))  # no real key at all
+        return logits.sub_(shared + 0.5 * math.log(m)).exp_(), None
+    log_weight = logits.detach().amax(-1)
+    features = logits.sub_(log_weight.unsqueeze(-1) + 0.5 * math.log(m)).exp_()
+    if keep is None:
+        return features, log_weight
+    return features * keep[..., None], log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {

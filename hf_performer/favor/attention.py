@@ -81,6 +81,37 @@ def bidirectional_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, v
     return out.view(b, heads, q_len, value.shape[-1])
 
 
+class _DecayedScan(torch.autograd.Function):
+    """``E_0 = initial``, ``E_{j+1} = decay_j · E_j + increments_j``; returns ``E_0 … E_n``.
+
+    Shapes: ``initial [B, H, *S]``, ``increments [B, H, n, *S]``, ``decay [B, H, n]`` (no gradient:
+    it is made of detached stabilisers) → ``[B, H, n + 1, *S]``.  A hand-written backward (the same
+    scan run in reverse) lets both directions write into one preallocated buffer: an autograd loop
+    would allocate a new state per chunk, which dominated the causal pass.
+    """
+
+    @staticmethod
+    def forward(ctx, initial, increments, decay):
+        b, h, n = decay.shape
+        states = increments.new_empty(b, h, n + 1, *increments.shape[3:])
+        states[:, :, 0] = initial
+        per_state = decay.view(b, h, n, *(1,) * (increments.dim() - 3))
+        for j in range(n):
+            torch.mul(states[:, :, j], per_state[:, :, j], out=states[:, :, j + 1])
+            states[:, :, j + 1] += increments[:, :, j]
+        ctx.save_for_backward(per_state)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        (per_state,) = ctx.saved_tensors
+        # total gradient of E_j = its own + decay_j · total gradient of E_{j+1}
+        total = grad_states.clone()
+        for j in range(per_state.shape[2] - 1, -1, -1):
+            total[:, :, j].addcmul_(total[:, :, j + 1], per_state[:, :, j])
+        return total[:, :, 0], total[:, :, 1:], None
+
+
 def causal_linear_attention(
     q_feat: torch.Tensor,
     k_feat: torch.Tensor,
@@ -99,7 +130,7 @@ def causal_linear_attention(
     (``decay[t, s] = exp(c_s − M_t)`` for ``s ≤ t``, 0 above the diagonal); across chunks a state
     ``(S, z)`` is carried.  Memory is O(L·(m + C) + (L/C)·m·Dv): no ``[L, m, Dv]`` tensor is built.
     ``M_t`` is the running maximum of the key log-weights up to ``t``, so no future token changes a
-    past output.
+    past output.  Values get a column of ones so that every product yields the denominator ``z`` too.
     """
     b, h, length, m = q_feat.shape
     dv = value.shape[-1]
@@ -108,6 +139,7 @@ def causal_linear_attention(
     chunk = max(1, min(chunk_size, length))
     n_chunks = math.ceil(length / chunk)
     pad = n_chunks * chunk - length
+    value = torch.cat([value, value.new_ones(b, h, length, 1)], -1)  # [B, H, L, Dv + 1]
     if pad:
         q_feat = F.pad(q_feat, (0, 0, 0, pad))
         k_feat = F.pad(k_feat, (0, 0, 0, pad))
@@ -123,32 +155,23 @@ def causal_linear_attention(
 
     q_feat = q_feat.view(b, h, n_chunks, chunk, m)
     k_feat = k_feat.view(b, h, n_chunks, chunk, m)
-    value = value.view(b, h, n_chunks, chunk, dv)
+    value = value.view(b, h, n_chunks, chunk, dv + 1)
 
     # within a chunk: exact masked product; clamping keeps exp finite above the diagonal
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q_feat.device).tril()
-    decay = torch.exp((log_weight[..., None, :] - running_max[..., :, None]).clamp(max=0)) * causal
-    scores = (q_feat @ k_feat.transpose(-1, -2)) * decay  # [B, H, n, C, C]
+    decay = (log_weight[..., None, :] - running_max[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
+    scores = (q_feat @ k_feat.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
 
-    # each chunk's own sums, relative to its end reference, then an exclusive scan over chunks
-    weighted = k_feat * torch.exp(log_weight - chunk_end[..., None])[..., None]
-    chunk_kv = weighted.transpose(-1, -2) @ value  # [B, H, n, m, Dv]
-    chunk_k_sum = weighted.sum(-2)  # [B, H, n, m]
-    entering_kv, entering_k_sum = [], []
-    state = initial_state
-    for j in range(n_chunks):
-        entering_kv.append(state.kv)
-        entering_k_sum.append(state.k_sum)
-        state = _rescaled(state, chunk_end[..., j])
-        state = FavorState(state.kv + chunk_kv[:, :, j], state.k_sum + chunk_k_sum[:, :, j], state.log_scale)
-    kv_in = torch.stack(entering_kv, 2)  # [B, H, n, m, Dv]
-    k_sum_in = torch.stack(entering_k_sum, 2)  # [B, H, n, m]
+    # each chunk's own sums relative to its end reference, then a scan over chunks
+    chunk_sums = k_feat.transpose(-1, -2) @ (value * torch.exp(log_weight - chunk_end[..., None])[..., None])
+    initial = torch.cat([initial_state.kv, initial_state.k_sum[..., None]], -1)
+    states = _DecayedScan.apply(initial, chunk_sums, torch.exp(state_ref - chunk_end))  # [B, H, n+1, m, Dv+1]
 
-    carry = torch.exp(state_ref[..., None] - running_max)  # [B, H, n, C], ≤ 1
-    numerator = scores @ value + carry[..., None] * (q_feat @ kv_in)
-    denominator = scores.sum(-1) + carry * (q_feat @ k_sum_in.unsqueeze(-1)).squeeze(-1)
-    out = _divide(numerator, denominator).view(b, h, n_chunks * chunk, dv)[:, :, :length]
-    return out, state
+    carry = torch.exp(state_ref[..., None] - running_max)[..., None]  # [B, H, n, C, 1], ≤ 1
+    combined = scores @ value + carry * (q_feat @ states[:, :, :-1])  # [B, H, n, C, Dv + 1]
+    out = _divide(combined[..., :dv], combined[..., dv]).view(b, h, n_chunks * chunk, dv)[:, :, :length]
+    final = states[:, :, -1]
+    return out, FavorState(final[..., :dv], final[..., dv], chunk_end[..., -1])
 
 
 def favor_attention(

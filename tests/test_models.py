@@ -249,3 +249,22 @@ def test_setting_favor_on_a_stock_model_without_features_explains_the_fix():
     model.set_attn_implementation("favor+")
     with pytest.raises(ValueError, match="to_performer"):
         model(torch.randint(3, VOCAB, (1, 5)))
+
+
+def test_output_attentions_is_refused_with_the_reason():
+    model = hf_performer.to_performer(stock_model("bert", BertModel))
+    with pytest.raises(ValueError, match="never forms the attention matrix"):
+        model(torch.randint(3, VOCAB, (1, 5)), output_attentions=True)
+
+
+@pytest.mark.parametrize("kernel", ["relu", "elu_plus_one"])
+def test_generalised_kernels_run_in_models(kernel):
+    hf_performer.register_kernel("elu_plus_one", lambda x: torch.nn.functional.elu(x) + 1)
+    model = hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel), PerformerConfig(kernel=kernel))
+    logits = model(torch.randint(3, VOCAB, (2, 6))).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_registering_a_kernel_over_softmax_is_refused():
+    with pytest.raises(ValueError, match="cannot be replaced"):
+        hf_performer.register_kernel("softmax", torch.relu)

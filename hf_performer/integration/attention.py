@@ -2,6 +2,8 @@
 
 Models call ``favor_attention_forward`` wherever they would call SDPA, with the projected
 ``query [B, H, Lq, D]``, ``key``/``value`` ``[B, Hk, Lk, D]`` (after RoPE, after any key/value cache).
+With a :class:`~hf_performer.integration.cache.FavorCache` the keys are only this step's, and the
+past comes in as the cache layer's FAVOR+ state.
 The mask function makes transformers hand us a ``[B, Lk]`` key padding mask instead of a 4-D bias:
 without it, transformers' mask preprocessing returns ``None`` for unknown implementations and
 padding would be silently attended to.
@@ -15,6 +17,7 @@ from transformers.utils import logging
 
 from hf_performer.favor.attention import favor_attention
 from hf_performer.favor.features import KERNELS
+from hf_performer.integration.cache import cache_layer_of
 
 logger = logging.get_logger(__name__)
 
@@ -66,9 +69,13 @@ def favor_attention_forward(
     - ``scaling`` is honoured (GPT-2 may scale by the inverse layer index).
     - Causal iff ``is_causal`` (when given) or ``module.is_causal``; queries are the last positions of
       the keys, so cross-attention (``Lq ≠ Lk``) and key/value caches work.
+    - Keys from a ``FavorCache`` layer: attention continues from the layer's state and the new state
+      is stored back; the ``[B, past + Lk]`` padding mask is cut to this step's ``Lk`` keys (the
+      padding of earlier steps is already absent from the state).
     - Attention dropout is not applied: FAVOR+ never forms the attention matrix it would drop from
       (a one-time warning says so when training with ``dropout > 0``).
-    - No attention weights are returned (``None`` where eager returns them), for the same reason.
+    - No attention weights are returned (``None`` where eager returns them), for the same reason;
+      Performer models refuse ``output_attentions=True`` with an explanation.
     """
     favor = getattr(module, "favor", None)
     if favor is None:
@@ -90,17 +97,30 @@ def favor_attention_forward(
         logger.warning_once(
             f"FAVOR+ ignores attention dropout (p={dropout}): there is no attention matrix to drop entries from."
         )
+    causal = bool(module.is_causal if is_causal is None else is_causal)
+    cache_layer = cache_layer_of(key)
+    group = query.shape[1] // key.shape[1]
+    initial_state = None
+    if cache_layer is not None:
+        if not causal:
+            raise ValueError("a FavorCache holds causal state; it cannot serve bidirectional attention")
+        initial_state = cache_layer.initial_state(group)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -key.shape[-2] :]
     settings = favor.settings
-    output, _ = favor_attention(
+    output, state = favor_attention(
         query,
         key,
         value,
         favor.projection,
         scaling=scaling,
-        causal=bool(module.is_causal if is_causal is None else is_causal),
+        causal=causal,
         key_padding_mask=attention_mask,
         kernel_fn=KERNELS[settings.kernel],
         kernel_epsilon=settings.kernel_epsilon,
         chunk_size=settings.causal_chunk_size,
+        initial_state=initial_state,
     )
+    if cache_layer is not None:
+        cache_layer.advance(state, group)
     return output.transpose(1, 2).contiguous(), None

@@ -6,13 +6,16 @@ and describes itself in a :class:`Family` entry; ``registration.py`` registers t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.generation import GenerationMode
 
 from hf_performer.config import PerformerConfig
 from hf_performer.integration.attention import ATTENTION_NAME
+from hf_performer.integration.cache import NEEDS_KEYS_AND_VALUES, FavorCache
 from hf_performer.integration.projection import FavorProjection
 from hf_performer.integration.redraw import track_for_redraws
 
@@ -83,6 +86,44 @@ class PerformerModelMixin:
             projection.redraw()
 
 
+class PerformerDecoderMixin:
+    """Causal families (GPT-2, Llama): ``generate()`` decodes from a constant-size :class:`FavorCache`.
+
+    Used when the model runs ``attn_implementation="favor+"`` without cross-attention and neither
+    ``past_key_values`` nor ``cache_implementation`` is given.  ``cache_implementation="dynamic"``
+    still selects transformers' key/value cache (same outputs, O(context) per step).  The other cache
+    implementations (static, offloaded, quantized, ...) and assisted decoding need keys and values
+    that the state does not have: they raise instead of quietly falling back.
+    """
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ):
+        implementation = generation_config.cache_implementation
+        decodes_from_state = (
+            self.config._attn_implementation == ATTENTION_NAME
+            and not getattr(self.config, "add_cross_attention", False)
+            and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and implementation != "dynamic"
+        )
+        if not decodes_from_state:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        if implementation is not None:
+            raise ValueError(
+                f"cache_implementation={implementation!r} stores keys and values, but {NEEDS_KEYS_AND_VALUES}. "
+                "Leave cache_implementation unset (constant-memory FavorCache) or pass 'dynamic'."
+            )
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                f"assisted decoding rolls rejected tokens back out of the cache, but {NEEDS_KEYS_AND_VALUES}. "
+                "Pass cache_implementation='dynamic' to generate() to decode with keys and values instead."
+            )
+        model_kwargs["past_key_values"] = FavorCache()
+
+
 def _head_dim(module: nn.Module) -> int:
     for name in ("head_dim", "attention_head_size"):
         if hasattr(module, name):
@@ -95,16 +136,37 @@ def _stream(module: nn.Module) -> int:
     return int(getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__)
 
 
-def performer_model_class(base: type, config_class: type, attention_classes: tuple[type, ...]) -> type:
-    """``Performer<Base>``: ``base`` with FAVOR+ and a ``config_class`` of a performer model type."""
+def _refusing_output_attentions(forward):
+    """``forward`` that explains why FAVOR+ has no attention weights; keeps the signature (Trainer and
+    generate inspect it)."""
+
+    @functools.wraps(forward)
+    def checked_forward(self, *args, **kwargs):
+        if kwargs.get("output_attentions") and self.config._attn_implementation == ATTENTION_NAME:
+            raise ValueError(
+                "output_attentions=True: FAVOR+ never forms the attention matrix, so there are no attention "
+                "weights to return. Load the same checkpoint with attn_implementation='eager' to inspect "
+                "softmax attention."
+            )
+        return forward(self, *args, **kwargs)
+
+    return checked_forward
+
+
+def performer_model_class(
+    base: type, config_class: type, attention_classes: tuple[type, ...], mixins: tuple[type, ...] = ()
+) -> type:
+    """``Performer<Base>``: ``base`` with FAVOR+, a ``config_class`` of a performer model type and any
+    family ``mixins`` (such as :class:`PerformerDecoderMixin`)."""
     ignore_missing = list(base._keys_to_ignore_on_load_missing or []) + [r"\.favor\.(projection|draws)$"]
     return type(
         f"Performer{base.__name__}",
-        (PerformerModelMixin, base),
+        (PerformerModelMixin, *mixins, base),
         {
             "config_class": config_class,
             "attention_classes": attention_classes,
             "_keys_to_ignore_on_load_missing": ignore_missing,
+            "forward": _refusing_output_attentions(base.forward),
             "__module__": config_class.__module__,
         },
     )

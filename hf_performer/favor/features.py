@@ -70,16 +70,6 @@ def orthogonal_random_matrix(
     return directions * norms
 
 
-def softmax_kernel_logits(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """Exponents ``ωx − ‖x‖²/2`` of the positive softmax features, ``[..., L, d] → [..., L, m]``.
-
-    One matmul computes both terms: ``[x, −‖x‖²/2] · [ω, 1]ᵀ``.
-    """
-    half_sq_norm = x.pow(2).sum(-1, keepdim=True).mul(-0.5)
-    ones = projection.new_ones(projection.shape[0], 1)
-    return torch.cat([x, half_sq_norm], -1) @ torch.cat([projection, ones], -1).transpose(0, 1)
-
-
 def query_features(
     q: torch.Tensor,
     projection: torch.Tensor,
@@ -88,14 +78,15 @@ def query_features(
 ) -> torch.Tensor:
     """φ(Q) up to a per-query positive factor, ``[..., L, d] → [..., L, m]``.
 
-    For the softmax kernel each row is divided by ``exp(max_i logit_i)`` (detached): a per-query
-    factor cancels between the numerator and the denominator of ``D⁻¹ φ(Q)(φ(K)ᵀV)``, and it keeps
-    every entry in ``(0, m^-½]`` whatever the logit scale.  ``kernel_fn=None`` means softmax.
+    For the softmax kernel each row is divided by ``exp(max_i ω_i q − ‖q‖²/2)`` (detached): a per-query
+    factor cancels between the numerator and the denominator of ``D⁻¹ φ(Q)(φ(K)ᵀV)``, keeps every
+    entry in ``(0, m^-½]`` whatever the logit scale, and removes the ``‖q‖²`` term altogether:
+    ``φ̃(q) = m^-½ exp(ωq − max_i ω_i q)``.  ``kernel_fn=None`` means softmax.
     """
     m = projection.shape[0]
+    logits = q @ projection.transpose(0, 1)
     if kernel_fn is not None:
-        return (kernel_fn(q @ projection.transpose(0, 1)) + kernel_epsilon) * m**-0.5
-    logits = softmax_kernel_logits(q, projection)
+        return (kernel_fn(logits) + kernel_epsilon) * m**-0.5
     # in place: one pass over the [L, m] tensor; m^-½ rides in the exponent
     return logits.sub_(logits.detach().amax(-1, keepdim=True) + 0.5 * math.log(m)).exp_()
 
@@ -114,8 +105,8 @@ def key_features(
     ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.
 
     ``per_key_scale=True`` (causal attention) returns ``φ̃`` and ``c`` with ``φ(k_s) = exp(c_s) φ̃(k_s)``:
-    for the softmax kernel ``c_s = max_i logit_si`` (detached) so ``φ̃ ≤ m^-½``, and the key's scale
-    lives in ``c_s``.  Keeping it per key (instead of subtracting one maximum over all keys, as
+    for the softmax kernel ``c_s = max_i ω_i k_s − ‖k_s‖²/2`` (detached) so ``φ̃ ≤ m^-½``, and the key's
+    scale lives in ``c_s``.  Keeping it per key (instead of subtracting one maximum over all keys, as
     performer-pytorch does) lets causal attention stabilise with a running maximum over *past* keys:
     no future key ever changes a past output, bit for bit.  Padding keys get ``c = NEG_LOG_WEIGHT``.
 
@@ -123,23 +114,27 @@ def key_features(
     divides all keys by one shared ``exp(max)`` over the real keys and returns no log-weights.
     """
     m = projection.shape[0]
+    logits = k @ projection.transpose(0, 1)
     if kernel_fn is not None:
-        features = (kernel_fn(k @ projection.transpose(0, 1)) + kernel_epsilon) * m**-0.5
+        features = (kernel_fn(logits) + kernel_epsilon) * m**-0.5
         if keep is not None:
             features = features * keep[..., None]
         if not per_key_scale:
             return features, None
         log_weight = features.new_zeros(features.shape[:-1])
         return features, log_weight if keep is None else log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
-    logits = softmax_kernel_logits(k, projection)
+    # the exponent of the paper's φ(k) is ωk − ‖k‖²/2 (eq. 7 with h(k) = exp(−‖k‖²/2))
+    half_sq_norm = k.pow(2).sum(-1).mul(0.5)
     if not per_key_scale:
+        logits = logits.sub_(half_sq_norm.unsqueeze(-1))
         if keep is not None:
             logits = logits.masked_fill_(~keep[..., None], float("-inf"))
         shared = logits.detach().amax((-2, -1), keepdim=True)
         shared = torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared))  # no real key at all
         return logits.sub_(shared + 0.5 * math.log(m)).exp_(), None
-    log_weight = logits.detach().amax(-1)
-    features = logits.sub_(log_weight.unsqueeze(-1) + 0.5 * math.log(m)).exp_()
+    log_weight = logits.detach().amax(-1) - half_sq_norm.detach()
+    # φ̃ = exp(ωk − ‖k‖²/2 − c): numerically exp(ωk − max ωk); the ‖k‖² term stays for its gradient
+    features = logits.sub_((half_sq_norm + log_weight + 0.5 * math.log(m)).unsqueeze(-1)).exp_()
     if keep is None:
         return features, log_weight
     return features * keep[..., None], log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)

@@ -268,3 +268,17 @@ def test_generalised_kernels_run_in_models(kernel):
 def test_registering_a_kernel_over_softmax_is_refused():
     with pytest.raises(ValueError, match="cannot be replaced"):
         hf_performer.register_kernel("softmax", torch.relu)
+
+
+def test_bert_cross_attention_has_its_own_features_and_ignores_padded_encoder_tokens():
+    stock = stock_model("bert", transformers.BertLMHeadModel, is_decoder=True, add_cross_attention=True)
+    model = hf_performer.to_performer(stock)
+    streams = {(p.layer_idx, p.stream) for p in model.favor_projections()}
+    assert streams == {(layer, stream) for layer in range(2) for stream in (0, 1)}
+    encoder_states = torch.randn(2, 7, 32)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids = torch.randint(3, VOCAB, (2, 4))
+    logits = model(ids, encoder_hidden_states=encoder_states, encoder_attention_mask=mask).logits
+    alone = model(ids[1:], encoder_hidden_states=encoder_states[1:, :5]).logits
+    torch.testing.assert_close(logits[1:], alone, rtol=1e-4, atol=1e-5)  # padded encoder keys are ignored

@@ -1,91 +1,171 @@
 """Attention-op speed: hf-performer FAVOR+ vs SDPA vs performer-pytorch, measured side by side.
 
 One process, same threads, same inputs (fp32, batch 1, 8 heads, head dim 64, nb_features 256 by
-default); each cell is the median of ``--repeats`` timed runs after one warm-up.  Prints a table with
-the ratios and writes a CSV.
+default).  For each length, the matmul peak is measured first, then every (mode, pass, provider)
+cell in turn, so the ratios compare runs taken moments apart on the same (shared) machine.  Each
+cell is the median of ``--repeats`` runs after a warm-up (a single run when one takes more than
+``--slow-seconds``).  Writes ``results/op_speed.csv``, ``op_speed_run.json`` (conditions, crossover
+lengths, extrapolation fit), ``op_speed.png`` and ``op_flop_rate.png``.
 
-    python benchmarks/op_speed.py --lengths 4096 16384 --csv benchmarks/results/op_speed.csv
+    python benchmarks/op_speed.py                     # the full sweep, 256 … 16384 tokens
+    python benchmarks/op_speed.py --lengths 512 1024  # a quick check
 
-performer-pytorch (``pip install -e .[bench]``) is optional; its causal CPU path is very slow, so it is
-only run up to ``--performer-pytorch-causal-max`` tokens.
+performer-pytorch's CPU causal path builds an ``[L, m, d]`` tensor per chunk and keeps them all for
+backward, so it only runs up to ``--performer-pytorch-causal-max`` tokens (forward) and
+``--performer-pytorch-causal-backward-max`` (forward+backward); beyond that its time is extrapolated
+with a power law fitted to its measured lengths ≥ 1024 (marked ``measured=no`` in the CSV).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
-import time
-from pathlib import Path
+import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hf_performer.favor import favor_attention, orthogonal_random_matrix
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from flop_counts import favor_forward_flops, matmul_peak_gflops
+from measurement import RESULTS, Run, seconds_per_call
+from providers import MODES, PASSES, PROVIDERS, attention_call, attention_op, random_qkv
 
 
-def providers(heads_dim: int, nb_features: int, causal: bool, with_performer_pytorch: bool):
-    """name → callable(q, k, v) for [B, H, L, D] inputs."""
-    projection = orthogonal_random_matrix(nb_features, heads_dim, generator=torch.Generator().manual_seed(0))
-    found = {
-        "hf-performer": lambda q, k, v: favor_attention(q, k, v, projection, causal=causal)[0],
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-    }
-    if with_performer_pytorch:
-        from performer_pytorch import FastAttention
+def performer_pytorch_cap(args, mode: str, pass_: str) -> int:
+    if mode == "bidirectional":
+        return max(args.lengths)
+    return args.performer_pytorch_causal_max if pass_ == "forward" else args.performer_pytorch_causal_backward_max
 
-        attention = FastAttention(dim_heads=heads_dim, nb_features=nb_features, causal=causal)
-        found["performer-pytorch"] = lambda q, k, v: attention(q, k, v)
-    return found
+
+def power_law(lengths, seconds) -> tuple[float, float]:
+    """``(a, b)`` of ``seconds ≈ a · L^b`` fitted in log-log space."""
+    b, log_a = np.polyfit(np.log(lengths), np.log(seconds), 1)
+    return math.exp(log_a), b
+
+
+def crossover_length(lengths, sdpa_over_favor) -> str:
+    """Shortest length from which FAVOR+ stays faster than SDPA, interpolated in log-log space."""
+    pairs = list(zip(lengths, sdpa_over_favor))
+    for i, (length, ratio) in enumerate(pairs):
+        if all(r >= 1 for _, r in pairs[i:]):
+            if i == 0:
+                return f"≤ {length}"
+            (l0, r0), (l1, r1) = pairs[i - 1], pairs[i]
+            t = -math.log(r0) / (math.log(r1) - math.log(r0))
+            return f"{math.exp(math.log(l0) + t * (math.log(l1) - math.log(l0))):.0f}"
+    return f"> {lengths[-1]}"
+
+
+def plot(rows, path_times, path_rate) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True)
+    for (i, mode), (j, pass_) in ((a, b) for a in enumerate(MODES) for b in enumerate(PASSES)):
+        ax = axes[i][j]
+        for provider, color in zip(PROVIDERS, ("C0", "C1", "C2")):
+            for measured, style in (("yes", "o-"), ("no", "x--")):
+                cells = [r for r in rows if (r["mode"], r["pass"], r["provider"], r["measured"]) == (mode, pass_, provider, measured)]
+                if cells:
+                    label = provider + ("" if measured == "yes" else " (extrapolated)")
+                    ax.loglog([r["length"] for r in cells], [r["seconds"] for r in cells], style, color=color, label=label)
+        ax.set_title(f"{mode}, {pass_}")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Attention op time (fp32, batch 1, 8 heads, head dim 64, m = 256, 2 shared CPU cores)")
+    fig.tight_layout()
+    fig.savefig(path_times, dpi=110)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, color in zip(MODES, ("C0", "C3")):
+        cells = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, "forward", "hf-performer")]
+        ax.semilogx([r["length"] for r in cells], [r["favor_gflops"] for r in cells], "o-", color=color, label=f"FAVOR+ {mode} forward")
+    cells = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == ("bidirectional", "forward", "hf-performer")]
+    ax.semilogx([r["length"] for r in cells], [r["matmul_peak_gflops"] for r in cells], "k--", label="matmul peak (2048³), same run")
+    ax.semilogx([r["length"] for r in cells], [r["matmul_peak_gflops"] / 2 for r in cells], "k:", label="50 % of peak (goal)")
+    ax.set_xlabel("sequence length L")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Achieved FLOP rate of the FAVOR+ forward")
+    fig.tight_layout()
+    fig.savefig(path_rate, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384], help="(default: 4096 16384)")
-    parser.add_argument("--heads", type=int, default=8, help="(default: 8)")
-    parser.add_argument("--head-dim", type=int, default=64, help="(default: 64)")
-    parser.add_argument("--nb-features", type=int, default=256, help="(default: 256)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--nb-features", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (default: 3)")
-    parser.add_argument("--no-performer-pytorch", action="store_true", help="skip performer-pytorch")
-    parser.add_argument("--performer-pytorch-causal-max", type=int, default=4096, help="(default: 4096)")
-    parser.add_argument("--csv", type=Path, default=None, help="write the results here")
+    parser.add_argument("--slow-seconds", type=float, default=5.0, help="a warm-up slower than this is the measurement")
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--performer-pytorch-causal-max", type=int, default=4096)
+    parser.add_argument("--performer-pytorch-causal-backward-max", type=int, default=2048)
+    parser.add_argument("--name", default="op_speed", help="results/<name>.csv, .png (default: op_speed)")
     args = parser.parse_args()
+    args.lengths.sort()
 
-    torch.manual_seed(0)
+    run = Run(args.name)
     rows = []
-    print(f"fp32, batch 1, {args.heads} heads, head dim {args.head_dim}, m={args.nb_features}, "
-          f"{torch.get_num_threads()} threads, forward only, median of {args.repeats}")
-    for mode in ("bidirectional", "causal"):
-        causal = mode == "causal"
-        for length in args.lengths:
-            q, k, v = (torch.randn(1, args.heads, length, args.head_dim) for _ in range(3))
-            use_pp = not args.no_performer_pytorch and (not causal or length <= args.performer_pytorch_causal_max)
-            seconds = {}
-            with torch.no_grad():
-                for name, fn in providers(args.head_dim, args.nb_features, causal, use_pp).items():
-                    seconds[name] = median_seconds(lambda: fn(q, k, v), args.repeats)
-            ours = seconds["hf-performer"]
-            cells = "  ".join(f"{n} {s:.3f}s ({s / ours:.1f}x)" for n, s in seconds.items())
-            print(f"{mode:<14}L={length:<7}{cells}")
-            rows += [dict(mode=mode, length=length, provider=n, seconds=f"{s:.4f}", speedup_of_hf_performer=f"{s / ours:.2f}")
-                     for n, s in seconds.items()]
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+    for length in args.lengths:
+        peak = matmul_peak_gflops()
+        q, k, v = random_qkv(length, args.heads, args.head_dim)
+        for mode in MODES:
+            for pass_ in PASSES:
+                cells = {}
+                for provider in args.providers:
+                    if provider == "performer-pytorch" and length > performer_pytorch_cap(args, mode, pass_):
+                        continue
+                    op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal")
+                    cells[provider] = seconds_per_call(attention_call(op, q, k, v, pass_), args.repeats, args.slow_seconds)
+                flops = args.heads * favor_forward_flops(length, args.head_dim, args.nb_features, mode == "causal")["total"]
+                favor_rate = flops / cells["hf-performer"] / 1e9 if pass_ == "forward" else float("nan")
+                for provider, seconds in cells.items():
+                    rows.append(dict(mode=mode, pass_=pass_, length=length, provider=provider, seconds=seconds, measured="yes",
+                                     matmul_peak_gflops=peak, favor_gflops=favor_rate))
+                text = "  ".join(f"{p} {s:.3f}s ({s / cells['hf-performer']:.1f}x)" for p, s in cells.items())
+                print(f"L={length:<6} {mode:<13} {pass_:<16} {text}"
+                      + (f"  FAVOR+ {favor_rate:.1f} GFLOP/s = {favor_rate / peak:.0%} of peak {peak:.0f}" if pass_ == "forward" else ""),
+                      flush=True)
+    for row in rows:
+        row["pass"] = row.pop("pass_")
+
+    fits = {}
+    if "performer-pytorch" in args.providers:
+        for mode in MODES:
+            for pass_ in PASSES:
+                measured = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, "performer-pytorch")]
+                fit_points = [r for r in measured if r["length"] >= 1024]
+                missing = [length for length in args.lengths if length > performer_pytorch_cap(args, mode, pass_)]
+                if not missing or len(fit_points) < 2:
+                    continue
+                a, b = power_law([r["length"] for r in fit_points], [r["seconds"] for r in fit_points])
+                fits[f"{mode} {pass_}"] = dict(exponent=round(b, 3), fitted_on=[r["length"] for r in fit_points])
+                rows += [dict(mode=mode, length=length, provider="performer-pytorch", seconds=a * length**b, measured="no", **{"pass": pass_})
+                         for length in missing]
+
+    crossovers = {}
+    for row in rows:
+        ours = next(r for r in rows if (r["mode"], r["pass"], r["length"], r["provider"]) == (row["mode"], row["pass"], row["length"], "hf-performer"))
+        row["time_over_hf_performer"] = row["seconds"] / ours["seconds"]
+    if "sdpa" in args.providers:
+        for mode in MODES:
+            for pass_ in PASSES:
+                cells = sorted((r["length"], r["time_over_hf_performer"]) for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, "sdpa"))
+                crossovers[f"{mode} {pass_}"] = crossover_length([c[0] for c in cells], [c[1] for c in cells])
+        print("crossover length vs SDPA (FAVOR+ faster from):", crossovers)
+
+    order = ["mode", "pass", "length", "provider", "seconds", "time_over_hf_performer", "measured", "favor_gflops", "matmul_peak_gflops"]
+    rows = [{key: (f"{row[key]:.5g}" if isinstance(row.get(key), float) else row.get(key, "")) for key in order} for row in rows]
+    run.finish(rows, crossover_length_vs_sdpa=crossovers, performer_pytorch_extrapolation=fits,
+               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features, dtype="float32"))
+    plot([{k: (float(v) if k in ("seconds", "favor_gflops", "matmul_peak_gflops") and v != "" else v) for k, v in r.items()} for r in rows],
+         RESULTS / f"{args.name}.png", RESULTS / f"{args.name.replace('op_speed', 'op_flop_rate')}.png")
 
 
 if __name__ == "__main__":

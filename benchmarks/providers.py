@@ -1,0 +1,69 @@
+"""The attention ops compared by the op benchmarks, as ``name → fn(q, k, v)`` on ``[B, H, L, D]`` inputs.
+
+Every provider gets the same inputs and the same ``nb_features``; ``attention_call`` wraps one in a
+forward-only (``no_grad``) or forward+backward call so all providers are timed the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+PROVIDERS = ("hf-performer", "sdpa", "performer-pytorch")
+PASSES = ("forward", "forward+backward")
+MODES = ("bidirectional", "causal")
+
+
+def import_favor_without_transformers() -> None:
+    """Make ``import hf_performer.favor`` skip the package ``__init__`` (which imports transformers).
+
+    ``hf_performer/favor`` is torch only; the memory benchmark starts a fresh process per point, and
+    importing transformers there would cost ~10 s each time.  Call before anything imports hf_performer.
+    """
+    if "hf_performer" not in sys.modules:
+        package = types.ModuleType("hf_performer")
+        package.__path__ = [str(Path(__file__).resolve().parent.parent / "hf_performer")]
+        sys.modules["hf_performer"] = package
+
+
+def attention_op(name: str, head_dim: int, nb_features: int, causal: bool) -> Callable:
+    """``fn(q, k, v) → [B, H, L, D]`` for one provider (performer-pytorch draws its own features)."""
+    if name == "hf-performer":
+        from hf_performer.favor import favor_attention, orthogonal_random_matrix
+
+        projection = orthogonal_random_matrix(nb_features, head_dim, generator=torch.Generator().manual_seed(0))
+        return lambda q, k, v: favor_attention(q, k, v, projection, causal=causal)[0]
+    if name == "sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if name == "performer-pytorch":
+        from performer_pytorch import FastAttention  # the `bench` extra; never needed by the package
+
+        return FastAttention(dim_heads=head_dim, nb_features=nb_features, causal=causal)
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+
+
+def attention_call(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pass_: str) -> Callable[[], None]:
+    """A no-argument call running ``op`` forward only or forward+backward (gradients of q, k, v)."""
+    if pass_ == "forward":
+        def forward() -> None:
+            with torch.no_grad():
+                op(q, k, v)
+        return forward
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def forward_backward() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        op(*leaves).sum().backward()
+    return forward_backward
+
+
+def random_qkv(length: int, heads: int, head_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Query, key, value ``[1, heads, length, head_dim]``, standard normal (logit std 1 after ``d^-½``)."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))

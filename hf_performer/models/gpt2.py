@@ -15,7 +15,7 @@ from transformers import (
 )
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from hf_performer.models.base import Family, PerformerConfigMixin, performer_model_class
+from hf_performer.models.base import Family, PerformerConfigMixin, PerformerDecoderMixin, performer_model_class
 
 
 class PerformerGPT2Config(PerformerConfigMixin, GPT2Config):
@@ -24,7 +24,9 @@ class PerformerGPT2Config(PerformerConfigMixin, GPT2Config):
 
 _ATTENTION = (GPT2Attention,)
 PerformerGPT2Model = performer_model_class(GPT2Model, PerformerGPT2Config, _ATTENTION)
-PerformerGPT2LMHeadModel = performer_model_class(GPT2LMHeadModel, PerformerGPT2Config, _ATTENTION)
+PerformerGPT2LMHeadModel = performer_model_class(
+    GPT2LMHeadModel, PerformerGPT2Config, _ATTENTION, mixins=(PerformerDecoderMixin,)
+)
 PerformerGPT2ForSequenceClassification = performer_model_class(
     GPT2ForSequenceClassification, PerformerGPT2Config, _ATTENTION
 )

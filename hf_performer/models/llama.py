@@ -15,7 +15,7 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from hf_performer.models.base import Family, PerformerConfigMixin, performer_model_class
+from hf_performer.models.base import Family, PerformerConfigMixin, PerformerDecoderMixin, performer_model_class
 
 
 class PerformerLlamaConfig(PerformerConfigMixin, LlamaConfig):
@@ -24,7 +24,9 @@ class PerformerLlamaConfig(PerformerConfigMixin, LlamaConfig):
 
 _ATTENTION = (LlamaAttention,)
 PerformerLlamaModel = performer_model_class(LlamaModel, PerformerLlamaConfig, _ATTENTION)
-PerformerLlamaForCausalLM = performer_model_class(LlamaForCausalLM, PerformerLlamaConfig, _ATTENTION)
+PerformerLlamaForCausalLM = performer_model_class(
+    LlamaForCausalLM, PerformerLlamaConfig, _ATTENTION, mixins=(PerformerDecoderMixin,)
+)
 PerformerLlamaForSequenceClassification = performer_model_class(
     LlamaForSequenceClassification, PerformerLlamaConfig, _ATTENTION
 )

@@ -1,0 +1,138 @@
+"""Constant-memory decoding: a transformers ``Cache`` that holds FAVOR+ state instead of keys and values.
+
+Causal FAVOR+ is a recurrent network: per layer and head, the past enters attention only through
+``S = Σ φ(k) vᵀ`` (``m × Dv``) and ``z = Σ φ(k)`` (``m``), the :class:`FavorState`.  A
+:class:`FavorCacheLayer` keeps that state and the number of tokens seen, so its size does not grow
+with the context and one decoding step costs O(m·Dv) per head whatever the context length.
+
+The hand-off with transformers: GPT-2 and Llama attention modules call
+``past_key_values.update(key, value, layer_idx)`` and pass what it returns to the attention
+function.  :meth:`FavorCacheLayer.update` stores nothing and returns the *new* keys and values, the
+keys tagged with the layer (:func:`cache_layer_of`); ``favor_attention_forward`` continues from the
+layer's state and hands the new state back with :meth:`FavorCacheLayer.advance`.
+``PerformerDecoderMixin`` (``models/base.py``) makes ``generate()`` use a :class:`FavorCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from hf_performer.favor.attention import FavorState
+
+_LAYER_TAG = "favor_cache_layer"
+
+NEEDS_KEYS_AND_VALUES = (
+    "FAVOR+ decodes from a recurrent state (Σφ(k)vᵀ and Σφ(k)) that cannot drop tokens or be written "
+    "position by position"
+)
+
+
+class FavorCacheLayer(CacheLayerMixin):
+    """One layer's FAVOR+ state: ``kv [B, Hk, m, Dv]``, ``k_sum [B, Hk, m]``, ``log_scale [B, Hk]``.
+
+    Kept per *key* head: grouped-query heads that share a key head see the same keys and values,
+    hence the same state, so storing it once per group loses nothing (3× smaller for SmolLM2).
+    ``seen_tokens`` counts every position given so far, padding included, as a key/value cache's
+    length would: transformers derives mask sizes and default positions from it.
+    """
+
+    is_croppable = False
+    supports_early_init = False  # there are no key/value tensors to preallocate
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.state: FavorState | None = None
+        self.seen_tokens = 0
+        self.awaiting_attention = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to allocate: the state is created by the first attention call."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count the new ``[B, Hk, L, D]`` keys and return them unchanged, tagged with this layer."""
+        if self.awaiting_attention:
+            raise RuntimeError(
+                "a FavorCache was used with an attention function other than 'favor+' (the state of this layer "
+                "was never advanced). Use attn_implementation='favor+' with a FavorCache, or a DynamicCache "
+                "with other attention implementations."
+            )
+        self.seen_tokens += key_states.shape[-2]
+        self.awaiting_attention = True
+        tagged = key_states.view_as(key_states)
+        setattr(tagged, _LAYER_TAG, self)
+        return tagged, value_states
+
+    def initial_state(self, group: int) -> FavorState | None:
+        """The state of the tokens before this step, expanded to ``group`` query heads per key head."""
+        if self.state is None:
+            return None
+        return FavorState(*(tensor.repeat_interleave(group, dim=1) for tensor in self.state))
+
+    def advance(self, state: FavorState, group: int) -> None:
+        """Keep ``state`` (``[B, H, ...]``, ``H = group · Hk``) as the state after this step's tokens."""
+        self.state = FavorState(*(tensor[:, ::group].contiguous() for tensor in state))
+        self.awaiting_attention = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer (independent of the number of tokens seen)."""
+        return 0 if self.state is None else sum(tensor.nbytes for tensor in self.state)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state, self.seen_tokens, self.awaiting_attention = None, 0, False
+
+    def _select(self, select) -> None:
+        if self.state is not None:
+            self.state = FavorState(*(select(tensor) for tensor in self.state))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` continues from the state of row ``beam_idx[i]``."""
+        self._select(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda tensor: tensor[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                f"cannot remove {abs(tokens_to_remove)} tokens from a FavorCache: {NEEDS_KEYS_AND_VALUES}. "
+                "Assisted and speculative decoding need a cache that can roll back: pass "
+                "cache_implementation='dynamic' to generate() (keys and values, O(context) per step)."
+            )
+
+
+class FavorCache(Cache):
+    """A :class:`FavorCacheLayer` per layer (created on first use); pass it as ``past_key_values``.
+
+    ``generate()`` of a FAVOR+ GPT-2 or Llama model creates one by default.  In a hand-written
+    decoding loop, pass ``past_key_values=FavorCache(), use_cache=True`` to the first forward and the
+    returned cache to the next ones.
+    """
+
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=FavorCacheLayer)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache: constant in the number of tokens, linear in the batch size."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def cache_layer_of(key: torch.Tensor) -> FavorCacheLayer | None:
+    """The :class:`FavorCacheLayer` whose :meth:`~FavorCacheLayer.update` returned ``key``, if any."""
+    return getattr(key, _LAYER_TAG, None)

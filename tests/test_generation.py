@@ -1,0 +1,169 @@
+"""Constant-memory generation: ``generate()`` decodes FAVOR+ GPT-2 and Llama from a ``FavorCache``."""
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+import hf_performer
+from hf_performer import PerformerConfig
+from hf_performer.integration.cache import FavorCache
+from tests.conftest import VOCAB, tiny_gpt2_config, tiny_llama_config
+from tests.test_real_checkpoints import smollm2_path  # noqa: F401  (fixture)
+
+CAUSAL_MODELS = {
+    "gpt2": (tiny_gpt2_config, transformers.GPT2LMHeadModel),
+    "llama": (tiny_llama_config, transformers.LlamaForCausalLM),  # grouped-query attention: 4 heads, 2 kv heads
+}
+PAD = 0
+
+
+def tiny_performer(model_type):
+    config, stock_class = CAUSAL_MODELS[model_type]
+    return hf_performer.to_performer(stock_class(config()).eval(), PerformerConfig(nb_features=32))
+
+
+def left_padded_batch():
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    ids[0, :4], mask[0, :4] = PAD, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generate(model, steps=32, **kwargs):
+    options = dict(max_new_tokens=steps, min_new_tokens=steps, pad_token_id=PAD, return_dict_in_generate=True)
+    with torch.no_grad():
+        return model.generate(**left_padded_batch(), **{**options, **kwargs})
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_generate_decodes_from_a_favor_cache_by_default(model_type):
+    out = generate(tiny_performer(model_type), steps=2)
+    assert isinstance(out.past_key_values, FavorCache)
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_cached_greedy_decoding_matches_full_recomputation(model_type):
+    model = tiny_performer(model_type)
+    torch.manual_seed(1)
+    cached = generate(model, do_sample=False, output_logits=True)
+    torch.manual_seed(1)
+    recomputed = generate(model, do_sample=False, output_logits=True, use_cache=False)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(recomputed.logits), rtol=0, atol=1e-4)
+
+
+def test_cached_sampling_draws_the_same_tokens_as_recomputation():
+    model = tiny_performer("llama")
+    torch.manual_seed(1)
+    batch = left_padded_batch()
+    sampled = []
+    for use_cache in (True, False):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            sampled.append(
+                model.generate(**batch, do_sample=True, max_new_tokens=32, pad_token_id=PAD, use_cache=use_cache)
+            )
+    assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_beam_search_reorders_the_state_and_matches_recomputation(model_type):
+    model = tiny_performer(model_type)
+    beams = dict(num_beams=3, num_return_sequences=3, do_sample=False, output_scores=True)
+    torch.manual_seed(1)
+    cached = generate(model, steps=16, **beams)
+    torch.manual_seed(1)
+    recomputed = generate(model, steps=16, use_cache=False, **beams)
+    assert isinstance(cached.past_key_values, FavorCache)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, rtol=0, atol=1e-5)
+
+
+def test_cache_memory_does_not_grow_with_generated_tokens():
+    model = tiny_performer("gpt2")
+    after_10 = generate(model, steps=10).past_key_values
+    after_500 = generate(model, steps=500).past_key_values
+    assert after_500.get_seq_length() == after_10.get_seq_length() + 490
+    assert after_10.nbytes == after_500.nbytes > 0
+
+
+def test_checkpoint_reloaded_from_disk_decodes_from_the_cache(tmp_path):
+    model = tiny_performer("llama")
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.manual_seed(1)
+    cached = generate(again, do_sample=False)
+    torch.manual_seed(1)
+    original = generate(model, do_sample=False, use_cache=False)
+    assert isinstance(cached.past_key_values, FavorCache)
+    assert torch.equal(cached.sequences, original.sequences)
+
+
+def test_dynamic_cache_implementation_still_decodes_from_keys_and_values():
+    model = tiny_performer("gpt2")
+    torch.manual_seed(1)
+    dynamic = generate(model, steps=8, cache_implementation="dynamic")
+    torch.manual_seed(1)
+    favor = generate(model, steps=8)
+    assert type(dynamic.past_key_values) is DynamicCache
+    assert torch.equal(dynamic.sequences, favor.sequences)
+
+
+@pytest.mark.parametrize("implementation", ["static", "offloaded", "quantized"])
+def test_cache_implementations_that_store_keys_and_values_are_refused(implementation):
+    with pytest.raises(ValueError, match=f"cache_implementation='{implementation}' stores keys and values"):
+        generate(tiny_performer("llama"), steps=2, cache_implementation=implementation)
+
+
+def test_assisted_decoding_is_refused_with_a_hint():
+    model = tiny_performer("llama")
+    with pytest.raises(ValueError, match="assisted decoding.*cache_implementation='dynamic'"):
+        generate(model, steps=2, prompt_lookup_num_tokens=2)
+
+
+def test_cropping_a_favor_cache_is_refused():
+    cache = generate(tiny_performer("gpt2"), steps=2).past_key_values
+    with pytest.raises(ValueError, match="cannot remove 1 tokens from a FavorCache"):
+        cache.crop(-1)
+
+
+def test_favor_cache_refuses_attention_that_is_not_favor():
+    model = tiny_performer("llama")
+    model.set_attn_implementation("sdpa")
+    batch = left_padded_batch()
+    with torch.no_grad():
+        cache = model(**batch, past_key_values=FavorCache(), use_cache=True).past_key_values
+        with pytest.raises(RuntimeError, match="attention function other than 'favor\\+'"):
+            model(input_ids=batch["input_ids"][:, -1:], past_key_values=cache, use_cache=True)
+
+
+def test_smollm2_cached_greedy_decoding_matches_full_recomputation(smollm2_path):  # noqa: F811
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, attention="favor+").eval()
+    batch = tokenizer(
+        ["The capital of Italy is", "Once upon a time, in a village by the sea,"], return_tensors="pt", padding=True
+    )
+    steps = 32
+    with torch.no_grad():
+        cached = model.generate(
+            **batch,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        # one forward over the final sequences recomputes every step: a future token never changes
+        # a past output; positions as generate() gives them (RoPE'd FAVOR+ features depend on them)
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, steps, dtype=torch.long)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        recomputed = model(cached.sequences, attention_mask=mask, position_ids=positions).logits[:, -steps - 1 : -1]
+    assert isinstance(cached.past_key_values, FavorCache)
+    assert torch.equal(recomputed.argmax(-1), cached.sequences[:, -steps:])
+    # float32 floor of FAVOR+ on SmolLM2's large-norm queries/keys: the full forward at
+    # causal_chunk_size=1 differs from chunk 128 by up to 7e-4 (logits up to ±38); exact
+    # attention's own key/value cache differs from its full forward by up to 1e-4
+    torch.testing.assert_close(torch.stack(cached.logits, 1), recomputed, rtol=0, atol=2e-3)

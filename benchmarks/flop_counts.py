@@ -16,17 +16,17 @@ import torch
 def favor_forward_flops(length: int, head_dim: int, nb_features: int, causal: bool, chunk: int = 128) -> dict[str, float]:
     """``{"matmul": …, "exp": …, "other": …, "total": …}`` FLOPs of one head's FAVOR+ forward.
 
-    Both modes: features of Q and K, each ``[L, d+1] @ [d+1, m]`` (the ``−‖x‖²/2`` column rides in
-    the matmul), a row maximum, a subtraction and an ``exp`` over ``[L, m]``.
+    Both modes: features of Q and K, each ``[L, d] @ [d, m]``, then over ``[L, m]`` a maximum, a
+    subtraction and an ``exp`` (plus the keys' ``−‖k‖²/2``).
     Bidirectional: ``φ(K)ᵀV`` and ``φ(Q)(φ(K)ᵀV)`` (``2·L·m·d`` each) plus the denominator.
     Causal, ``C`` tokens per chunk, values with a column of ones (``d + 1``): the chunk's
     ``φ(Q)φ(K)ᵀ`` (``2·L·C·m``) times its decay (an ``exp`` of ``L·C``), times ``V`` (``2·L·C·(d+1)``);
     the chunk sums ``φ(K)ᵀV`` and the readout ``φ(Q)·state`` (``2·L·m·(d+1)`` each); the scan over chunks.
     """
     L, d, m = length, head_dim, nb_features
-    matmul = 2 * (2 * L * (d + 1) * m)
+    matmul = 2 * (2 * L * d * m)
     exp = 2 * L * m
-    other = 2 * (2 * L * d) + 2 * (2 * L * m)  # squared norms; max and subtract
+    other = 2 * L * d + 5 * L * m  # key norms; maxima, subtractions
     if not causal:
         matmul += 2 * L * m * d + 2 * L * m * d + 2 * L * m
         other += L * m + L * d  # key sum, division

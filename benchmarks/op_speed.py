@@ -3,7 +3,7 @@
 One process, same threads, same inputs (fp32, batch 1, 8 heads, head dim 64, nb_features 256 by
 default).  For each length, the matmul peak is measured first, then every (mode, pass, provider)
 cell in turn, so the ratios compare runs taken moments apart on the same (shared) machine.  Each
-cell is the median of ``--repeats`` runs after a warm-up (a single run when one takes more than
+cell is the best of ``--repeats`` runs after a warm-up (a single run when one takes more than
 ``--slow-seconds``).  Writes ``results/op_speed.csv``, ``op_speed_run.json`` (conditions, crossover
 lengths, extrapolation fit), ``op_speed.png`` and ``op_flop_rate.png``.
 

@@ -1,0 +1,179 @@
+"""Attention transfer: teach a FAVOR+ model to reproduce its softmax attention, layer by layer.
+
+Stage one of recovery.  Teacher: ``--model`` with exact attention (sdpa), frozen.  Student: the
+same checkpoint converted to FAVOR+ (or as saved, if it is already FAVOR+).  The loss is the mean
+over layers of the MSE between the two attention outputs on unlabelled text
+(:mod:`hf_performer.recovery.attention_transfer`); no labels are used.  Afterwards run
+``examples/finetune.py --model OUTPUT_DIR`` for the task (the chain the README recommends).
+
+    python examples/attention_transfer.py --model CHECKPOINT --data ../shared/data/wikitext2/valid.txt \\
+        --output_dir out/transfer --max_steps 300 [--train_what attention|all|features] [--favor-nb-features 256]
+    accelerate launch examples/attention_transfer.py ...         # several processes / GPUs (add --bf16 on GPU)
+    python examples/attention_transfer.py ... --resume_from_checkpoint last   # continue an interrupted run
+
+OUTPUT_DIR receives ``checkpoint-*`` folders while training and, at the end, the FAVOR+ checkpoint
+(weights and features, tokenizer, exported model code, README.md card with the final held-out
+MSE), ``eval_results.json`` (the card's format) and ``recovery_curve.{json,png}``
+(held-out MSE against the step).  Every option of ``transformers.TrainingArguments`` is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, TrainingArguments
+
+import hf_performer  # noqa: F401  (registers FAVOR+)
+from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
+from hf_performer.recovery.attention_transfer import TRAINABLE, AttentionTransferTrainer, select_trainable
+from hf_performer.recovery.checkpoints import (
+    auto_class_for,
+    load_student,
+    load_teacher,
+    prepare_padding,
+    save_recovered,
+)
+from hf_performer.recovery.curves import RecoveryCurve
+from hf_performer.recovery.data import load_split, text_examples, tokenized
+from hf_performer.recovery.training import check_features_agree, resume_checkpoint
+
+
+@dataclass
+class TransferArguments:
+    model: str = field(metadata={"help": "Source checkpoint (folder or Hub id): stock BERT/GPT-2/Llama, or FAVOR+."})
+    data: str = field(
+        metadata={"help": "Unlabelled training text: a .txt/.tsv/.csv/.json(l) file or a Hub dataset id."}
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out text in the same forms (default: the last --eval_fraction of --data)."},
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of --data held out when --eval_data is not given."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --data."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    column_names: list[str] | None = field(
+        default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
+    )
+    text_columns: list[str] = field(
+        default_factory=lambda: ["text"], metadata={"help": "Columns holding text; each cell is one example."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens per example (longer ones are truncated)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training texts."})
+    max_eval_samples: int | None = field(default=256, metadata={"help": "Use at most this many held-out texts."})
+    train_what: str = field(
+        default="attention",
+        metadata={
+            "help": f"What trains, one of {TRAINABLE}: every weight; the attention modules' projections; or "
+            "only the random features ω, made learnable (generalised attention: fitted, no longer unbiased)."
+        },
+    )
+    teacher_forcing: bool = field(
+        default=True,
+        metadata={
+            "help": "Feed each student attention layer the teacher's input to that layer, so the loss measures "
+            "the attention approximation alone (LoLCATs). With it only attention weights receive gradients."
+        },
+    )
+
+
+def parse(argv: list[str] | None = None):
+    parser = HfArgumentParser((TransferArguments, TrainingArguments), description=__doc__)
+    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    add_performer_arguments(parser, redraw_interval=0)
+    recipe, training, favor = parser.parse_args_into_dataclasses(argv)
+    return recipe, training, performer_config_from_args(favor)
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe, training, settings = parse(argv)
+    if training.resume_from_checkpoint:
+        training.resume_from_checkpoint = resume_checkpoint(training.output_dir, training.resume_from_checkpoint)
+    if recipe.train_what == "all":
+        training.ddp_find_unused_parameters = True  # layers past the last attention get no gradient
+    training.remove_unused_columns = False
+
+    auto_class = auto_class_for(recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    teacher = load_teacher(recipe.model, auto_class)
+    student = load_student(recipe.model, settings, auto_class)
+    prepare_padding(tokenizer, student)
+    trainable = select_trainable(student, recipe.train_what)
+
+    with training.main_process_first(desc="tokenizing"):
+        train = load_split(
+            recipe.data, split=recipe.split, column_names=recipe.column_names, dataset_config=recipe.dataset_config
+        )
+        train = text_examples(train, recipe.text_columns)
+        if recipe.eval_data:
+            held_out = load_split(
+                recipe.eval_data,
+                split=recipe.eval_split,
+                column_names=recipe.column_names,
+                dataset_config=recipe.dataset_config,
+            )
+            held_out = text_examples(held_out, recipe.text_columns)
+        else:
+            cut = len(train) - max(1, int(len(train) * recipe.eval_fraction))
+            train, held_out = train.select(range(cut)), train.select(range(cut, len(train)))
+        if recipe.max_train_samples:
+            train = train.select(range(min(recipe.max_train_samples, len(train))))
+        if recipe.max_eval_samples:
+            held_out = held_out.select(range(min(recipe.max_eval_samples, len(held_out))))
+        train, held_out = (
+            tokenized(train, tokenizer, recipe.max_length),
+            tokenized(held_out, tokenizer, recipe.max_length),
+        )
+
+    curve = RecoveryCurve(
+        training.output_dir, "loss", title=f"attention transfer: held-out attention MSE ({recipe.model})"
+    )
+    trainer = AttentionTransferTrainer(
+        model=student,
+        teacher=teacher,
+        teacher_forcing=recipe.teacher_forcing,
+        args=training,
+        train_dataset=train,
+        eval_dataset=held_out,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[curve],
+    )
+    if trainer.is_world_process_zero():
+        print(f"training {trainable:,} weights ({recipe.train_what}) on {len(train):,} texts; teacher: exact attention")
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    after = trainer.evaluate()["eval_loss"]
+    check_features_agree(trainer)
+    if trainer.is_world_process_zero():
+        curve.write()
+        results = [
+            {
+                "task_type": "attention-transfer",
+                "task_name": "Attention transfer (mean per-layer MSE to softmax attention, lower is better)",
+                "dataset_type": recipe.eval_data or recipe.data,
+                "dataset_name": Path(recipe.eval_data or recipe.data).name,
+                "metric_type": "mse",
+                "metric_value": after,
+                "source_metric_value": 0.0,
+            }
+        ]
+        save_recovered(
+            trainer.accelerator.unwrap_model(trainer.model),
+            tokenizer,
+            training.output_dir,
+            source=recipe.model,
+            eval_results=results,
+        )
+        print(f"held-out attention MSE: {before:.4g} before, {after:.4g} after; saved {training.output_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

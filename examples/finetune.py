@@ -1,0 +1,265 @@
+"""Task fine-tuning of a FAVOR+ model: sentence embeddings, sequence classification or causal LM.
+
+Stage two of recovery (stage one: ``examples/attention_transfer.py``).  ``--model`` is a stock
+checkpoint (converted to FAVOR+ on load with the ``--favor-*`` settings) or a FAVOR+ one, such as
+the output of attention transfer, which is the chain the README recommends::
+
+    python examples/attention_transfer.py --model SRC --data TEXT --output_dir out/transfer ...
+    python examples/finetune.py --task sentence-embedding --model out/transfer --output_dir out/final ...
+
+Tasks (metrics are the local ``evaluate`` modules in ``examples/metrics``; nothing is fetched):
+
+- ``sentence-embedding``: pairs of ``--text_columns A B`` with a similarity ``--label_column``
+  divided by ``--label_scale``; loss MSE(cos(mean-pooled u, v), label); metric Spearman ρ ×100;
+- ``classification``: ``--text_columns TEXT [TEXT2]`` and an integer ``--label_column``; cross-entropy;
+  metric accuracy ×100;
+- ``causal-lm``: ``--text_columns`` text cut into ``--max_length``-token blocks; metric perplexity.
+
+``--exact`` fine-tunes the model with exact softmax attention instead (a baseline); by default the
+exact model's metric on the eval data is measured first, drawn as the reference line of
+``recovery_curve.png`` and written next to the FAVOR+ value in ``eval_results.json`` and the card.
+Runs under ``accelerate launch`` too; ``--resume_from_checkpoint last`` continues a run.  Every
+option of ``transformers.TrainingArguments`` is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import evaluate
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+import hf_performer  # noqa: F401  (registers FAVOR+)
+from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
+from hf_performer.recovery.checkpoints import load_student, load_teacher, prepare_padding, save_recovered
+from hf_performer.recovery.curves import RecoveryCurve
+from hf_performer.recovery.data import load_split, text_examples, token_blocks
+from hf_performer.recovery.sentence_embeddings import SentenceEmbeddingTrainer, SentencePairCollator
+from hf_performer.recovery.training import check_features_agree, resume_checkpoint
+
+METRICS = Path(__file__).resolve().parent / "metrics"
+
+TASKS = {
+    # task: (Auto class, metric module, metric key, Hub task type for the card)
+    "sentence-embedding": (AutoModel, "spearman", "spearmanr", "sentence-similarity"),
+    "classification": (AutoModelForSequenceClassification, "accuracy", "accuracy", "text-classification"),
+    "causal-lm": (AutoModelForCausalLM, "perplexity", "perplexity", "text-generation"),
+}
+
+
+@dataclass
+class FinetuneArguments:
+    task: str = field(metadata={"help": f"One of {sorted(TASKS)}."})
+    model: str = field(metadata={"help": "Checkpoint (folder or Hub id): stock BERT/GPT-2/Llama, or FAVOR+."})
+    train_data: str = field(metadata={"help": "Training data: a .txt/.tsv/.csv/.json(l) file or a Hub dataset id."})
+    eval_data: str = field(metadata={"help": "Evaluation data, in the same forms."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --train_data."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    column_names: list[str] | None = field(
+        default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
+    )
+    text_columns: list[str] = field(
+        default_factory=lambda: ["text"], metadata={"help": "Text column(s) (a pair for sentence-embedding)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column (classification, sentence-embedding)."})
+    label_scale: float = field(
+        default=5.0, metadata={"help": "sentence-embedding: labels are divided by this (STS-B: 5)."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens per example; for causal-lm the block length."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation examples."})
+    exact: bool = field(default=False, metadata={"help": "Fine-tune with exact softmax attention (the baseline)."})
+    evaluate_exact: bool = field(
+        default=True, metadata={"help": "Measure an exact-attention model on the eval data first (the reference)."}
+    )
+    evaluate_only: bool = field(
+        default=False, metadata={"help": "Only measure the metric (exact and FAVOR+); no training, nothing saved."}
+    )
+    reference_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint whose exact-attention metric is the reference (default: --model with exact "
+            "attention; give the original source when --model is the output of attention transfer)."
+        },
+    )
+
+
+def parse(argv):
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments), description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_performer_arguments(parser, redraw_interval=0)
+    recipe, training, favor = parser.parse_args_into_dataclasses(argv)
+    if recipe.task not in TASKS:
+        parser.error(f"--task must be one of {sorted(TASKS)}, got {recipe.task!r}")
+    return recipe, training, performer_config_from_args(favor)
+
+
+def prepare(recipe: FinetuneArguments, tokenizer, source: str, split: str, limit: int | None):
+    """The tokenized examples of one data source for the task."""
+    rows = load_split(source, split=split, column_names=recipe.column_names, dataset_config=recipe.dataset_config)
+    if recipe.task == "causal-lm":
+        blocks = token_blocks(text_examples(rows, recipe.text_columns), tokenizer, recipe.max_length)
+        blocks = blocks.select(range(min(limit, len(blocks)))) if limit else blocks
+        return blocks.map(lambda block: {"labels": block["input_ids"]})
+    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    if recipe.task == "sentence-embedding":
+        first, second = recipe.text_columns
+
+        def encode(batch):
+            a = tokenizer([str(t) for t in batch[first]], truncation=True, max_length=recipe.max_length)
+            b = tokenizer([str(t) for t in batch[second]], truncation=True, max_length=recipe.max_length)
+            labels = [float(score) / recipe.label_scale for score in batch[recipe.label_column]]
+            return {**{f"a_{k}": v for k, v in a.items()}, **{f"b_{k}": v for k, v in b.items()}, "labels": labels}
+
+    else:
+
+        def encode(batch):
+            texts = [[str(text) for text in batch[column]] for column in recipe.text_columns]
+            encoded = tokenizer(*texts, truncation=True, max_length=recipe.max_length)
+            return {**encoded, "labels": [int(label) for label in batch[recipe.label_column]]}
+
+    return rows.map(encode, batched=True, remove_columns=rows.column_names)
+
+
+def metric_function(task: str):
+    """``compute_metrics`` for the task, backed by the local evaluate module (values ×100 except perplexity)."""
+    _, module, key, _ = TASKS[task]
+    metric = evaluate.load(str(METRICS / module))
+
+    def compute(prediction):
+        predictions, labels = prediction.predictions, prediction.label_ids
+        if task == "causal-lm":
+            return metric.compute(predictions=predictions[labels[:, 1:] != -100].tolist())
+        if task == "classification":
+            predictions = predictions.argmax(-1)
+        return {key: 100 * metric.compute(predictions=predictions.tolist(), references=labels.tolist())[key]}
+
+    return compute
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood ``[batch, seq-1]`` of the next token: causal-lm evaluation keeps
+    these instead of ``[batch, seq, vocab]`` logits."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+
+
+def build_trainer(recipe, training, model, tokenizer, train, held_out, callbacks=()):
+    common = {
+        "model": model,
+        "args": training,
+        "train_dataset": train,
+        "eval_dataset": held_out,
+        "processing_class": tokenizer,
+        "compute_metrics": metric_function(recipe.task),
+        "callbacks": list(callbacks),
+    }
+    if recipe.task == "sentence-embedding":
+        training.label_names = ["labels"]
+        return SentenceEmbeddingTrainer(data_collator=SentencePairCollator(tokenizer), **common)
+    if recipe.task == "causal-lm":
+        return Trainer(data_collator=default_data_collator, preprocess_logits_for_metrics=token_nll, **common)
+    return Trainer(data_collator=DataCollatorWithPadding(tokenizer), **common)
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe, training, settings = parse(argv)
+    if training.resume_from_checkpoint:
+        training.resume_from_checkpoint = resume_checkpoint(training.output_dir, training.resume_from_checkpoint)
+    training.remove_unused_columns = False
+    auto_class, _, key, hub_task = TASKS[recipe.task]
+    training.metric_for_best_model = key
+    extra = {}
+    if recipe.task == "classification":
+        extra["num_labels"] = len(
+            set(
+                load_split(
+                    recipe.train_data,
+                    split=recipe.split,
+                    column_names=recipe.column_names,
+                    dataset_config=recipe.dataset_config,
+                )[recipe.label_column]
+            )
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    if recipe.exact:
+        model = load_teacher(recipe.model, auto_class, **extra).train()
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    else:
+        model = load_student(recipe.model, settings, auto_class, **extra)
+        prepare_padding(tokenizer, model)
+    with training.main_process_first(desc="tokenizing"):
+        train = prepare(recipe, tokenizer, recipe.train_data, recipe.split, recipe.max_train_samples)
+        held_out = prepare(recipe, tokenizer, recipe.eval_data, recipe.eval_split, recipe.max_eval_samples)
+
+    reference = None
+    metric_key = f"eval_{key}"
+    if recipe.evaluate_exact and not recipe.exact:
+        exact = load_teacher(recipe.reference_model or recipe.model, auto_class, **extra)
+        if not recipe.reference_model:
+            exact.load_state_dict(model.state_dict(), strict=False)  # the same freshly initialised head, if any
+        reference = build_trainer(recipe, training, exact, tokenizer, train, held_out).evaluate()[metric_key]
+        del exact
+    curve = RecoveryCurve(
+        training.output_dir, key, reference, title=f"{recipe.task}: {key} ({Path(recipe.model).name})"
+    )
+    trainer = build_trainer(recipe, training, model, tokenizer, train, held_out, [curve])
+    before = trainer.evaluate()[metric_key]
+    if recipe.evaluate_only:
+        if trainer.is_world_process_zero():
+            print(f"{key}: {before:.2f} ({'exact' if recipe.exact else 'FAVOR+'} attention)" + shown(reference))
+        return
+    trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    after = trainer.evaluate()[metric_key]
+    if not recipe.exact:
+        check_features_agree(trainer)
+    if not trainer.is_world_process_zero():
+        return
+    curve.write()
+    result = {
+        "task_type": hub_task,
+        "dataset_type": recipe.eval_data,
+        "dataset_name": Path(recipe.eval_data).name,
+        "dataset_split": recipe.eval_split if not Path(recipe.eval_data).is_file() else None,
+        "metric_type": key,
+        "metric_value": after,
+    }
+    result = {k: v for k, v in result.items() if v is not None}
+    if reference is not None:
+        result["source_metric_value"] = reference
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if recipe.exact:
+        trainer.save_model(training.output_dir)
+        (Path(training.output_dir) / "eval_results.json").write_text(json.dumps([result], indent=2) + "\n")
+    else:
+        save_recovered(model, tokenizer, training.output_dir, source=recipe.model, eval_results=[result])
+    print(f"{key}: {before:.2f} before fine-tuning, {after:.2f} after{shown(reference)}; saved {training.output_dir}")
+
+
+def shown(reference: float | None) -> str:
+    return "" if reference is None else f"; exact attention: {reference:.2f}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

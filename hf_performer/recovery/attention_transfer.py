@@ -1,0 +1,200 @@
+"""Attention transfer: train a FAVOR+ student so every attention layer's output matches softmax.
+
+Stage one of recovery (Hedgehog, Zhang et al. 2024; LoLCATs, Zhang et al. 2024): before any task
+fine-tuning, the converted model learns, on unlabelled text, to make its random-feature attention
+reproduce the exact attention of the checkpoint it came from.  The teacher is that same checkpoint
+run with ``attn_implementation="sdpa"``, frozen.
+
+The per-layer outputs are read with forward hooks on the attention modules of the family (the
+classes FAVOR+ replaces, ``student.attention_classes``), so the loss works for every head class
+of every supported family without touching their code:
+
+- BERT: ``BertSelfAttention`` output, the context ``[batch, seq, hidden]`` before the output dense;
+- GPT-2 / Llama: the attention block output ``[batch, seq, hidden]`` after ``c_proj`` / ``o_proj``.
+
+With ``teacher_forcing`` each student attention layer receives the teacher's input to that layer
+(a forward pre-hook swaps it in), so the loss measures the attention approximation alone and errors
+of earlier layers do not compound; without it both models run freely and the loss also trains the
+student to correct what earlier layers got wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+TRAINABLE = ("all", "attention", "features")
+"""What attention transfer may train: every weight, the attention modules' projections (q, k, v and
+GPT-2/Llama's output projection), or only the random features ω made learnable."""
+
+
+def attention_modules(model: nn.Module, attention_classes: tuple[type, ...]) -> list[nn.Module]:
+    """The attention modules of ``model`` (instances of ``attention_classes``), in module order.
+
+    Teacher and student list them in the same order, so position ``i`` pairs the same layer even
+    when one of them is wrapped (``DistributedDataParallel`` prefixes the names).
+    """
+    return [module for module in model.modules() if isinstance(module, attention_classes)]
+
+
+@contextmanager
+def recorded_attention(
+    model: nn.Module, attention_classes: tuple[type, ...], forced_inputs: dict[int, torch.Tensor] | None = None
+) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+    """Record, while active, each attention module's input hidden states and output, by position.
+
+    Yields ``(inputs, outputs)`` dicts (position in :func:`attention_modules` → ``[batch, seq,
+    hidden]``) filled by the next forward pass.  ``forced_inputs`` (same positions) replaces each
+    module's input hidden states: the teacher forcing of :func:`attention_transfer_loss`.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def before(index):
+        def hook(module, args, kwargs):
+            if "hidden_states" in kwargs:  # Llama passes it by name, BERT and GPT-2 by position
+                if forced_inputs is not None:
+                    kwargs = {**kwargs, "hidden_states": forced_inputs[index]}
+                inputs[index] = kwargs["hidden_states"]
+            else:
+                if forced_inputs is not None:
+                    args = (forced_inputs[index], *args[1:])
+                inputs[index] = args[0]
+            return args, kwargs
+
+        return hook
+
+    def after(index):
+        def hook(module, args, output):
+            outputs[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    for index, module in enumerate(attention_modules(model, attention_classes)):
+        handles.append(module.register_forward_pre_hook(before(index), with_kwargs=True))
+        handles.append(module.register_forward_hook(after(index)))
+    try:
+        yield inputs, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def token_mean(per_token: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``per_token [batch, seq]`` values over real tokens (padding carries no signal)."""
+    if attention_mask is None:
+        return per_token.mean()
+    mask = attention_mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def attention_transfer_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    attention_classes: tuple[type, ...],
+    teacher_forcing: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Mean over layers of the MSE between student and teacher attention outputs on ``inputs``.
+
+    ``inputs`` are model inputs (``input_ids``, ``attention_mask``; labels are dropped: no task
+    loss here).  ``student`` may be wrapped (DDP); ``attention_classes`` are the classes FAVOR+
+    replaces.  Returns the loss and the per-layer MSEs (detached), layer by layer.
+    """
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad(), recorded_attention(teacher, attention_classes) as (teacher_in, teacher_out):
+        teacher(**model_inputs)
+    forced = teacher_in if teacher_forcing else None
+    with recorded_attention(student, attention_classes, forced) as (_, student_out):
+        student(**model_inputs)
+    mask = model_inputs.get("attention_mask")
+    per_layer = [
+        token_mean(((student_out[i].float() - teacher_out[i].float()) ** 2).mean(-1), mask) for i in sorted(teacher_out)
+    ]
+    return torch.stack(per_layer).mean(), [value.detach() for value in per_layer]
+
+
+def make_features_learnable(model: nn.Module) -> list[nn.Parameter]:
+    """Turn every layer's random features ω (``FavorProjection.projection``) into a trainable parameter.
+
+    This is generalised attention with a learned feature map (the paper's §2.3 allows any ω; with
+    ω trained the softmax estimate is no longer unbiased, it is fitted instead).  The tensor keeps
+    its name, so checkpoints save and load as before.  Redrawing would throw the learned ω away, so
+    it is refused unless the model's ``redraw_interval`` is 0.
+    """
+    if model.favor_settings.redraw_interval:
+        raise ValueError(
+            "learnable random features need redraw_interval=0: a redraw would replace the learned ω "
+            f"(this model redraws every {model.favor_settings.redraw_interval} steps)"
+        )
+    parameters = []
+    for projection in model.favor_projections():
+        if isinstance(projection.projection, nn.Parameter):
+            parameters.append(projection.projection)
+            continue
+        value = projection._buffers.pop("projection")
+        projection.projection = nn.Parameter(value.detach().clone())
+        parameters.append(projection.projection)
+    return parameters
+
+
+def select_trainable(model: nn.Module, what: str) -> int:
+    """Freeze everything except ``what`` (one of :data:`TRAINABLE`); returns the trainable element count."""
+    if what not in TRAINABLE:
+        raise ValueError(f"what trains must be one of {TRAINABLE}, got {what!r}")
+    if what == "features":
+        make_features_learnable(model)
+    for parameter in model.parameters():
+        parameter.requires_grad = what == "all"
+    if what == "attention":
+        for module in attention_modules(model, model.attention_classes):
+            for name, parameter in module.named_parameters():
+                parameter.requires_grad = not name.startswith("favor.")
+    if what == "features":
+        for projection in model.favor_projections():
+            projection.projection.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class AttentionTransferTrainer(Trainer):
+    """``Trainer`` whose loss is :func:`attention_transfer_loss` against a frozen exact-attention ``teacher``.
+
+    The teacher follows the student to its device and stays in eval mode; under Accelerate every
+    process holds its own copy (it is never wrapped or synchronised: it does not train).  Per-layer
+    MSEs are logged as ``mse/layer_<i>`` next to the loss.
+    """
+
+    def __init__(self, *args, teacher: nn.Module, teacher_forcing: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        self.teacher_forcing = teacher_forcing
+        self._attention_classes = self.accelerator.unwrap_model(self.model).attention_classes
+        self._layer_mse: dict[int, list[float]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, per_layer = attention_transfer_loss(
+            model, self.teacher, inputs, self._attention_classes, self.teacher_forcing
+        )
+        for layer, value in enumerate(per_layer):
+            self._layer_mse.setdefault(layer, []).append(float(value))
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation loss = the same attention-transfer loss on held-out text (no logits to return)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, _ = attention_transfer_loss(
+                model, self.teacher, inputs, self._attention_classes, self.teacher_forcing
+            )
+        return loss, None, None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._layer_mse and "loss" in logs:
+            logs.update({f"mse/layer_{i}": sum(v) / len(v) for i, v in self._layer_mse.items()})
+            self._layer_mse = {}
+        super().log(logs, *args, **kwargs)

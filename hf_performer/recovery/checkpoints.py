@@ -1,0 +1,94 @@
+"""Loading the teacher/student pair of a checkpoint and saving a recovered model as a shareable checkpoint.
+
+A recipe's ``--model`` may be a stock checkpoint (converted to FAVOR+ on load) or an already
+converted one (the output of ``hf-performer convert`` or of an earlier recipe, which keeps its
+features); its head is read from ``config.json``, so a sequence classifier stays one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_performer.config import PerformerConfig
+from hf_performer.export.model_card import model_card
+from hf_performer.export.remote_code import auto_map, write_remote_code
+from hf_performer.models.registry import family_for
+
+
+def auto_class_for(checkpoint: str):
+    """The transformers Auto class that loads ``checkpoint``'s head (stock or Performer), e.g. ``AutoModelForCausalLM``."""
+    config = AutoConfig.from_pretrained(checkpoint)
+    family = family_for(config.model_type)
+    architecture = (config.architectures or [None])[0]
+    for auto, performer in family.auto_models.items():
+        if architecture in (performer.__name__, performer.__bases__[-1].__name__):
+            return auto
+    heads = sorted(p.__bases__[-1].__name__ for p in family.auto_models.values())
+    raise ValueError(f"{checkpoint}: head {architecture} has no FAVOR+ version; supported: {heads}")
+
+
+def is_performer_checkpoint(checkpoint: str) -> bool:
+    return "performer_config" in AutoConfig.from_pretrained(checkpoint).to_dict()
+
+
+def load_student(checkpoint: str, settings: PerformerConfig, auto_class=None, **kwargs) -> PreTrainedModel:
+    """``checkpoint`` with FAVOR+ attention: converted with ``settings``, or as saved if already converted."""
+    auto_class = auto_class or auto_class_for(checkpoint)
+    if is_performer_checkpoint(checkpoint):
+        return auto_class.from_pretrained(checkpoint, **kwargs)
+    return auto_class.from_pretrained(checkpoint, attention="favor+", performer_config=settings, **kwargs)
+
+
+def load_teacher(checkpoint: str, auto_class=None, **kwargs) -> PreTrainedModel:
+    """The same weights with exact softmax attention (``sdpa``), in eval mode."""
+    auto_class = auto_class or auto_class_for(checkpoint)
+    return auto_class.from_pretrained(checkpoint, attn_implementation="sdpa", **kwargs).eval()
+
+
+def prepare_padding(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Pad where FAVOR+ expects it: left in causal models, right in bidirectional ones; a tokenizer
+    without a pad token (GPT-2, Llama) pads with its end-of-sequence token."""
+    causal = any(getattr(m, "is_causal", False) for m in model.modules() if isinstance(m, model.attention_classes))
+    tokenizer.padding_side = "left" if causal else "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def save_recovered(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out: str | Path,
+    *,
+    source: str,
+    eval_results: list[dict] | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Write ``model`` like ``hf-performer convert`` does: weights, remote code, tokenizer, model card.
+
+    ``eval_results`` (the format of :mod:`hf_performer.export.model_card`) go into the card and into
+    ``eval_results.json`` next to it.
+    """
+    out = Path(out)
+    family = family_for(model.config.model_type)
+    auto_class = next(auto for auto, cls in family.auto_models.items() if isinstance(model, cls))
+    model.config.auto_map = auto_map(family)
+    model.save_pretrained(out)
+    write_remote_code(family, out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if eval_results:
+        (out / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n", encoding="utf-8")
+    model_card(
+        out.name,
+        stock_model_type=family.stock_model_type,
+        auto_class=auto_class.__name__,
+        settings=model.favor_settings,
+        base_model=base_model,
+        source_name=Path(source).name,
+        has_tokenizer=tokenizer is not None,
+        eval_results=eval_results,
+    ).save(out / "README.md")
+    return out

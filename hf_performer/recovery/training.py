@@ -46,3 +46,12 @@ def check_features_agree(trainer: Trainer) -> str:
     if bool((codes != codes[0]).any()):
         raise RuntimeError(f"processes hold different FAVOR+ features: {[hex(int(c)) for c in codes]}")
     return fingerprint
+
+
+def final_metric(trainer: Trainer, key: str) -> float:
+    """``key`` (e.g. ``eval_loss``) of the trained model: from the evaluation logged at the last step if
+    there was one (a full evaluation can cost as much as many training steps), else a new evaluation."""
+    for entry in reversed(trainer.state.log_history):
+        if key in entry and entry.get("step") == trainer.state.global_step:
+            return float(entry[key])
+    return float(trainer.evaluate()[key])

@@ -81,6 +81,20 @@ def test_beam_search_reorders_the_state_and_matches_recomputation(model_type):
     torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_hand_written_decoding_loop_with_a_favor_cache_matches_one_forward(model_type):
+    model = tiny_performer(model_type)
+    ids = torch.randint(3, VOCAB, (2, 17))
+    with torch.no_grad():
+        out = model(ids[:, :9], past_key_values=FavorCache(), use_cache=True)
+        step_logits = [out.logits[:, -1]]
+        for position in range(9, 17):  # positions come from the cache's token count
+            out = model(ids[:, position : position + 1], past_key_values=out.past_key_values, use_cache=True)
+            step_logits.append(out.logits[:, -1])
+        full = model(ids).logits[:, 8:]
+    torch.testing.assert_close(torch.stack(step_logits, 1), full, rtol=0, atol=1e-5)
+
+
 def test_cache_memory_does_not_grow_with_generated_tokens():
     model = tiny_performer("gpt2")
     after_10 = generate(model, steps=10).past_key_values

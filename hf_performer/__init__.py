@@ -10,6 +10,7 @@ model types and ``from_pretrained(..., attention="favor+")``::
 
 from hf_performer.config import PerformerConfig, __version__
 from hf_performer.favor.features import register_kernel
+from hf_performer.integration.cache import FavorCache
 from hf_performer.integration.loading import performer_config_from, to_performer
 from hf_performer.integration.registration import register
 from hf_performer.models.bert import PerformerBertConfig
@@ -21,6 +22,7 @@ register()
 from hf_performer.export import convert  # noqa: E402  (uses the registered classes)
 
 __all__ = [
+    "FavorCache",
     "PerformerBertConfig",
     "PerformerConfig",
     "PerformerGPT2Config",

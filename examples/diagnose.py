@@ -2,12 +2,14 @@
 
 For each ``--models`` checkpoint (a stock one is converted with the ``--favor-*`` settings; a FAVOR+
 one, e.g. a recovered model, keeps its own features) the same weights are also run with exact
-attention, and on the given texts every attention layer's output error is measured isolated
+attention (or ``--exact-model``, e.g. the source of a recovered model), and on the given texts every
+attention layer's output error is measured isolated
 (both layers fed the exact input: the approximation alone) and end to end (errors compound).
 Run it before and after recovery to see what attention transfer fixed::
 
-    python examples/diagnose.py --models SRC out/transfer --texts examples/data/stsb_dev_300.tsv \\
-        --column-names genre file year id score sentence1 sentence2 --text-column sentence1 --output out/diagnose
+    python examples/diagnose.py --models SRC out/transfer --exact-model SRC --labels converted transferred \\
+        --texts examples/data/stsb_dev_300.tsv --column-names genre file year id score sentence1 sentence2 \\
+        --text-column sentence1 --output out/diagnose
 
 Writes ``OUTPUT.md`` (the table, also printed) and ``OUTPUT.png`` (error against layer per model).
 """
@@ -32,6 +34,13 @@ from hf_performer.recovery.diagnose import error_table, layer_errors, plot_error
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help="Checkpoints to diagnose (stock or FAVOR+).")
+    parser.add_argument(
+        "--exact-model",
+        default=None,
+        help="Checkpoint run with exact attention as the reference for every model (default: each model's own "
+        "weights; give the source checkpoint to measure recovered models against the original).",
+    )
+    parser.add_argument("--labels", nargs="+", default=None, help="Names of the models in the table and plot.")
     parser.add_argument("--texts", required=True, help="A .txt/.tsv/.csv/.json(l) file or a Hub dataset id.")
     parser.add_argument("--split", default="validation", help="Split of a Hub dataset (default: validation).")
     parser.add_argument("--column-names", nargs="+", default=None, help="Column names of a headerless TSV/CSV.")
@@ -52,10 +61,13 @@ def main(argv=None) -> None:
     rows = load_split(args.texts, split=args.split, column_names=args.column_names)
     texts = text_examples(rows, [args.text_column])["text"][: args.rows]
     errors_by_model = {}
-    for checkpoint in args.models:
+    labels = args.labels or [Path(checkpoint).name for checkpoint in args.models]
+    if len(labels) != len(args.models):
+        raise SystemExit(f"--labels names {len(labels)} models but --models gives {len(args.models)}")
+    for checkpoint, label in zip(args.models, labels):
         auto_class = auto_class_for(checkpoint)
         favor = load_student(checkpoint, settings, auto_class).eval()
-        exact = load_teacher(checkpoint, auto_class)
+        exact = load_teacher(args.exact_model or checkpoint, auto_class)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         prepare_padding(tokenizer, favor)
         batches = (
@@ -68,8 +80,7 @@ def main(argv=None) -> None:
             )
             for i in range(0, len(texts), args.batch_size)
         )
-        name = f"{Path(checkpoint).name} m={favor.favor_settings.nb_features}"
-        errors_by_model[name] = layer_errors(favor, exact, batches)
+        errors_by_model[f"{label} m={favor.favor_settings.nb_features}"] = layer_errors(favor, exact, batches)
     table = error_table(errors_by_model)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

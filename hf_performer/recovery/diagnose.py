@@ -76,7 +76,7 @@ def plot_errors(errors_by_model: dict[str, dict[str, list[float]]], path: str | 
     axes.set_xlabel("attention layer")
     axes.set_ylabel("relative error ‖favor − exact‖ / ‖exact‖")
     axes.set_title(title or "FAVOR+ attention output error per layer")
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

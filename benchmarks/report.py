@@ -53,7 +53,7 @@ def ratio(rows, mode, pass_, provider, length=L_GOAL) -> tuple[float | None, str
     if not found:
         return None, "not measured"
     value = float(found["time_over_hf_performer"])
-    return value, f"{value:.2f}×" + ("" if found["measured"] == "yes" else " (performer-pytorch time extrapolated)")
+    return value, f"{value:.2f}×" + ("" if found["measured"] == "yes" else " (lower bound: performer-pytorch time extrapolated linearly)")
 
 
 def goals(speed, speed_info, memory_info, model_rows) -> str:
@@ -168,10 +168,20 @@ def main() -> None:
               "right before each length).", ""]
         if fits:
             s += ["performer-pytorch causal was stopped early (time; its CPU causal path builds `[L, m, d]` tensors); later lengths "
-                  "are extrapolated with a power law fitted to its measured lengths ≥ 1024: "
-                  + "; ".join(f"{k}: exponent {v['exponent']} on L = {v['fitted_on']}" for k, v in fits.items()) + ".", ""]
+                  "are extrapolated **linearly** from its longest measured length, a lower bound on its time since its causal path "
+                  "does O(L) work (for comparison, the exponent fitted on its measured lengths ≥ 1024): "
+                  + "; ".join(f"{k}: from L = {v['from_length']}, fitted exponent {v['fitted_exponent']}" for k, v in fits.items())
+                  + ". Ratios against these are lower bounds.", ""]
         s += [speed_tables(speed), "", "Crossover length vs SDPA (FAVOR+ faster from this length on, log-interpolated): "
               + "; ".join(f"{k}: **{v}**" for k, v in speed_info.get("crossover_length_vs_sdpa", {}).items()), ""]
+    speed1, speed1_info = read("op_speed_1thread")
+    if speed1:
+        s += ["### The same sweep with one thread", "",
+              "On this shared machine an op parallelised over both cores waits for both threads to be scheduled; ops "
+              "that launch many mid-sized parallel regions (the causal scan) suffer most (see the profile). "
+              f"{conditions(speed1_info)}.", "", goals(speed1, speed1_info, {}, []), "",
+              "![op speed, 1 thread](results/op_speed_1thread.png)", "",
+              "<details><summary>tables (1 thread)</summary>", "", speed_tables(speed1), "", "</details>", ""]
     if memory:
         s += ["## Memory", "", "![op memory](results/op_memory.png)", "",
               "Rise of the process's peak RSS (`ru_maxrss`) during one call, beyond the inputs, in a fresh process per point "
@@ -181,8 +191,8 @@ def main() -> None:
         s += ["## Whole model: all-MiniLM-L6-v2 with a tiled position table", "", "![model](results/model_speed.png)", "",
               table(["L", "attention", "forward s", "peak MiB beyond model+inputs", "SDPA / FAVOR+ time", "SDPA / FAVOR+ memory"],
                     [[r["length"], r["attention"], f"{float(r['seconds']):.3f}", f"{float(r['peak_mib']):.0f}",
-                      f"{float(r['sdpa_over_favor_seconds']):.2f}" if r.get("sdpa_over_favor_seconds") else "—",
-                      f"{float(r['sdpa_over_favor_memory']):.2f}" if r.get("sdpa_over_favor_memory") else "—"] for r in model]), ""]
+                      f"{float(r['sdpa_over_favor_seconds']):.2f}" if r.get("sdpa_over_favor_seconds") and r["attention"] == "favor+" else "",
+                      f"{float(r['sdpa_over_favor_memory']):.2f}" if r.get("sdpa_over_favor_memory") and r["attention"] == "favor+" else ""] for r in model]), ""]
     if prof:
         limits = prof_info.get("machine_limits", {})
         s += ["## Profile of the FAVOR+ op", "",
@@ -213,7 +223,7 @@ def main() -> None:
               table(["setting", "features", *[f"m = {m}" for m in ms]], body), ""]
     if scale:
         s += ["MiniLM-L6 logit scale on the 600 STS-B dev sentences (one at a time; logits = qᵀk/√d; `results/logit_scale.csv`):", "",
-              table(["layer", "logit std", "std within a row", "range within a row", "max |logit|", "‖q‖²/√d", "‖k‖²/√d"],
+              table(["layer", "logit std", "std within a row", "range within a row", "max abs logit", "‖q‖²/√d", "‖k‖²/√d"],
                     [[r["layer"], r["logit_std"], r["logit_std_within_row"], r["logit_range_within_row"], r["logit_abs_max"],
                       r["q_sq_norm_scaled"], r["k_sq_norm_scaled"]] for r in scale]), ""]
     PAGE.write_text("\n".join(s) + "\n" + NOTES_MARKER + notes)

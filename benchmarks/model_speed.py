@@ -53,6 +53,7 @@ def child(attention: str, length: int, nb_features: int, repeats: int, slow_seco
 
 
 def plot(rows, path) -> None:
+    ticks = sorted({r["length"] for r in rows})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,6 +66,8 @@ def plot(rows, path) -> None:
         axes[0].loglog([r["length"] for r in cells], [r["seconds"] for r in cells], "o-", color=color, label=label)
         axes[1].loglog([r["length"] for r in cells], [r["peak_mib"] for r in cells], "o-", color=color, label=label)
     for ax, ylabel in zip(axes, ("forward seconds", "peak memory beyond model and inputs (MiB)")):
+        ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
+        ax.minorticks_off()
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

@@ -72,6 +72,7 @@ def exponent(lengths, values) -> float:
 
 
 def plot(rows, path) -> None:
+    ticks = sorted({r["length"] for r in rows})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +90,8 @@ def plot(rows, path) -> None:
             last = ours[-1]
             xs = np.array([ours[0]["length"], last["length"]])
             ax.loglog(xs, last["peak_mib"] * xs / last["length"], "k:", label="∝ L (reference)")
+        ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
+        ax.minorticks_off()
         ax.set_title(f"{mode}, {pass_}")
         ax.set_xlabel("sequence length L")
         ax.set_ylabel("peak memory beyond inputs (MiB)")

@@ -58,6 +58,7 @@ def crossover_length(lengths, sdpa_over_favor) -> str:
 
 
 def plot(rows, path_times, path_rate) -> None:
+    ticks = sorted({r["length"] for r in rows})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,6 +73,8 @@ def plot(rows, path_times, path_rate) -> None:
                 if cells:
                     label = provider + ("" if measured == "yes" else " (extrapolated)")
                     ax.loglog([r["length"] for r in cells], [r["seconds"] for r in cells], style, color=color, label=label)
+        ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
+        ax.minorticks_off()
         ax.set_title(f"{mode}, {pass_}")
         ax.set_xlabel("sequence length L")
         ax.set_ylabel("seconds")

@@ -19,6 +19,7 @@ MSE), ``eval_results.json`` (the card's format) and ``recovery_curve.{json,png}`
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -71,8 +72,9 @@ class TransferArguments:
     train_what: str = field(
         default="attention",
         metadata={
+            "choices": TRAINABLE,
             "help": f"What trains, one of {TRAINABLE}: every weight; the attention modules' projections; or "
-            "only the random features ω, made learnable (generalised attention: fitted, no longer unbiased)."
+            "only the random features ω, made learnable (generalised attention: fitted, no longer unbiased).",
         },
     )
     teacher_forcing: bool = field(
@@ -86,7 +88,7 @@ class TransferArguments:
 
 def parse(argv: list[str] | None = None):
     parser = HfArgumentParser((TransferArguments, TrainingArguments), description=__doc__)
-    parser.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_performer_arguments(parser, redraw_interval=0)
     recipe, training, favor = parser.parse_args_into_dataclasses(argv)
     return recipe, training, performer_config_from_args(favor)

@@ -11,12 +11,12 @@ lengths, extrapolation fit), ``op_speed.png`` and ``op_flop_rate.png``.
     python benchmarks/op_speed.py --lengths 512 1024  # a quick check
     python benchmarks/op_speed.py --threads 1 --name op_speed_1thread   # one thread: see RESULTS.md
 
-performer-pytorch's CPU causal path builds an ``[L, m, d]`` tensor per chunk and keeps them all for
-backward, so it only runs up to ``--performer-pytorch-causal-max`` tokens (forward) and
-``--performer-pytorch-causal-backward-max`` (forward+backward); beyond that its time is extrapolated
-linearly from its longest measured length (marked ``measured=no`` in the CSV).  Its causal path does
-O(L) work, so linear extrapolation is a lower bound on its time and the ratios built on it are lower
-bounds (the exponent fitted on its measured lengths ≥ 1024 is recorded in the run file to compare).
+performer-pytorch's CPU causal path splits every input into 128 chunks and builds an ``[L/128, m, d]``
+tensor per chunk (all kept for backward: GBs at 2048 tokens), so its causal forward+backward only runs
+up to ``--performer-pytorch-causal-backward-max`` tokens (forward: ``--performer-pytorch-causal-max``).
+Beyond that its time is estimated with ``fixed + per_token · L`` fitted on its measured lengths ≥ 1024
+(a fixed cost for the 128 chunks plus O(L) work, as its code does; fit in the run file) and marked
+``measured=no`` in the CSV.
 """
 
 from __future__ import annotations
@@ -36,12 +36,6 @@ def performer_pytorch_cap(args, mode: str, pass_: str) -> int:
     if mode == "bidirectional":
         return max(args.lengths)
     return args.performer_pytorch_causal_max if pass_ == "forward" else args.performer_pytorch_causal_backward_max
-
-
-def power_law(lengths, seconds) -> tuple[float, float]:
-    """``(a, b)`` of ``seconds ≈ a · L^b`` fitted in log-log space."""
-    b, log_a = np.polyfit(np.log(lengths), np.log(seconds), 1)
-    return math.exp(log_a), b
 
 
 def crossover_length(lengths, sdpa_over_favor) -> str:
@@ -110,8 +104,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (default: 3)")
     parser.add_argument("--slow-seconds", type=float, default=5.0, help="a warm-up slower than this is the measurement")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--performer-pytorch-causal-max", type=int, default=4096)
-    parser.add_argument("--performer-pytorch-causal-backward-max", type=int, default=2048)
+    parser.add_argument("--performer-pytorch-causal-max", type=int, default=16384)
+    parser.add_argument("--performer-pytorch-causal-backward-max", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--name", default="op_speed", help="results/<name>.csv, .png (default: op_speed)")
     args = parser.parse_args()
@@ -150,16 +144,14 @@ def main() -> None:
             for pass_ in PASSES:
                 measured = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, "performer-pytorch")]
                 missing = [length for length in args.lengths if length > performer_pytorch_cap(args, mode, pass_)]
-                if not missing or not measured:
-                    continue
-                last = measured[-1]
                 fit_points = [r for r in measured if r["length"] >= 1024]
-                fits[f"{mode} {pass_}"] = dict(
-                    from_length=last["length"],
-                    fitted_exponent=round(power_law([r["length"] for r in fit_points], [r["seconds"] for r in fit_points])[1], 2)
-                    if len(fit_points) >= 2 else None)
-                rows += [dict(mode=mode, length=length, provider="performer-pytorch", seconds=last["seconds"] * length / last["length"],
-                              measured="no", **{"pass": pass_}) for length in missing]
+                if not missing or len(fit_points) < 2:
+                    continue
+                slope, intercept = np.polyfit([r["length"] for r in fit_points], [r["seconds"] for r in fit_points], 1)
+                last = fit_points[-1]["seconds"]
+                fits[f"{mode} {pass_}"] = dict(seconds_per_token=slope, fixed_seconds=intercept, fitted_on=[r["length"] for r in fit_points])
+                rows += [dict(mode=mode, length=length, provider="performer-pytorch", measured="no", **{"pass": pass_},
+                              seconds=intercept + slope * length if slope > 0 else last) for length in missing]
 
     crossovers = {}
     for row in rows:

@@ -53,7 +53,7 @@ def ratio(rows, mode, pass_, provider, length=L_GOAL) -> tuple[float | None, str
     if not found:
         return None, "not measured"
     value = float(found["time_over_hf_performer"])
-    return value, f"{value:.2f}×" + ("" if found["measured"] == "yes" else " (lower bound: performer-pytorch time extrapolated linearly)")
+    return value, f"{value:.2f}×" + ("" if found["measured"] == "yes" else " (performer-pytorch time estimated, see Speed)")
 
 
 def goals(speed, speed_info, memory_info, model_rows) -> str:
@@ -167,11 +167,11 @@ def main() -> None:
               "over hf-performer's. FLOP counts: `benchmarks/flop_counts.py` (matmul peak = best 2048³ `torch.mm`, measured "
               "right before each length).", ""]
         if fits:
-            s += ["performer-pytorch causal was stopped early (time; its CPU causal path builds `[L, m, d]` tensors); later lengths "
-                  "are extrapolated **linearly** from its longest measured length, a lower bound on its time since its causal path "
-                  "does O(L) work (for comparison, the exponent fitted on its measured lengths ≥ 1024): "
-                  + "; ".join(f"{k}: from L = {v['from_length']}, fitted exponent {v['fitted_exponent']}" for k, v in fits.items())
-                  + ". Ratios against these are lower bounds.", ""]
+            s += ["performer-pytorch causal forward+backward was stopped early (its CPU causal path keeps an `[L/128, m, d]` "
+                  "tensor per chunk for backward: GBs at 2048 tokens); at longer lengths its time is *estimated* with "
+                  "`fixed + per_token · L` fitted on its measured lengths ≥ 1024 (marked extrap.): "
+                  + "; ".join(f"{k}: {v['fixed_seconds']:.2f} s + {v['seconds_per_token'] * 1e3:.3f} ms/token on L = {v['fitted_on']}"
+                              for k, v in fits.items()) + ".", ""]
         s += [speed_tables(speed), "", "Crossover length vs SDPA (FAVOR+ faster from this length on, log-interpolated): "
               + "; ".join(f"{k}: **{v}**" for k, v in speed_info.get("crossover_length_vs_sdpa", {}).items()), ""]
     speed1, speed1_info = read("op_speed_1thread")

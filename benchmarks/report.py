@@ -171,7 +171,7 @@ def main() -> None:
                   "tensor per chunk for backward: GBs at 2048 tokens); at longer lengths its time is *estimated* with "
                   "`fixed + per_token · L` fitted on its measured lengths ≥ 1024 (marked extrap.): "
                   + "; ".join(f"{k}: {v['fixed_seconds']:.2f} s + {v['seconds_per_token'] * 1e3:.3f} ms/token on L = {v['fitted_on']}"
-                              for k, v in fits.items()) + ".", ""]
+                              if "fixed_seconds" in v else f"{k}: {v}" for k, v in fits.items()) + ".", ""]
         s += [speed_tables(speed), "", "Crossover length vs SDPA (FAVOR+ faster from this length on, log-interpolated): "
               + "; ".join(f"{k}: **{v}**" for k, v in speed_info.get("crossover_length_vs_sdpa", {}).items()), ""]
     speed1, speed1_info = read("op_speed_1thread")

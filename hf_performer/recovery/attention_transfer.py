@@ -122,8 +122,8 @@ def attention_transfer_loss(
 def make_features_learnable(model: nn.Module) -> list[nn.Parameter]:
     """Turn every layer's random features ω (``FavorProjection.projection``) into a trainable parameter.
 
-    This is generalised attention with a learned feature map (the paper's §2.3 allows any ω; with
-    ω trained the softmax estimate is no longer unbiased, it is fitted instead).  The tensor keeps
+    This is generalised attention with a learned feature map (the paper's generalised attention takes any
+    feature map; with ω trained the softmax estimate is no longer unbiased, it is fitted instead).  The tensor keeps
     its name, so checkpoints save and load as before.  Redrawing would throw the learned ω away, so
     it is refused unless the model's ``redraw_interval`` is 0.
     """

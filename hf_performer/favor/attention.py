@@ -69,16 +69,16 @@ def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
 def bidirectional_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``D⁻¹ φ(Q)(φ(K)ᵀV)`` (paper eq. 5): ``[B, H, Lq, m], [B, Hk, Lk, m], [B, Hk, Lk, Dv]`` → ``[B, H, Lq, Dv]``.
 
-    Cost O((Lq + Lk)·m·Dv); the ``Lq × Lk`` matrix is never formed.  The ``H / Hk`` query heads of a
+    Cost O((Lq + Lk)·m·Dv); the ``Lq × Lk`` matrix is never formed.  Values get a column of ones so
+    the read-out matmul also yields the denominator ``φ(Q)·Σφ(k)``.  The ``H / Hk`` query heads of a
     key head share its ``φ(K)ᵀV`` (grouped-query attention without repeating keys).
     """
     b, heads, q_len, m = q_feat.shape
-    key_heads = k_feat.shape[1]
+    key_heads, dv = k_feat.shape[1], value.shape[-1]
     grouped = q_feat.reshape(b, key_heads, heads // key_heads * q_len, m)
-    kv = k_feat.transpose(-1, -2) @ value  # [B, Hk, m, Dv]
-    k_sum = k_feat.sum(-2).unsqueeze(-1)  # [B, Hk, m, 1]
-    out = _divide(grouped @ kv, (grouped @ k_sum).squeeze(-1))
-    return out.view(b, heads, q_len, value.shape[-1])
+    value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], -1)
+    combined = grouped @ (k_feat.transpose(-1, -2) @ value)  # [B, Hk, G·Lq, Dv + 1]
+    return _divide(combined[..., :dv], combined[..., dv]).view(b, heads, q_len, dv)
 
 
 class _DecayedScan(torch.autograd.Function):

@@ -228,17 +228,17 @@ def favor_attention(
     if heads != key_heads:
         group = heads // key_heads
         k_feat, log_weight, value_f = (t.repeat_interleave(group, dim=1) for t in (k_feat, log_weight, value_f))
-    if q_len == 1:  # one decoding step: every key folds into the state, then a read-out (O(m·Dv))
-        b, _, _, m = k_feat.shape
-        start = initial_state or FavorState.empty(b, heads, m, value_f.shape[-1], query.device)
-        state = fold_keys(start, k_feat, log_weight, value_f)
-        out = _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
-        return out.to(query.dtype), state
-    prefix = k_len - q_len
-    if prefix:  # keys before the first query (a key/value cache) enter as state
+    # keys before the first query (a key/value cache) enter as state; a single query (one decoding
+    # step) sees every key, so all of them fold in and a read-out follows, with no chunk machinery
+    prefix = k_len if q_len == 1 else k_len - q_len
+    if prefix:
         b, _, _, m = k_feat.shape
         start = initial_state or FavorState.empty(b, heads, m, value_f.shape[-1], query.device)
         initial_state = fold_keys(start, k_feat[:, :, :prefix], log_weight[:, :, :prefix], value_f[:, :, :prefix])
+    if q_len == 1:
+        state = initial_state
+        out = _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
+        return out.to(query.dtype), state
     out, state = causal_linear_attention(
         q_feat, k_feat[:, :, prefix:], log_weight[:, :, prefix:], value_f[:, :, prefix:], chunk_size, initial_state
     )

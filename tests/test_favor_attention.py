@@ -32,19 +32,22 @@ def reference(q, k, v, omega, *, causal, key_padding_mask=None):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
-def test_matches_quadratic_reference(causal, chunk_size):
+@pytest.mark.parametrize("block_size", [None, 10])
+def test_matches_quadratic_reference(causal, chunk_size, block_size):
+    """``block_size=10``: features computed and used 10 tokens (causal: whole chunks) at a time."""
     q, k, v = qkv(37)
     omega = projection()
-    out, _ = favor_attention(q, k, v, omega, causal=causal, chunk_size=chunk_size)
+    out, _ = favor_attention(q, k, v, omega, causal=causal, chunk_size=chunk_size, block_size=block_size)
     torch.testing.assert_close(out, reference(q, k, v, omega, causal=causal), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_quadratic_reference(causal):
+@pytest.mark.parametrize("block_size", [None, 8])
+def test_gradients_match_quadratic_reference(causal, block_size):
     omega = projection()
     inputs = [t.requires_grad_() for t in qkv(21)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    out, _ = favor_attention(*inputs, omega, causal=causal, chunk_size=8)
+    out, _ = favor_attention(*inputs, omega, causal=causal, chunk_size=8, block_size=block_size)
     expected = reference(*reference_inputs, omega, causal=causal)
     grad_out = torch.randn_like(expected)
     out.backward(grad_out)
@@ -86,7 +89,9 @@ def test_future_tokens_never_change_past_outputs_bit_exact(chunk_size):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_padded_keys_do_not_change_outputs(causal):
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_padded_keys_do_not_change_outputs(causal, block_size):
+    """``block_size=4``: a block of padding only, which must contribute nothing."""
     omega = projection()
     q, k, v = qkv(12, dtype=torch.float32)
     mask = torch.ones(B, 12, dtype=torch.bool)
@@ -96,9 +101,9 @@ def test_padded_keys_do_not_change_outputs(causal):
     else:  # right padding, as in encoders
         mask[0, 8:] = False
         real = slice(0, 8)
-    out, _ = favor_attention(q, k, v, omega, causal=causal, key_padding_mask=mask, chunk_size=5)
+    out, _ = favor_attention(q, k, v, omega, causal=causal, key_padding_mask=mask, chunk_size=5, block_size=block_size)
     alone, _ = favor_attention(
-        q[:1, :, real], k[:1, :, real], v[:1, :, real], omega, causal=causal, chunk_size=5
+        q[:1, :, real], k[:1, :, real], v[:1, :, real], omega, causal=causal, chunk_size=5, block_size=block_size
     )
     torch.testing.assert_close(out[:1, :, real], alone, rtol=1e-5, atol=1e-6)
     expected = reference(q, k, v, omega, causal=causal, key_padding_mask=mask).float()
@@ -114,12 +119,13 @@ def test_query_that_sees_only_padding_gets_zeros_not_nan():
     assert (out[0, :, :3] == 0).all()
 
 
-def test_grouped_query_heads_share_key_heads():
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_heads_share_key_heads(causal):
     q, k, v = qkv(10, heads=4, key_heads=2)
     omega = projection()
-    out, _ = favor_attention(q, k, v, omega, causal=True)
-    expanded = favor_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), omega, causal=True)[0]
-    torch.testing.assert_close(out, expanded)
+    out, _ = favor_attention(q, k, v, omega, causal=causal, block_size=4, chunk_size=2)
+    expanded = favor_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), omega, causal=causal)[0]
+    torch.testing.assert_close(out, expanded, rtol=1e-4, atol=1e-5)  # blocks change float32 rounding only
 
 
 def test_cross_attention_with_different_lengths():
@@ -136,6 +142,8 @@ def test_causal_queries_are_the_last_positions_of_the_keys():
     full, _ = favor_attention(q, k, v, omega, causal=True)
     last, _ = favor_attention(q[:, :, 9:], k, v, omega, causal=True)
     torch.testing.assert_close(last, full[:, :, 9:], rtol=1e-4, atol=1e-5)
+    blocked, _ = favor_attention(q[:, :, 9:], k, v, omega, causal=True, chunk_size=2, block_size=4)  # prefix in 3 blocks
+    torch.testing.assert_close(blocked, full[:, :, 9:], rtol=1e-4, atol=1e-5)
 
 
 def test_continuing_from_final_state_equals_one_pass():

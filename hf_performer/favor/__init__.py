@@ -2,7 +2,7 @@
 
 from hf_performer.favor.attention import (
     FavorState,
-    bidirectional_linear_attention,
+    bidirectional_favor,
     causal_linear_attention,
     favor_attention,
     fold_keys,
@@ -18,7 +18,7 @@ from hf_performer.favor.features import (
 __all__ = [
     "FavorState",
     "KERNELS",
-    "bidirectional_linear_attention",
+    "bidirectional_favor",
     "causal_linear_attention",
     "favor_attention",
     "fold_keys",

@@ -66,19 +66,87 @@ def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None]
 
 
-def bidirectional_linear_attention(q_feat: torch.Tensor, k_feat: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``D⁻¹ φ(Q)(φ(K)ᵀV)`` (paper eq. 5): ``[B, H, Lq, m], [B, Hk, Lk, m], [B, Hk, Lk, Dv]`` → ``[B, H, Lq, Dv]``.
+def _with_ones(value: torch.Tensor) -> torch.Tensor:
+    """``[..., L, Dv] → [..., L, Dv + 1]``: a column of ones, so one product with the features also
+    yields the denominator ``Σ φ(k)`` (or ``φ(q)·Σ φ(k)``) next to the numerator."""
+    return torch.cat([value, value.new_ones(*value.shape[:-1], 1)], -1)
 
-    Cost O((Lq + Lk)·m·Dv); the ``Lq × Lk`` matrix is never formed.  Values get a column of ones so
-    the read-out matmul also yields the denominator ``φ(Q)·Σφ(k)``.  The ``H / Hk`` query heads of a
-    key head share its ``φ(K)ᵀV`` (grouped-query attention without repeating keys).
-    """
+
+def _read_out(q_feat: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """``D⁻¹ φ(Q)(φ(K)ᵀV)`` from ``q_feat [B, H, Lq, m]`` and ``summary = φ(K)ᵀ[V, 1]`` of shape
+    ``[B, Hk, m, Dv + 1]`` → ``[B, H, Lq, Dv]``.  The ``H / Hk`` query heads of a key head share
+    its summary (grouped-query attention without repeating keys)."""
     b, heads, q_len, m = q_feat.shape
-    key_heads, dv = k_feat.shape[1], value.shape[-1]
-    grouped = q_feat.reshape(b, key_heads, heads // key_heads * q_len, m)
-    value = torch.cat([value, value.new_ones(*value.shape[:-1], 1)], -1)
-    combined = grouped @ (k_feat.transpose(-1, -2) @ value)  # [B, Hk, G·Lq, Dv + 1]
+    key_heads, dv = summary.shape[1], summary.shape[-1] - 1
+    combined = q_feat.reshape(b, key_heads, heads // key_heads * q_len, m) @ summary  # [B, Hk, G·Lq, Dv + 1]
     return _divide(combined[..., :dv], combined[..., dv]).view(b, heads, q_len, dv)
+
+
+def _blocks(length: int, block: int) -> list[slice]:
+    return [slice(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+def block_length(rows: int, nb_features: int, multiple: int = 1) -> int:
+    """Tokens per block so that one block's features (``rows × tokens × m`` floats, ``rows = B·H``)
+    stay near :data:`BLOCK_ELEMENTS`, rounded down to a ``multiple`` (the causal chunk) and at least one.
+
+    Why blocks: computed for all ``L`` at once, ``ωq``, its maximum, its ``exp`` and the products with
+    the features each stream an ``[L, m]`` tensor through memory; a block that stays in cache makes
+    those passes cache-speed (measured in benchmarks/RESULTS.md), and the forward keeps only one
+    block of features alive."""
+    tokens = max(1, BLOCK_ELEMENTS // (rows * nb_features))
+    return max(multiple, tokens // multiple * multiple)
+
+
+BLOCK_ELEMENTS = 1 << 19
+"""Feature elements per block (2 MiB of float32: half this machine's L2 per core, well inside L3)."""
+
+
+def bidirectional_favor(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    input_scale: float = 1.0,
+    keep: torch.Tensor | None = None,
+    kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kernel_epsilon: float = 1e-3,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Bidirectional FAVOR+ (paper eq. 5) block by block: ``[B, H, Lq, D], [B, Hk, Lk, D], [B, Hk, Lk, Dv]``
+    → ``[B, H, Lq, Dv]``; ``keep [B, 1, Lk]`` marks real keys.
+
+    Each block of keys contributes its summary ``φ̃(K_b)ᵀ[V_b, 1]`` (``[B, Hk, m, Dv + 1]``) relative
+    to its own shared maximum ``c_b``; the summaries add up exactly after rescaling to ``max_b c_b``.
+    Queries are then read out block by block.  Cost O((Lq + Lk)·m·Dv); no ``Lq × Lk`` matrix, and
+    without gradients only one block of features is alive at a time.
+    """
+    b, key_heads, k_len, _ = key.shape
+    m = projection.shape[0]
+    block = block or block_length(b * query.shape[1], m)
+    summaries, references = [], []
+    for part in _blocks(k_len, block):
+        k_feat, reference = key_features(
+            key[:, :, part],
+            projection,
+            kernel_fn,
+            kernel_epsilon,
+            None if keep is None else keep[..., part],
+            per_key_scale=False,
+            input_scale=input_scale,
+        )
+        summaries.append(k_feat.transpose(-1, -2) @ _with_ones(value[:, :, part]))
+        references.append(reference[..., None])  # [B, Hk, 1, 1]
+    summary = summaries[0]
+    if len(summaries) > 1:
+        top = torch.stack(references).amax(0)
+        summary = sum(part * torch.exp(ref - top) for part, ref in zip(summaries, references))
+    outputs = [
+        _read_out(query_features(query[:, :, part], projection, kernel_fn, kernel_epsilon, input_scale=input_scale), summary)
+        for part in _blocks(query.shape[2], block)
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
 
 
 class _DecayedScan(torch.autograd.Function):
@@ -139,7 +207,7 @@ def causal_linear_attention(
     chunk = max(1, min(chunk_size, length))
     n_chunks = math.ceil(length / chunk)
     pad = n_chunks * chunk - length
-    value = torch.cat([value, value.new_ones(b, h, length, 1)], -1)  # [B, H, L, Dv + 1]
+    value = _with_ones(value)  # [B, H, L, Dv + 1]
     if pad:
         q_feat = F.pad(q_feat, (0, 0, 0, pad))
         k_feat = F.pad(k_feat, (0, 0, 0, pad))
@@ -187,6 +255,7 @@ def favor_attention(
     kernel_epsilon: float = 1e-3,
     chunk_size: int = 128,
     initial_state: FavorState | None = None,
+    block_size: int | None = None,
 ) -> tuple[torch.Tensor, FavorState | None]:
     """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``.
 
@@ -201,6 +270,9 @@ def favor_attention(
         kernel_fn: ``None`` for the positive softmax features, else generalised attention's ``f``.
         chunk_size: tokens per chunk of the causal computation (memory vs. matmul efficiency).
         initial_state: causal only: a :class:`FavorState` of earlier keys to continue from.
+        block_size: tokens whose features are computed and used together (default
+            :func:`block_length`: sized to stay in cache); causal blocks are rounded to whole chunks.
+            Results do not depend on it beyond float rounding.
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
@@ -216,30 +288,43 @@ def favor_attention(
         raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
 
     scale = math.sqrt(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    projection = projection.float()
+    dtype, projection = query.dtype, projection.float()
+    query, key, value = query.float(), key.float(), value.float()
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :]
-    q_feat = query_features(query.float() * scale, projection, kernel_fn, kernel_epsilon)
-    k_feat, log_weight = key_features(
-        key.float() * scale, projection, kernel_fn, kernel_epsilon, keep, per_key_scale=causal
-    )
-    value_f = value.float()
+    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=scale)
     if not causal:
-        return bidirectional_linear_attention(q_feat, k_feat, value_f).to(query.dtype), None
-    if heads != key_heads:
-        group = heads // key_heads
-        k_feat, log_weight, value_f = (t.repeat_interleave(group, dim=1) for t in (k_feat, log_weight, value_f))
-    # keys before the first query (a key/value cache) enter as state; a single query (one decoding
-    # step) sees every key, so all of them fold in and a read-out follows, with no chunk machinery
+        out = bidirectional_favor(query, key, value, projection, keep=keep, block=block_size, **features)
+        return out.to(dtype), None
+
+    b, m, group = query.shape[0], projection.shape[0], heads // key_heads
+    chunk = max(1, chunk_size)
+    block = max(chunk, (block_size or block_length(b * heads, m, chunk)) // chunk * chunk)
+
+    def keys(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """φ̃, log-weights and values of keys ``part``, repeated to the query heads (GQA)."""
+        k_feat, log_weight = key_features(
+            key[:, :, part], projection, keep=None if keep is None else keep[..., part], per_key_scale=True, **features
+        )
+        values = value[:, :, part]
+        if group == 1:
+            return k_feat, log_weight, values
+        return tuple(t.repeat_interleave(group, dim=1) for t in (k_feat, log_weight, values))
+
+    state = initial_state or FavorState.empty(b, heads, m, value.shape[-1], query.device)
+    # keys before the first query (a key/value cache) fold into the state; a single query (one
+    # decoding step) sees every key, so all of them fold in and a read-out follows
     prefix = k_len if q_len == 1 else k_len - q_len
-    if prefix:
-        b, _, _, m = k_feat.shape
-        start = initial_state or FavorState.empty(b, heads, m, value_f.shape[-1], query.device)
-        initial_state = fold_keys(start, k_feat[:, :, :prefix], log_weight[:, :, :prefix], value_f[:, :, :prefix])
+    for part in _blocks(prefix, block):
+        state = fold_keys(state, *keys(part))
     if q_len == 1:
-        state = initial_state
+        q_feat = query_features(query, projection, **features)
         out = _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
-        return out.to(query.dtype), state
-    out, state = causal_linear_attention(
-        q_feat, k_feat[:, :, prefix:], log_weight[:, :, prefix:], value_f[:, :, prefix:], chunk_size, initial_state
-    )
-    return out.to(query.dtype), state
+        return out.to(dtype), state
+    outputs = []
+    for part in _blocks(q_len, block):
+        q_feat = query_features(query[:, :, part], projection, **features)
+        shifted = slice(prefix + part.start, prefix + part.stop)
+        out, state = causal_linear_attention(q_feat, *keys(shifted), chunk, state)
+        outputs.append(out)
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+    return out.to(dtype), state

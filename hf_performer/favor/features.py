@@ -75,16 +75,19 @@ def query_features(
     projection: torch.Tensor,
     kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     kernel_epsilon: float = 1e-3,
+    *,
+    input_scale: float = 1.0,
 ) -> torch.Tensor:
-    """φ(Q) up to a per-query positive factor, ``[..., L, d] → [..., L, m]``.
+    """φ(s·q) up to a per-query positive factor, ``[..., L, d] → [..., L, m]`` (``s = input_scale``).
 
     For the softmax kernel each row is divided by ``exp(max_i ω_i q − ‖q‖²/2)`` (detached): a per-query
     factor cancels between the numerator and the denominator of ``D⁻¹ φ(Q)(φ(K)ᵀV)``, keeps every
     entry in ``(0, m^-½]`` whatever the logit scale, and removes the ``‖q‖²`` term altogether:
-    ``φ̃(q) = m^-½ exp(ωq − max_i ω_i q)``.  ``kernel_fn=None`` means softmax.
+    ``φ̃(q) = m^-½ exp(ωq − max_i ω_i q)``.  ``kernel_fn=None`` means softmax.  The scale goes into
+    ``ω`` (``[m, d]``) rather than into ``q`` (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.
     """
     m = projection.shape[0]
-    logits = q @ projection.transpose(0, 1)
+    logits = q @ (projection * input_scale).transpose(0, 1)
     if kernel_fn is not None:
         return (kernel_fn(logits) + kernel_epsilon) * m**-0.5
     # in place: one pass over the [L, m] tensor; m^-½ rides in the exponent
@@ -99,39 +102,43 @@ def key_features(
     keep: torch.Tensor | None = None,
     *,
     per_key_scale: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """φ(K) for ``k [..., L, d]`` → ``([..., L, m], log-weights [..., L] or None)``.
+    input_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ(s·k) for ``k [..., L, d]`` (``s = input_scale``, folded into ``ω``) as ``(φ̃, c)`` with
+    ``φ(s·k) = exp(c) · φ̃``: features ``[..., L, m]`` and log-weights ``c``.
 
     ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.
 
-    ``per_key_scale=True`` (causal attention) returns ``φ̃`` and ``c`` with ``φ(k_s) = exp(c_s) φ̃(k_s)``:
-    for the softmax kernel ``c_s = max_i ω_i k_s − ‖k_s‖²/2`` (detached) so ``φ̃ ≤ m^-½``, and the key's
-    scale lives in ``c_s``.  Keeping it per key (instead of subtracting one maximum over all keys, as
-    performer-pytorch does) lets causal attention stabilise with a running maximum over *past* keys:
-    no future key ever changes a past output, bit for bit.  Padding keys get ``c = NEG_LOG_WEIGHT``.
+    ``per_key_scale=True`` (causal attention): ``c`` is ``[..., L]``, one per key; for the softmax kernel
+    ``c_s = max_i ω_i k_s − ‖k_s‖²/2`` (detached) so ``φ̃ ≤ m^-½``, and the key's scale lives in ``c_s``.
+    Keeping it per key (instead of subtracting one maximum over all keys, as performer-pytorch does)
+    lets causal attention stabilise with a running maximum over *past* keys: no future key ever
+    changes a past output, bit for bit.  Padding keys get ``c = NEG_LOG_WEIGHT``.
 
-    ``per_key_scale=False`` (bidirectional attention, where every query sees every key anyway)
-    divides all keys by one shared ``exp(max)`` over the real keys and returns no log-weights.
+    ``per_key_scale=False`` (bidirectional attention, where every query sees every key anyway):
+    ``c`` is ``[..., 1]``, one shared maximum over the real keys (``NEG_LOG_WEIGHT`` when there is
+    none), so blocks of keys stabilised separately can still be summed exactly.
     """
     m = projection.shape[0]
+    projection = projection * input_scale
     logits = k @ projection.transpose(0, 1)
     if kernel_fn is not None:
         features = (kernel_fn(logits) + kernel_epsilon) * m**-0.5
         if keep is not None:
             features = features * keep[..., None]
         if not per_key_scale:
-            return features, None
+            return features, features.new_zeros(*features.shape[:-2], 1)
         log_weight = features.new_zeros(features.shape[:-1])
         return features, log_weight if keep is None else log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
     # the exponent of the paper's φ(k) is ωk − ‖k‖²/2 (eq. 7 with h(k) = exp(−‖k‖²/2))
-    half_sq_norm = k.pow(2).sum(-1).mul(0.5)
+    half_sq_norm = k.pow(2).sum(-1).mul(0.5 * input_scale**2)
     if not per_key_scale:
         logits = logits.sub_(half_sq_norm.unsqueeze(-1))
         if keep is not None:
             logits = logits.masked_fill_(~keep[..., None], float("-inf"))
-        shared = logits.detach().amax((-2, -1), keepdim=True)
-        shared = torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared))  # no real key at all
-        return logits.sub_(shared + 0.5 * math.log(m)).exp_(), None
+        shared = logits.detach().amax((-2, -1))[..., None]
+        shared = torch.where(torch.isfinite(shared), shared, torch.full_like(shared, NEG_LOG_WEIGHT))  # no real key
+        return logits.sub_((shared + 0.5 * math.log(m))[..., None]).exp_(), shared
     log_weight = logits.detach().amax(-1) - half_sq_norm.detach()
     # φ̃ = exp(ωk − ‖k‖²/2 − c): numerically exp(ωk − max ωk); the ‖k‖² term stays for its gradient
     features = logits.sub_((half_sq_norm + log_weight + 0.5 * math.log(m)).unsqueeze(-1)).exp_()

@@ -7,7 +7,7 @@ over layers of the MSE between the two attention outputs on unlabelled text
 ``examples/finetune.py --model OUTPUT_DIR`` for the task (the chain the README recommends).
 
     python examples/attention_transfer.py --model CHECKPOINT --data ../shared/data/wikitext2/valid.txt \\
-        --output_dir out/transfer --max_steps 300 [--train_what attention|all|features] [--favor-nb-features 256]
+        --output_dir out/transfer --max_steps 300 [--train_what attention|all|features|attention+features] [--favor-nb-features 256]
     accelerate launch examples/attention_transfer.py ...         # several processes / GPUs (add --bf16 on GPU)
     python examples/attention_transfer.py ... --resume_from_checkpoint last   # continue an interrupted run
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, TrainingArguments
 
 import hf_performer  # noqa: F401  (registers FAVOR+)
@@ -40,7 +41,7 @@ from hf_performer.recovery.checkpoints import (
     save_recovered,
 )
 from hf_performer.recovery.curves import RecoveryCurve
-from hf_performer.recovery.data import load_split, text_examples, tokenized
+from hf_performer.recovery.data import load_split, text_examples, token_blocks, tokenized
 from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
 
 
@@ -66,15 +67,25 @@ class TransferArguments:
     text_columns: list[str] = field(
         default_factory=lambda: ["text"], metadata={"help": "Columns holding text; each cell is one example."}
     )
-    max_length: int = field(default=128, metadata={"help": "Tokens per example (longer ones are truncated)."})
+    max_length: int = field(
+        default=128, metadata={"help": "Tokens per example (longer ones are truncated), or per block with --blocks."}
+    )
+    blocks: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the text as one stream (a .txt file as written) cut into --max_length-token blocks, "
+            "as causal LMs are trained and evaluated, instead of one example per line or cell."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training texts."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Use at most this many held-out texts."})
     train_what: str = field(
         default="attention",
         metadata={
             "choices": TRAINABLE,
-            "help": f"What trains, one of {TRAINABLE}: every weight; the attention modules' projections; or "
-            "only the random features ω, made learnable (generalised attention: fitted, no longer unbiased).",
+            "help": f"What trains, one of {TRAINABLE}: every weight; the attention modules' projections; "
+            "only the random features ω, made learnable (generalised attention: fitted, no longer unbiased); or "
+            "the projections and ω together.",
         },
     )
     teacher_forcing: bool = field(
@@ -94,6 +105,36 @@ def parse(argv: list[str] | None = None):
     return recipe, training, performer_config_from_args(favor)
 
 
+def training_texts(recipe: TransferArguments, tokenizer) -> tuple[Dataset, Dataset]:
+    """Tokenized training and held-out examples: one per line/cell, or ``--blocks`` of one stream."""
+    sample_by = "document" if recipe.blocks else "line"
+
+    def examples(source: str, split: str) -> Dataset:
+        rows = load_split(
+            source,
+            split=split,
+            column_names=recipe.column_names,
+            dataset_config=recipe.dataset_config,
+            sample_by=sample_by,
+        )
+        rows = text_examples(rows, recipe.text_columns)
+        return token_blocks(rows, tokenizer, recipe.max_length) if recipe.blocks else rows
+
+    train = examples(recipe.data, recipe.split)
+    if recipe.eval_data:
+        held_out = examples(recipe.eval_data, recipe.eval_split)
+    else:
+        cut = len(train) - max(1, int(len(train) * recipe.eval_fraction))
+        train, held_out = train.select(range(cut)), train.select(range(cut, len(train)))
+    if recipe.max_train_samples:
+        train = train.select(range(min(recipe.max_train_samples, len(train))))
+    if recipe.max_eval_samples:
+        held_out = held_out.select(range(min(recipe.max_eval_samples, len(held_out))))
+    if recipe.blocks:
+        return train, held_out
+    return tokenized(train, tokenizer, recipe.max_length), tokenized(held_out, tokenizer, recipe.max_length)
+
+
 def main(argv: list[str] | None = None) -> None:
     recipe, training, settings = parse(argv)
     if training.resume_from_checkpoint:
@@ -110,29 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     trainable = select_trainable(student, recipe.train_what)
 
     with training.main_process_first(desc="tokenizing"):
-        train = load_split(
-            recipe.data, split=recipe.split, column_names=recipe.column_names, dataset_config=recipe.dataset_config
-        )
-        train = text_examples(train, recipe.text_columns)
-        if recipe.eval_data:
-            held_out = load_split(
-                recipe.eval_data,
-                split=recipe.eval_split,
-                column_names=recipe.column_names,
-                dataset_config=recipe.dataset_config,
-            )
-            held_out = text_examples(held_out, recipe.text_columns)
-        else:
-            cut = len(train) - max(1, int(len(train) * recipe.eval_fraction))
-            train, held_out = train.select(range(cut)), train.select(range(cut, len(train)))
-        if recipe.max_train_samples:
-            train = train.select(range(min(recipe.max_train_samples, len(train))))
-        if recipe.max_eval_samples:
-            held_out = held_out.select(range(min(recipe.max_eval_samples, len(held_out))))
-        train, held_out = (
-            tokenized(train, tokenizer, recipe.max_length),
-            tokenized(held_out, tokenizer, recipe.max_length),
-        )
+        train, held_out = training_texts(recipe, tokenizer)
 
     curve = RecoveryCurve(
         training.output_dir, "loss", title=f"attention transfer: held-out attention MSE ({recipe.model})"

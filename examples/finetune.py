@@ -13,7 +13,8 @@ Tasks (metrics are the local ``evaluate`` modules in ``examples/metrics``; nothi
   divided by ``--label_scale``; loss MSE(cos(mean-pooled u, v), label); metric Spearman ρ ×100;
 - ``classification``: ``--text_columns TEXT [TEXT2]`` and an integer ``--label_column``; cross-entropy;
   metric accuracy ×100;
-- ``causal-lm``: ``--text_columns`` text cut into ``--max_length``-token blocks; metric perplexity.
+- ``causal-lm``: ``--text_columns`` text cut into ``--max_length``-token blocks (a ``.txt`` file is read
+  as one stream, line breaks kept); metric perplexity.
 
 ``--exact`` fine-tunes the model with exact softmax attention instead (a baseline); by default the
 exact model's metric on the eval data is measured first, drawn as the reference line of
@@ -113,7 +114,13 @@ def parse(argv):
 
 def prepare(recipe: FinetuneArguments, tokenizer, source: str, split: str, limit: int | None):
     """The tokenized examples of one data source for the task."""
-    rows = load_split(source, split=split, column_names=recipe.column_names, dataset_config=recipe.dataset_config)
+    rows = load_split(
+        source,
+        split=split,
+        column_names=recipe.column_names,
+        dataset_config=recipe.dataset_config,
+        sample_by="document" if recipe.task == "causal-lm" else "line",  # a .txt file is one text stream
+    )
     if recipe.task == "causal-lm":
         blocks = token_blocks(text_examples(rows, recipe.text_columns), tokenizer, recipe.max_length)
         blocks = blocks.select(range(min(limit, len(blocks)))) if limit else blocks

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, BertModel, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertModel, LlamaForCausalLM
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_performer
 from hf_performer.recovery.attention_transfer import attention_transfer_loss
+from hf_performer.recovery.data import load_split, token_blocks
 from hf_performer.recovery.training import features_fingerprint
 from tests.conftest import tiny_bert_config, tiny_llama_config
 
@@ -144,6 +145,41 @@ def test_learned_features_train_and_are_saved(tiny_bert, tmp_path):
     learned = AutoModel.from_pretrained(out)
     assert torch.equal(learned.embeddings.word_embeddings.weight, converted.embeddings.word_embeddings.weight)
     assert not torch.equal(learned.favor_projections()[0].projection, converted.favor_projections()[0].projection)
+
+
+def test_attention_transfer_on_text_blocks_trains_projections_and_features(tiny_llama, tmp_path):
+    """The causal-LM setting: a .txt stream cut into blocks; ω and the attention projections learn, the rest stays."""
+    out = tmp_path / "blocks"
+    text = str(DATA / "wikitext2_valid_300.txt")
+    args = [
+        "--model", str(tiny_llama), "--data", text, "--blocks", "true", "--max_length", "64", "--max_eval_samples", "2",
+        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--max_steps", "4",
+        "--eval_strategy", "steps", "--eval_steps", "4", "--save_strategy", "no", "--favor-nb-features", "16",
+        "--train_what", "attention+features", *TINY_TRAINING,
+    ]  # fmt: skip
+    recipe("attention_transfer").main(args)
+    curve = json.loads((out / "recovery_curve.json").read_text())["points"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    converted = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, attention="favor+", performer_config=hf_performer.PerformerConfig(nb_features=16)
+    )
+    learned = AutoModelForCausalLM.from_pretrained(out)
+    layer, before = learned.model.layers[0].self_attn, converted.model.layers[0].self_attn
+    assert not torch.equal(layer.q_proj.weight, before.q_proj.weight)
+    assert not torch.equal(learned.favor_projections()[0].projection, converted.favor_projections()[0].projection)
+    assert torch.equal(learned.model.layers[0].mlp.up_proj.weight, converted.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_text_file_read_as_one_document_keeps_its_stream(tokenizer):
+    """Causal-LM data: the file as written (line breaks, blank lines), so perplexity matches the usual setting."""
+    text_file = DATA / "wikitext2_valid_300.txt"
+    document = load_split(str(text_file), sample_by="document")
+    assert len(document) == 1 and document[0]["text"] == text_file.read_text()
+    blocks = token_blocks(document, tokenizer, 64)
+    stream = tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    assert blocks[0]["input_ids"] + blocks[1]["input_ids"] == stream[:128]
+    with pytest.raises(ValueError, match="sample_by"):
+        load_split(str(text_file), sample_by="paragraphs")
 
 
 def test_two_accelerate_processes_train_with_identical_features(tiny_bert, tmp_path):

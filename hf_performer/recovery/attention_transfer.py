@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-TRAINABLE = ("all", "attention", "features")
+TRAINABLE = ("all", "attention", "features", "attention+features")
 """What attention transfer may train: every weight, the attention modules' projections (q, k, v and
-GPT-2/Llama's output projection), or only the random features ω made learnable."""
+GPT-2/Llama's output projection), only the random features ω made learnable, or both of the last two
+(a learned feature map with the projections adapting to it, as Hedgehog and LoLCATs train)."""
 
 
 def attention_modules(model: nn.Module, attention_classes: tuple[type, ...]) -> list[nn.Module]:
@@ -147,15 +148,16 @@ def select_trainable(model: nn.Module, what: str) -> int:
     """Freeze everything except ``what`` (one of :data:`TRAINABLE`); returns the trainable element count."""
     if what not in TRAINABLE:
         raise ValueError(f"what trains must be one of {TRAINABLE}, got {what!r}")
-    if what == "features":
+    learned_features = what in ("features", "attention+features")
+    if learned_features:
         make_features_learnable(model)
     for parameter in model.parameters():
         parameter.requires_grad = what == "all"
-    if what == "attention":
+    if what in ("attention", "attention+features"):
         for module in attention_modules(model, model.attention_classes):
             for name, parameter in module.named_parameters():
                 parameter.requires_grad = not name.startswith("favor.")
-    if what == "features":
+    if learned_features:
         for projection in model.favor_projections():
             projection.projection.requires_grad = True
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

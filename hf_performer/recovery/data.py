@@ -22,10 +22,13 @@ def load_split(
     split: str = "train",
     column_names: list[str] | None = None,
     dataset_config: str | None = None,
+    sample_by: str = "line",
 ) -> datasets.Dataset:
     """One split of ``source``: a local file (its split is the whole file) or a Hub dataset id.
 
-    - ``.txt``: one example a line, column ``text`` (empty lines dropped);
+    - ``.txt``: column ``text``; ``sample_by="line"``: one example a line (empty lines dropped),
+      ``"document"``: the whole file as one example, line breaks kept (a text stream such as
+      WikiText, whose perplexity is measured on the file as written);
     - ``.tsv`` / ``.csv``: a header row gives the column names, unless ``column_names`` names the
       columns of a headerless file; columns past ``len(column_names)`` are ignored (a few STS-B rows
       carry extra trailing fields);
@@ -37,7 +40,9 @@ def load_split(
         return datasets.load_dataset(source, dataset_config, split=split)
     if suffix not in _BUILDERS:
         raise ValueError(f"{source}: cannot tell the format from the suffix {suffix!r}; use one of {sorted(_BUILDERS)}")
-    options: dict = {}
+    if sample_by not in ("line", "document"):
+        raise ValueError(f"sample_by must be 'line' or 'document', got {sample_by!r}")
+    options: dict = {"sample_by": sample_by} if suffix == ".txt" else {}
     if _BUILDERS[suffix] == "csv":
         options = {"sep": "\t" if suffix == ".tsv" else ",", "quoting": csv.QUOTE_NONE if suffix == ".tsv" else 0}
         if column_names:

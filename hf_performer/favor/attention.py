@@ -82,8 +82,11 @@ def _read_out(q_feat: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     return _divide(combined[..., :dv], combined[..., dv]).view(b, heads, q_len, dv)
 
 
-def _blocks(length: int, block: int) -> list[slice]:
-    return [slice(start, min(start + block, length)) for start in range(0, length, block)]
+def _split(tensor: torch.Tensor, block: int, dim: int = 2) -> list[torch.Tensor]:
+    """Views of ``block`` tokens along ``dim``.  ``split`` rather than slicing in a loop: its backward
+    concatenates the block gradients once, where each slice's backward would write a zero tensor of
+    the full input (``L / block`` full-size passes, quadratic in ``L``)."""
+    return list(tensor.split(block, dim))
 
 
 def block_length(rows: int, nb_features: int, multiple: int = 1) -> int:
@@ -122,29 +125,29 @@ def bidirectional_favor(
     Queries are then read out block by block.  Cost O((Lq + Lk)·m·Dv); no ``Lq × Lk`` matrix, and
     without gradients only one block of features is alive at a time.
     """
-    b, key_heads, k_len, _ = key.shape
-    m = projection.shape[0]
-    block = block or block_length(b * query.shape[1], m)
+    block = block or block_length(query.shape[0] * query.shape[1], projection.shape[0])
     summaries, references = [], []
-    for part in _blocks(k_len, block):
+    k_blocks = _split(key, block)
+    keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep, block, -1)
+    for k_block, v_block, keep_block in zip(k_blocks, _split(value, block), keep_blocks):
         k_feat, reference = key_features(
-            key[:, :, part],
+            k_block,
             projection,
             kernel_fn,
             kernel_epsilon,
-            None if keep is None else keep[..., part],
+            keep_block,
             per_key_scale=False,
             input_scale=input_scale,
         )
-        summaries.append(k_feat.transpose(-1, -2) @ _with_ones(value[:, :, part]))
+        summaries.append(k_feat.transpose(-1, -2) @ _with_ones(v_block))
         references.append(reference[..., None])  # [B, Hk, 1, 1]
     summary = summaries[0]
     if len(summaries) > 1:
         top = torch.stack(references).amax(0)
         summary = sum(part * torch.exp(ref - top) for part, ref in zip(summaries, references))
     outputs = [
-        _read_out(query_features(query[:, :, part], projection, kernel_fn, kernel_epsilon, input_scale=input_scale), summary)
-        for part in _blocks(query.shape[2], block)
+        _read_out(query_features(q_block, projection, kernel_fn, kernel_epsilon, input_scale=input_scale), summary)
+        for q_block in _split(query, block)
     ]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
 
@@ -300,31 +303,30 @@ def favor_attention(
     chunk = max(1, chunk_size)
     block = max(chunk, (block_size or block_length(b * heads, m, chunk)) // chunk * chunk)
 
-    def keys(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """φ̃, log-weights and values of keys ``part``, repeated to the query heads (GQA)."""
-        k_feat, log_weight = key_features(
-            key[:, :, part], projection, keep=None if keep is None else keep[..., part], per_key_scale=True, **features
-        )
-        values = value[:, :, part]
-        if group == 1:
-            return k_feat, log_weight, values
-        return tuple(t.repeat_interleave(group, dim=1) for t in (k_feat, log_weight, values))
+    def keys(start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per block of keys ``start:stop``: φ̃, log-weights and values, repeated to the query heads (GQA)."""
+        k_blocks, v_blocks = _split(key[:, :, start:stop], block), _split(value[:, :, start:stop], block)
+        keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep[..., start:stop], block, -1)
+        blocks = []
+        for k_block, v_block, keep_block in zip(k_blocks, v_blocks, keep_blocks):
+            k_feat, log_weight = key_features(k_block, projection, keep=keep_block, per_key_scale=True, **features)
+            parts = (k_feat, log_weight, v_block)
+            blocks.append(parts if group == 1 else tuple(t.repeat_interleave(group, dim=1) for t in parts))
+        return blocks
 
     state = initial_state or FavorState.empty(b, heads, m, value.shape[-1], query.device)
     # keys before the first query (a key/value cache) fold into the state; a single query (one
     # decoding step) sees every key, so all of them fold in and a read-out follows
     prefix = k_len if q_len == 1 else k_len - q_len
-    for part in _blocks(prefix, block):
-        state = fold_keys(state, *keys(part))
+    for key_block in keys(0, prefix) if prefix else []:
+        state = fold_keys(state, *key_block)
     if q_len == 1:
         q_feat = query_features(query, projection, **features)
         out = _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
         return out.to(dtype), state
     outputs = []
-    for part in _blocks(q_len, block):
-        q_feat = query_features(query[:, :, part], projection, **features)
-        shifted = slice(prefix + part.start, prefix + part.stop)
-        out, state = causal_linear_attention(q_feat, *keys(shifted), chunk, state)
+    for q_block, key_block in zip(_split(query, block), keys(prefix, k_len)):
+        out, state = causal_linear_attention(query_features(q_block, projection, **features), *key_block, chunk, state)
         outputs.append(out)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
     return out.to(dtype), state

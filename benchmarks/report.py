@@ -140,24 +140,26 @@ def main() -> None:
     approx, approx_info = read("approximation")
     scale, _ = read("logit_scale")
     prof, prof_info = read("op_profile")
+    _, block_info = read("block_size")
     notes = PAGE.read_text().split(NOTES_MARKER, 1)[1] if PAGE.exists() and NOTES_MARKER in PAGE.read_text() else "\n"
 
     s = ["# Benchmark results (issue 6)", "",
-         "All numbers come from one CPU machine with **2 cores that other jobs were using during the runs** "
-         "(load averages below; 2.0 would mean the cores were fully busy before we started). Absolute times are therefore "
-         "inflated and noisy; the ratios were measured side by side in one process, moments apart, and are the numbers to read. "
-         "fp32, batch 1, 8 heads, head dim 64, nb_features 256 unless stated.", "",
+         "All numbers come from one CPU machine with **2 cores** (no GPU) that other jobs share at times: each run's "
+         "load averages are listed below (a benchmark running 2 threads makes about 2 by itself). Absolute times vary "
+         "by 10–20 % between runs even on a quiet machine; the ratios were measured side by side in one process, moments "
+         "apart, and are the numbers to read. fp32, batch 1, 8 heads, head dim 64, nb_features 256 unless stated.", "",
          "## Commands", "", "```bash", "pip install -e '.[bench]'            # performer-pytorch and matplotlib: benchmark-only extra",
          "bash benchmarks/run_all.sh            # everything below, then this page",
          "python benchmarks/op_speed.py         # time: FAVOR+ vs SDPA vs performer-pytorch, FLOP rate, crossover",
          "python benchmarks/op_memory.py        # peak memory, one process per point, exponent fit",
          "python benchmarks/model_speed.py      # whole MiniLM-L6 at 2048 / 8192 / 32768 tokens",
          "python benchmarks/op_profile.py       # what bounds the FAVOR+ op",
+         "python benchmarks/block_size.py       # FAVOR+ time vs its block and chunk sizes (the defaults' evidence)",
          "python benchmarks/approximation.py    # MSE vs m (paper Fig. 4) and MiniLM-L6 logit scales",
          "python benchmarks/report.py           # this page", "```", "",
          "Runs behind this page:", ""]
     for name, info in (("op_speed", speed_info), ("op_memory", memory_info), ("model_speed", model_info),
-                       ("op_profile", prof_info), ("approximation", approx_info)):
+                       ("op_profile", prof_info), ("block_size", block_info), ("approximation", approx_info)):
         s.append(f"- **{name}**: {conditions(info)}")
     s += ["", "## Goals", "", goals(speed, speed_info, memory_info, model), ""]
     if speed:

@@ -214,3 +214,11 @@ def test_bad_shapes_are_refused():
         favor_attention(q, k, v, omega, causal=True)
     with pytest.raises(ValueError, match="bidirectional attention has none"):
         favor_attention(*qkv(4), omega, initial_state=FavorState.empty(B, H, M, D))
+
+
+def test_block_length_fills_the_cache_budget_with_a_floor():
+    from hf_performer.favor.attention import BLOCK_ELEMENTS, MIN_BLOCK_TOKENS, block_length
+
+    assert block_length(8, 256) * 8 * 256 == BLOCK_ELEMENTS  # 512 tokens at 8 heads, m = 256
+    assert block_length(64 * 12, 256) == MIN_BLOCK_TOKENS  # a batch of short sentences: no 5-token blocks
+    assert block_length(9, 256, multiple=64) % 64 == 0  # causal blocks are whole chunks

@@ -90,20 +90,26 @@ def _split(tensor: torch.Tensor, block: int, dim: int = 2) -> list[torch.Tensor]
 
 
 def block_length(rows: int, nb_features: int, multiple: int = 1) -> int:
-    """Tokens per block so that one block's features (``rows × tokens × m`` floats, ``rows = B·H``)
-    stay near :data:`BLOCK_ELEMENTS`, rounded down to a ``multiple`` (the causal chunk) and at least one.
+    """Tokens per block: enough that one block's features (``rows × tokens × m`` floats, ``rows = B·H``)
+    come near :data:`BLOCK_ELEMENTS`, at least :data:`MIN_BLOCK_TOKENS`, rounded down to a ``multiple``
+    (the causal chunk).
 
     Why blocks: computed for all ``L`` at once, ``ωq``, its maximum, its ``exp`` and the products with
     the features each stream an ``[L, m]`` tensor through memory; a block that stays in cache makes
-    those passes cache-speed (measured in benchmarks/RESULTS.md), and the forward keeps only one
-    block of features alive."""
-    tokens = max(1, BLOCK_ELEMENTS // (rows * nb_features))
+    those passes cache-speed (``benchmarks/block_size.py``), and the forward keeps only one block of
+    features alive.  Why a floor: every block also makes an ``[m, Dv + 1]`` summary (or chunk states)
+    per row, which its tokens must outnumber; with many rows (a batch of short sentences) blocks of a
+    few tokens were 2–4× slower than one pass."""
+    tokens = max(MIN_BLOCK_TOKENS, BLOCK_ELEMENTS // (rows * nb_features))
     return max(multiple, tokens // multiple * multiple)
 
 
 BLOCK_ELEMENTS = 1 << 20
 """Feature elements per block: 4 MiB of float32, well inside this machine's 32 MiB L3 (512 tokens at 8 heads,
 m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024)."""
+
+MIN_BLOCK_TOKENS = 128
+"""Fewest tokens per block (see :func:`block_length`)."""
 
 
 def bidirectional_favor(

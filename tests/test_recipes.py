@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,9 +193,8 @@ def test_two_accelerate_processes_train_with_identical_features(tiny_bert, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
-    fingerprints = {
-        line.split()[1].rstrip(":"): line.split()[-1] for line in run.stdout.splitlines() if "FAVOR+ features" in line
-    }
+    # searched, not split by lines: the two processes share the pipe and their lines can interleave
+    fingerprints = dict(re.findall(r"process (\d/2): FAVOR\+ features ([0-9a-f]{16})", run.stdout))
     assert set(fingerprints) == {"0/2", "1/2"}
     assert len(set(fingerprints.values())) == 1
     assert fingerprints["0/2"] == features_fingerprint(AutoModel.from_pretrained(out))

@@ -220,7 +220,6 @@ def main() -> None:
                        f"MiniLM layer {widest['layer']} real q, k, v: L={q.shape[-2]}, d={q.shape[-1]}, 12 heads")
 
     fmt = lambda r: {key: (f"{val:.5g}" if isinstance(val, float) else val) for key, val in r.items()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "logit_scale.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(scale_rows[0]))
         writer.writeheader()

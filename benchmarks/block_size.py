@@ -17,15 +17,13 @@ import argparse
 import torch
 
 from measurement import Run, seconds_per_call
-from providers import attention_call, import_favor_without_transformers, random_qkv
+from providers import add_op_shape_arguments, attention_call, import_favor_without_transformers, random_qkv
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--nb-features", type=int, default=256)
+    add_op_shape_arguments(parser)
     parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 16384],
                         help="block sizes to time; the default (block_length) is always timed too")
     parser.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256], help="causal chunk sizes")

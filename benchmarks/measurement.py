@@ -3,6 +3,10 @@
 The machine these numbers come from is shared, so each script writes, next to its CSV, a
 ``<name>_run.json`` with the command, the load average at start and end, the thread count and the
 exact code measured (commit, and whether ``hf_performer/`` differed from it).
+
+Results go to ``benchmarks/results/`` (and ``report.py``'s page to ``benchmarks/RESULTS.md``), or, when the
+environment variable ``HF_PERFORMER_BENCHMARK_OUTPUT`` names a folder, to ``results/`` and ``RESULTS.md``
+in it: a trial run (the tests run every script at toy sizes) then leaves the committed results alone.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("HF_PERFORMER_BENCHMARK_OUTPUT") or Path(__file__).resolve().parent) / "results"
 
 
 def seconds_per_call(fn, repeats: int, slow_seconds: float = 5.0) -> float:
@@ -68,6 +72,7 @@ class Run:
 
     def __init__(self, name: str):
         self.name = name
+        RESULTS.mkdir(parents=True, exist_ok=True)  # scripts write plots there before ``finish``
         self.started = datetime.now(timezone.utc)
         self.load_at_start = load_average()
         diff = _git("diff", "HEAD", "--stat", "--", "hf_performer")

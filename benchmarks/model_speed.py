@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 from measurement import RESULTS, Run, peak_rss_bytes, seconds_per_call
+from plotting import style_length_axes
 
 ATTENTIONS = ("favor+", "sdpa")
 MIB = 2**20
@@ -66,12 +67,7 @@ def plot(rows, path) -> None:
         axes[0].loglog([r["length"] for r in cells], [r["seconds"] for r in cells], "o-", color=color, label=label)
         axes[1].loglog([r["length"] for r in cells], [r["peak_mib"] for r in cells], "o-", color=color, label=label)
     for ax, ylabel in zip(axes, ("forward seconds", "peak memory beyond model and inputs (MiB)")):
-        ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
-        ax.minorticks_off()
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        style_length_axes(ax, ticks, ylabel)
     fig.suptitle("all-MiniLM-L6-v2, position table tiled, batch 1, fp32, forward (2 shared CPU cores)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

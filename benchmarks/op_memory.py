@@ -24,7 +24,10 @@ import time
 import numpy as np
 
 from measurement import RESULTS, Run, peak_rss_bytes
-from providers import MODES, PASSES, PROVIDERS, attention_call, attention_op, import_favor_without_transformers, random_qkv
+from plotting import style_length_axes
+from providers import (
+    MODES, PASSES, PROVIDERS, add_op_shape_arguments, attention_call, attention_op, import_favor_without_transformers, random_qkv,
+)
 
 MIB = 2**20
 
@@ -90,13 +93,7 @@ def plot(rows, path) -> None:
             last = ours[-1]
             xs = np.array([ours[0]["length"], last["length"]])
             ax.loglog(xs, last["peak_mib"] * xs / last["length"], "k:", label="∝ L (reference)")
-        ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
-        ax.minorticks_off()
-        ax.set_title(f"{mode}, {pass_}")
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel("peak memory beyond inputs (MiB)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        style_length_axes(ax, ticks, "peak memory beyond inputs (MiB)", f"{mode}, {pass_}")
     fig.suptitle("Attention op peak memory (fp32, batch 1, 8 heads, head dim 64, m = 256; ru_maxrss rise, one process per point)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -105,9 +102,7 @@ def plot(rows, path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--nb-features", type=int, default=256)
+    add_op_shape_arguments(parser)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--sdpa-max", type=int, default=16384)
     parser.add_argument("--performer-pytorch-max", type=int, default=16384, help="bidirectional (default: 16384)")

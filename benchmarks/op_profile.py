@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from flop_counts import matmul_peak_gflops
 from measurement import Run, seconds_per_call
-from providers import MODES, attention_call, attention_op, random_qkv
+from providers import MODES, add_op_shape_arguments, attention_call, attention_op, random_qkv
 
 MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
 WRAPPERS = {"aten::matmul", "aten::view", "aten::reshape", "aten::transpose", "aten::expand", "aten::to", "aten::_to_copy",
@@ -92,9 +92,7 @@ def profile_call(call, top: int) -> tuple[list[dict], dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--nb-features", type=int, default=256)
+    add_op_shape_arguments(parser)
     parser.add_argument("--top", type=int, default=12, help="ops listed per call (default: 12)")
     args = parser.parse_args()
 

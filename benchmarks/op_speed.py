@@ -29,7 +29,8 @@ import torch
 
 from flop_counts import favor_forward_flops, matmul_peak_gflops
 from measurement import RESULTS, Run, seconds_per_call
-from providers import MODES, PASSES, PROVIDERS, attention_call, attention_op, random_qkv
+from plotting import style_length_axes
+from providers import MODES, PASSES, PROVIDERS, add_op_shape_arguments, attention_call, attention_op, random_qkv
 
 
 def performer_pytorch_cap(args, mode: str, pass_: str) -> int:
@@ -67,13 +68,7 @@ def plot(rows, path_times, path_rate) -> None:
                 if cells:
                     label = provider + ("" if measured == "yes" else " (extrapolated)")
                     ax.loglog([r["length"] for r in cells], [r["seconds"] for r in cells], style, color=color, label=label)
-        ax.set_xticks(ticks, [str(n) for n in ticks], rotation=45)
-        ax.minorticks_off()
-        ax.set_title(f"{mode}, {pass_}")
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel("seconds")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        style_length_axes(ax, ticks, "seconds", f"{mode}, {pass_}")
     fig.suptitle("Attention op time (fp32, batch 1, 8 heads, head dim 64, m = 256, 2 shared CPU cores)")
     fig.tight_layout()
     fig.savefig(path_times, dpi=110)
@@ -98,9 +93,7 @@ def plot(rows, path_times, path_rate) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--nb-features", type=int, default=256)
+    add_op_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (default: 3)")
     parser.add_argument("--slow-seconds", type=float, default=5.0, help="a warm-up slower than this is the measurement")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)

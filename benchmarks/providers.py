@@ -6,6 +6,7 @@ forward-only (``no_grad``) or forward+backward call so all providers are timed t
 
 from __future__ import annotations
 
+import argparse
 import sys
 import types
 from pathlib import Path
@@ -17,6 +18,13 @@ import torch.nn.functional as F
 PROVIDERS = ("hf-performer", "sdpa", "performer-pytorch")
 PASSES = ("forward", "forward+backward")
 MODES = ("bidirectional", "causal")
+
+
+def add_op_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--heads``, ``--head-dim``, ``--nb-features``: the op setting of issue 6 (batch 1, 8 × 64, m = 256) by default."""
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--nb-features", type=int, default=256)
 
 
 def import_favor_without_transformers() -> None:

@@ -156,7 +156,9 @@ def main() -> None:
          "python benchmarks/op_profile.py       # what bounds the FAVOR+ op",
          "python benchmarks/block_size.py       # FAVOR+ time vs its block and chunk sizes (the defaults' evidence)",
          "python benchmarks/approximation.py    # MSE vs m (paper Fig. 4) and MiniLM-L6 logit scales",
-         "python benchmarks/report.py           # this page", "```", "",
+         "python benchmarks/report.py           # this page",
+         "HF_PERFORMER_BENCHMARK_OUTPUT=/tmp/trial python benchmarks/op_speed.py --lengths 256   # a trial: writes /tmp/trial/results/",
+         "```", "",
          "Runs behind this page:", ""]
     for name, info in (("op_speed", speed_info), ("op_memory", memory_info), ("model_speed", model_info),
                        ("op_profile", prof_info), ("block_size", block_info), ("approximation", approx_info)):

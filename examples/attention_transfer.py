@@ -23,7 +23,6 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -41,7 +40,7 @@ from hf_performer.recovery.checkpoints import (
     save_recovered,
 )
 from hf_performer.recovery.curves import RecoveryCurve
-from hf_performer.recovery.data import load_split, text_examples, token_blocks, tokenized
+from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks, tokenized
 from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
 
 
@@ -61,6 +60,13 @@ class TransferArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --data."})
     eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the evaluation data is, for the model card (e.g. 'STS-B dev'); default: its Hub id, "
+            "or a file's folder and name (never its path)."
+        },
+    )
     column_names: list[str] | None = field(
         default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
     )
@@ -179,8 +185,11 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "task_type": "attention-transfer",
                 "task_name": "Attention transfer (mean per-layer MSE to softmax attention, lower is better)",
-                "dataset_type": recipe.eval_data or recipe.data,
-                "dataset_name": Path(recipe.eval_data or recipe.data).name,
+                **(
+                    card_dataset(recipe.eval_data, recipe.eval_split, recipe.eval_dataset_name)
+                    if recipe.eval_data
+                    else card_dataset(recipe.data, recipe.split, recipe.eval_dataset_name)
+                ),
                 "metric_type": "mse",
                 "metric_value": after,
                 "source_metric_value": 0.0,

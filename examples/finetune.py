@@ -52,7 +52,7 @@ import hf_performer  # noqa: F401  (registers FAVOR+)
 from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
 from hf_performer.recovery.checkpoints import load_student, load_teacher, prepare_padding, save_recovered
 from hf_performer.recovery.curves import RecoveryCurve
-from hf_performer.recovery.data import load_split, text_examples, token_blocks
+from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks
 from hf_performer.recovery.sentence_embeddings import SentenceEmbeddingTrainer, SentencePairCollator
 from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
 
@@ -75,6 +75,13 @@ class FinetuneArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --train_data."})
     eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the evaluation data is, for the model card (e.g. 'STS-B dev'); default: its Hub id, "
+            "or a file's folder and name (never its path)."
+        },
+    )
     column_names: list[str] | None = field(
         default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
     )
@@ -244,13 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     curve.write()
     result = {
         "task_type": hub_task,
-        "dataset_type": recipe.eval_data,
-        "dataset_name": Path(recipe.eval_data).name,
-        "dataset_split": recipe.eval_split if not Path(recipe.eval_data).is_file() else None,
+        **card_dataset(recipe.eval_data, recipe.eval_split, recipe.eval_dataset_name),
         "metric_type": key,
         "metric_value": after,
     }
-    result = {k: v for k, v in result.items() if v is not None}
     if reference is not None:
         result["source_metric_value"] = reference
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_performer
 from hf_performer.recovery.attention_transfer import attention_transfer_loss
-from hf_performer.recovery.data import load_split, token_blocks
+from hf_performer.recovery.data import card_dataset, load_split, token_blocks
 from hf_performer.recovery.training import features_fingerprint
 from tests.conftest import tiny_bert_config, tiny_llama_config
 
@@ -127,6 +127,7 @@ def test_attention_transfer_writes_a_loadable_checkpoint_with_its_results(transf
     result = json.loads((transferred / "eval_results.json").read_text())[0]
     curve = json.loads((transferred / "recovery_curve.json").read_text())["points"]
     assert result["metric_type"] == "mse" and result["metric_value"] == pytest.approx(curve[-1]["loss"])
+    assert result["dataset_type"] == result["dataset_name"] == "data/stsb_train_256.tsv"  # not the file's path
     assert "model-index" in (transferred / "README.md").read_text()
     reloaded = AutoModel.from_pretrained(transferred)
     assert type(reloaded).__name__ == "PerformerBertModel" and reloaded.favor_settings.nb_features == 16
@@ -219,10 +220,13 @@ def test_sentence_embedding_finetune_lowers_loss_and_reports_spearman(tiny_bert,
     out = tmp_path / "sts"
     data = ["--train_data", str(DATA / "stsb_train_256.tsv"), "--eval_data", str(DATA / "stsb_dev_300.tsv"), *STSB]
     task = ["--task", "sentence-embedding", "--text_columns", "sentence1", "sentence2", "--label_column", "score"]
-    recipe("finetune").main(finetune_args(tiny_bert, out, *task, *data, "--max_steps", "12"))
+    named = ["--eval_dataset_name", "STS-B dev (first 300 pairs)"]
+    recipe("finetune").main(finetune_args(tiny_bert, out, *task, *data, *named, "--max_steps", "12"))
     assert_training_loss_fell(out)
     result = json.loads((out / "eval_results.json").read_text())[0]
     assert result["metric_type"] == "spearmanr" and -100 <= result["metric_value"] <= 100
+    assert result["dataset_type"] == result["dataset_name"] == "STS-B dev (first 300 pairs)"
+    assert "dataset_split" not in result  # a local file has no split
     assert "source_metric_value" in result
     curve = json.loads((out / "recovery_curve.json").read_text())
     assert curve["reference"] == result["source_metric_value"] and len(curve["points"]) >= 3
@@ -257,6 +261,16 @@ def test_finetune_after_attention_transfer_keeps_the_transferred_features(transf
     assert features_fingerprint(AutoModel.from_pretrained(out)) == features_fingerprint(
         AutoModel.from_pretrained(transferred)
     )
+
+
+def test_card_dataset_names_hub_data_by_id_and_files_without_their_path(tmp_path):
+    assert card_dataset("nyu-mll/glue", "validation", "GLUE SST-2") == {
+        "dataset_type": "nyu-mll/glue", "dataset_name": "GLUE SST-2", "dataset_split": "validation"
+    }  # fmt: skip
+    private = tmp_path / "run" / "heldout.txt"
+    private.parent.mkdir()
+    private.write_text("text\n")
+    assert card_dataset(str(private), "validation") == {"dataset_type": "run/heldout.txt", "dataset_name": "run/heldout.txt"}
 
 
 def test_metrics_load_and_compute_with_no_network(tmp_path):

@@ -53,6 +53,20 @@ def load_split(
     return dataset
 
 
+def card_dataset(source: str, split: str, name: str | None = None) -> dict[str, str]:
+    """``dataset_type``, ``dataset_name`` (and for a Hub dataset ``dataset_split``) of a model-card result
+    measured on ``source``.
+
+    A Hub id is the dataset's type and, unless ``name`` gives a readable one, its name.  A local file's
+    path means nothing to the card's readers and may be private (``/tmp/run/heldout.txt``), so a file is
+    described by ``name`` or else by its folder and file name (``stsb/dev.tsv``), never by its path.
+    """
+    if not Path(source).is_file():
+        return {"dataset_type": source, "dataset_name": name or source, "dataset_split": split}
+    described = name or f"{Path(source).resolve().parent.name}/{Path(source).name}"
+    return {"dataset_type": described, "dataset_name": described}
+
+
 def text_examples(dataset: datasets.Dataset, text_columns: list[str]) -> datasets.Dataset:
     """One ``text`` example per non-empty cell of ``text_columns`` (an STS pair gives two sentences)."""
     missing = [c for c in text_columns if c not in dataset.column_names]

@@ -4,7 +4,8 @@
 # Held out: the first 129 lines of ../shared/data/wikitext2/valid.txt (about 9k tokens; perplexity on the first
 # 16 blocks of 512 = 8,192 tokens, the shared README's setting); training text: the remaining lines (~265k tokens).
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
-# Usage: bash examples/results/smollm2_wikitext.sh OUT_DIR [STAGE ...]   (stages: split zero_shot transfer finetune)
+# Usage: bash examples/results/smollm2_wikitext.sh OUT_DIR [STAGE ...]
+#   stages: split zero_shot transfer finetune (the recipe, default); finetune_only (comparison: no attention transfer)
 set -euo pipefail
 OUT=${1:-out/smollm2_wikitext}
 shift || true
@@ -47,6 +48,16 @@ finetune() {
     --train_data "$TRAIN" $EVAL --max_eval_samples 16 --max_steps 160 --per_device_train_batch_size 1 \
     --learning_rate 1e-4 --warmup_steps 10 --logging_steps 10 --eval_strategy steps --eval_steps 40 --save_steps 40 \
     --output_dir "$OUT/transfer_finetune_256" $COMMON
+}
+
+finetune_only() {
+  # STEPS=480 gives it about the wall time of attention transfer + fine-tuning together
+  local steps=${STEPS:-160}
+  echo "== comparison: FAVOR+ m=256 fine-tuned without attention transfer ($steps steps, same settings otherwise)"
+  time python examples/finetune.py --task causal-lm --model "$MODEL" --favor-nb-features 256 --evaluate_exact false \
+    --train_data "$TRAIN" $EVAL --max_eval_samples 16 --max_steps "$steps" --per_device_train_batch_size 1 \
+    --learning_rate 1e-4 --warmup_steps 10 --logging_steps 10 --eval_strategy steps --eval_steps $((steps / 4)) \
+    --save_steps $((steps / 4)) --output_dir "$OUT/finetune_only_${steps}_steps" $COMMON
 }
 
 for stage in $STAGES; do $stage; done

@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "task_type": "attention-transfer",
                 "task_name": "Attention transfer (mean per-layer MSE to softmax attention, lower is better)",
-                **(
-                    card_dataset(recipe.eval_data, recipe.eval_split, recipe.eval_dataset_name)
-                    if recipe.eval_data
-                    else card_dataset(recipe.data, recipe.split, recipe.eval_dataset_name)
+                **card_dataset(
+                    recipe.eval_data or recipe.data,
+                    recipe.eval_split if recipe.eval_data else recipe.split,
+                    recipe.eval_dataset_name,
                 ),
                 "metric_type": "mse",
                 "metric_value": after,

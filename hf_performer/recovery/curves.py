@@ -52,6 +52,7 @@ def plot_curve(points: list[dict], metric: str, path: Path, reference: float | N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.plot([p["step"] for p in points], [p[metric] for p in points], marker="o", label="FAVOR+")
@@ -61,10 +62,8 @@ def plot_curve(points: list[dict], metric: str, path: Path, reference: float | N
     if min(values) > 0 and max(values) > 10 * min(values):
         axes.set_yscale("log")
         # plain numbers (200, not 2×10²); between decades only 2, 3 and 5 ×, so the labels do not crowd
-        axes.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-        axes.yaxis.set_minor_formatter(
-            matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "235" else "")
-        )
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "235" else ""))
     axes.set_xlabel("optimizer step")
     axes.set_ylabel(metric)
     axes.set_title(title or f"recovery: {metric}")

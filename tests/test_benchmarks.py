@@ -34,16 +34,29 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture
-def results(tmp_path) -> Path:
+@pytest.fixture(scope="module", autouse=True)
+def _committed_results_untouched():
     before = {p.name: p.stat().st_mtime_ns for p in COMMITTED.iterdir()}, PAGE.stat().st_mtime_ns
-    yield tmp_path / "results"
+    yield
     after = {p.name: p.stat().st_mtime_ns for p in COMMITTED.iterdir()}, PAGE.stat().st_mtime_ns
     assert after == before, "the committed results were touched"
 
 
-def test_op_speed_times_every_provider_and_reports_rates_and_crossovers(results):
+@pytest.fixture
+def results(tmp_path) -> Path:
+    return tmp_path / "results"
+
+
+@pytest.fixture(scope="module")
+def op_speed_results(tmp_path_factory) -> Path:
+    """One toy op_speed run, read by its own test and by the report's."""
+    results = tmp_path_factory.mktemp("op_speed") / "results"
     run_benchmark(results, "op_speed", "--lengths", "128", "256", "--repeats", "1")
+    return results
+
+
+def test_op_speed_times_every_provider_and_reports_rates_and_crossovers(op_speed_results):
+    results = op_speed_results
     rows = read_csv(results / "op_speed.csv")
     cells = {(r["mode"], r["pass"], r["length"], r["provider"]) for r in rows}
     assert cells == {
@@ -129,10 +142,9 @@ def test_decode_latency_attention_layer_step_and_cache_size(results):
     assert exact["256"] > exact["64"]
 
 
-def test_report_writes_the_results_page_with_the_goals(results):
-    run_benchmark(results, "op_speed", "--lengths", "128", "256", "--repeats", "1", "--providers", "hf-performer", "sdpa")
-    run_benchmark(results, "report")
-    page = (results.parent / "RESULTS.md").read_text()
+def test_report_writes_the_results_page_with_the_goals(op_speed_results):
+    run_benchmark(op_speed_results, "report")
+    page = (op_speed_results.parent / "RESULTS.md").read_text()
     assert "## Goals" in page and "## Speed" in page
     assert "bidirectional forward, L = 16384" in page  # the goal rows are there even when not measured at 16384
     assert "results/op_speed.png" in page

@@ -61,9 +61,10 @@ def card_dataset(source: str, split: str, name: str | None = None) -> dict[str, 
     path means nothing to the card's readers and may be private (``/tmp/run/heldout.txt``), so a file is
     described by ``name`` or else by its folder and file name (``stsb/dev.tsv``), never by its path.
     """
-    if not Path(source).is_file():
+    path = Path(source)
+    if not path.is_file():
         return {"dataset_type": source, "dataset_name": name or source, "dataset_split": split}
-    described = name or f"{Path(source).resolve().parent.name}/{Path(source).name}"
+    described = name or f"{path.resolve().parent.name}/{path.name}"
     return {"dataset_type": described, "dataset_name": described}
 
 

@@ -12,6 +12,7 @@ from hf_performer.config import PerformerConfig, __version__
 from hf_performer.favor.features import register_kernel
 from hf_performer.integration.cache import FavorCache
 from hf_performer.integration.loading import performer_config_from, to_performer
+from hf_performer.integration.redraw import PerformerRedrawCallback, count_training_step
 from hf_performer.integration.registration import register
 from hf_performer.models.bert import PerformerBertConfig
 from hf_performer.models.gpt2 import PerformerGPT2Config
@@ -27,8 +28,10 @@ __all__ = [
     "PerformerConfig",
     "PerformerGPT2Config",
     "PerformerLlamaConfig",
+    "PerformerRedrawCallback",
     "__version__",
     "convert",
+    "count_training_step",
     "performer_config_from",
     "register",
     "register_kernel",

@@ -39,7 +39,8 @@ class PerformerConfig:
     redraw_interval: int = field(
         default=1000,
         metadata={
-            "help": "Redraw the random features every this many optimizer steps while training (0: never). "
+            "help": "Redraw the random features every this many training steps (0: never): Trainer counts its "
+            "global steps, hand-written loops call hf_performer.count_training_step(model) after each update. "
             "Draws depend only on the seed, so every process of a distributed run draws the same features."
         },
     )

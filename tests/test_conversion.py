@@ -190,6 +190,28 @@ def test_out_holds_weights_code_tokenizer_and_card(converted):
     assert not [name for name in files if name.startswith(".")]
 
 
+def test_sentence_transformers_modules_and_settings_are_kept(converted):
+    src, out = converted["minilm"]["src"], converted["minilm"]["out"]
+    for name in ["modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling/config.json"]:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+
+
+def test_sentence_transformer_of_out_embeds_like_the_source_with_favor(converted):
+    """The source's pipeline (mean pooling, then unit norm), not the plain mean pooling of a bare model."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    src, out = converted["minilm"]["src"], converted["minilm"]["out"]
+    sentences = ["A man is playing a guitar.", "The cat sits on the mat.", "Stocks fell sharply on Monday."]
+    favor_source = sentence_transformers.SentenceTransformer(
+        str(src), device="cpu", model_kwargs={"attention": "favor+", "performer_config": SETTINGS}
+    )
+    converted_model = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    expected = favor_source.encode(sentences, convert_to_tensor=True)
+    embeddings = converted_model.encode(sentences, convert_to_tensor=True)
+    assert [type(module).__name__ for module in converted_model] == ["Transformer", "Pooling", "Normalize"]
+    torch.testing.assert_close(embeddings, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(len(sentences)))
+
+
 def test_source_without_tokenizer_gives_out_without_tokenizer(converted):
     assert not (converted["bert"]["out"] / "tokenizer_config.json").exists()
     assert (converted["gpt2"]["out"] / "tokenizer_config.json").exists()

@@ -1,7 +1,8 @@
 """``convert``: a stock BERT, GPT-2 or Llama checkpoint → a FAVOR+ checkpoint anyone can load.
 
 OUT receives the weights with their random features, the exported model code and ``auto_map``
-(for ``trust_remote_code=True`` without hf-performer), the tokenizer and a README.md model card.
+(for ``trust_remote_code=True`` without hf-performer), the tokenizer, a README.md model card and,
+for a sentence-transformers checkpoint, its modules (pooling, normalisation, ...) and their configs.
 
 Safety rules, in the order they apply:
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, snapshot_download
 from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
@@ -46,6 +47,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model")
+# sentence-transformers' pipeline (modules.json), its settings and the Transformer module's config
+# (sentence_bert_config.json and its per-architecture namesakes)
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_*_config.json")
 
 
 class ConversionError(ValueError):
@@ -117,6 +121,29 @@ def inspect_source(src: str) -> Source:
         has_tokenizer=any(_file(src, name) is not None for name in TOKENIZER_FILES),
         config=config,
     )
+
+
+def _copy_sentence_transformers_files(src: str, local: bool, staging: Path) -> list[str]:
+    """Copy SRC's sentence-transformers files and module folders (``1_Pooling/``, ``2_Normalize/``, ...)
+    into ``staging``; returns the copied file names (none when SRC is not a sentence-transformers model).
+
+    The Transformer module's weights are the converted ones at the root (its ``path`` is ``""``); the
+    other modules are unchanged by the conversion, so ``SentenceTransformer(OUT)`` pools and normalises
+    like SRC instead of falling back to plain mean pooling.
+    """
+    modules_file = _file(src, "modules.json")
+    if modules_file is None:
+        return []
+    folders = [module["path"] for module in json.loads(Path(modules_file).read_text(encoding="utf-8")) if module["path"]]
+    patterns = [*SENTENCE_TRANSFORMERS_FILES, *(f"{folder}/*" for folder in folders)]
+    root = Path(src) if local else Path(snapshot_download(src, allow_patterns=patterns))
+    files = [path for pattern in SENTENCE_TRANSFORMERS_FILES for path in root.glob(pattern)]
+    files += [path for folder in folders for path in (root / folder).rglob("*") if path.is_file()]
+    for path in files:
+        target = staging / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return sorted(path.relative_to(root).as_posix() for path in files)
 
 
 def _check_out(out: Path, source: Source, overwrite: bool) -> None:
@@ -236,6 +263,8 @@ def convert(
             AutoTokenizer.from_pretrained(src).save_pretrained(staging)
         else:
             step("SRC has no tokenizer files: OUT has no tokenizer either")
+        if copied := _copy_sentence_transformers_files(src, source.local, staging):
+            step(f"Copying the sentence-transformers modules and settings ({', '.join(copied)})")
         step("Writing the model card README.md")
         model_card(
             push_to_hub or out.name,

@@ -41,7 +41,12 @@ from hf_performer.recovery.checkpoints import (
 )
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks, tokenized
-from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
+from hf_performer.recovery.training import (
+    check_features_agree,
+    final_metric,
+    refuse_unjoined_processes,
+    resume_checkpoint,
+)
 
 
 @dataclass
@@ -143,6 +148,7 @@ def training_texts(recipe: TransferArguments, tokenizer) -> tuple[Dataset, Datas
 
 def main(argv: list[str] | None = None) -> None:
     recipe, training, settings = parse(argv)
+    refuse_unjoined_processes(training)
     if training.resume_from_checkpoint:
         training.resume_from_checkpoint = resume_checkpoint(training.output_dir, training.resume_from_checkpoint)
     if recipe.train_what == "all":

@@ -54,7 +54,12 @@ from hf_performer.recovery.checkpoints import load_student, load_teacher, prepar
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks
 from hf_performer.recovery.sentence_embeddings import SentenceEmbeddingTrainer, SentencePairCollator
-from hf_performer.recovery.training import check_features_agree, final_metric, resume_checkpoint
+from hf_performer.recovery.training import (
+    check_features_agree,
+    final_metric,
+    refuse_unjoined_processes,
+    resume_checkpoint,
+)
 
 METRICS = Path(__file__).resolve().parent / "metrics"
 
@@ -196,6 +201,7 @@ def build_trainer(recipe, training, model, tokenizer, train, held_out, callbacks
 
 def main(argv: list[str] | None = None) -> None:
     recipe, training, settings = parse(argv)
+    refuse_unjoined_processes(training)
     if training.resume_from_checkpoint:
         training.resume_from_checkpoint = resume_checkpoint(training.output_dir, training.resume_from_checkpoint)
     training.remove_unused_columns = False

@@ -201,6 +201,25 @@ def test_two_accelerate_processes_train_with_identical_features(tiny_bert, tmp_p
     assert fingerprints["0/2"] == features_fingerprint(AutoModel.from_pretrained(out))
 
 
+def test_processes_launched_without_joining_one_run_stop_before_training(tiny_bert, tmp_path):
+    """`--multi_gpu` on a machine without GPUs and without --use_cpu true: no two solo trainings of one folder."""
+    out = tmp_path / "solo"
+    data = ["--train_data", str(DATA / "sst2_train_256.tsv"), "--eval_data", str(DATA / "sst2_dev_128.tsv")]
+    task = ["--task", "classification", "--text_columns", "sentence", "--max_steps", "2"]
+    arguments = finetune_args(tiny_bert, out, *task, *data)
+    at = arguments.index("--use_cpu")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(EXAMPLES / "finetune.py"),
+        *arguments[:at], *arguments[at + 2:],
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert run.returncode != 0
+    assert "launched as 2 processes" in run.stderr and "--use_cpu true" in run.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
 def finetune_args(model: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--model", str(model), "--output_dir", str(out), "--per_device_train_batch_size", "16",

@@ -134,7 +134,8 @@ def _copy_sentence_transformers_files(src: str, local: bool, staging: Path) -> l
     modules_file = _file(src, "modules.json")
     if modules_file is None:
         return []
-    folders = [module["path"] for module in json.loads(Path(modules_file).read_text(encoding="utf-8")) if module["path"]]
+    modules = json.loads(Path(modules_file).read_text(encoding="utf-8"))
+    folders = [module["path"] for module in modules if module["path"]]
     patterns = [*SENTENCE_TRANSFORMERS_FILES, *(f"{folder}/*" for folder in folders)]
     root = Path(src) if local else Path(snapshot_download(src, allow_patterns=patterns))
     files = [path for pattern in SENTENCE_TRANSFORMERS_FILES for path in root.glob(pattern)]

@@ -1,5 +1,8 @@
-"""What every recipe does around ``Trainer.train``: resuming, and checking that the processes agree.
+"""What every recipe does around ``Trainer.train``: checking the launch, resuming, and checking that
+the processes agree.
 
+- A recipe launched as several processes trains as one distributed run or not at all: processes
+  that did not join one run would each train alone and write the same output folder.
 - ``--resume_from_checkpoint last`` resumes from the newest ``checkpoint-*`` in the output folder
   (a path resumes from that checkpoint); the optimizer, scheduler, RNG and FAVOR+ features resume
   with the weights.
@@ -11,11 +14,28 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
+
+
+def refuse_unjoined_processes(training: TrainingArguments) -> None:
+    """Raise before any work if the launcher started more processes than ``training`` runs as one.
+
+    ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs starts N processes
+    (``WORLD_SIZE=N``), but without ``--use_cpu true`` ``TrainingArguments`` sets each one up alone.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training.world_size != launched:
+        raise ValueError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}), but TrainingArguments runs "
+            f"{training.world_size} ({training.parallel_mode.value}): each process would train alone and write "
+            f"{training.output_dir}. On CPUs pass --use_cpu true to the recipe; on GPUs make {launched} visible "
+            "(CUDA_VISIBLE_DEVICES) or launch fewer processes."
+        )
 
 
 def resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:

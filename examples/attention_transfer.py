@@ -8,12 +8,14 @@ over layers of the MSE between the two attention outputs on unlabelled text
 
     python examples/attention_transfer.py --model CHECKPOINT --data ../shared/data/wikitext2/valid.txt \\
         --output_dir out/transfer --max_steps 300 [--train_what attention|all|features|attention+features] [--favor-nb-features 256]
-    accelerate launch examples/attention_transfer.py ...         # several processes / GPUs (add --bf16 on GPU)
+    accelerate launch examples/attention_transfer.py ...         # several processes / GPUs (add --bf16 on GPU;
+                                                                  # on CPUs --use_cpu true)
     python examples/attention_transfer.py ... --resume_from_checkpoint last   # continue an interrupted run
 
 OUTPUT_DIR receives ``checkpoint-*`` folders while training and, at the end, the FAVOR+ checkpoint
 (weights and features, tokenizer, exported model code, README.md card with the final held-out
-MSE), ``eval_results.json`` (the card's format) and ``recovery_curve.{json,png}``
+MSE), ``recovery.json`` (the original model and this stage, which fine-tuning extends),
+``eval_results.json`` (the card's format) and ``recovery_curve.{json,png}``
 (held-out MSE against the step).  Every option of ``transformers.TrainingArguments`` is accepted.
 """
 
@@ -41,6 +43,7 @@ from hf_performer.recovery.checkpoints import (
 )
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks, tokenized
+from hf_performer.recovery.provenance import Stage, provenance_of
 from hf_performer.recovery.training import (
     check_features_agree,
     final_metric,
@@ -65,6 +68,13 @@ class TransferArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --data."})
     eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the original model, for the card's base_model when --model is a local folder "
+            "(default: --model if it is a Hub id, or what a converted or recovered --model records)."
+        },
+    )
     eval_dataset_name: str | None = field(
         default=None,
         metadata={
@@ -93,8 +103,8 @@ class TransferArguments:
     train_what: str = field(
         default="attention",
         metadata={
-            "choices": TRAINABLE,
-            "help": f"What trains, one of {TRAINABLE}: every weight; the attention modules' projections; "
+            "choices": tuple(TRAINABLE),
+            "help": f"What trains, one of {tuple(TRAINABLE)}: every weight; the attention modules' projections; "
             "only the random features ω, made learnable (generalised attention: fitted, no longer unbiased); or "
             "the projections and ω together.",
         },
@@ -187,25 +197,36 @@ def main(argv: list[str] | None = None) -> None:
     check_features_agree(trainer)
     if trainer.is_world_process_zero():
         curve.write()
+        evaluated_on = card_dataset(
+            recipe.eval_data or recipe.data,
+            recipe.eval_split if recipe.eval_data else recipe.split,
+            recipe.eval_dataset_name,
+        )
         results = [
             {
                 "task_type": "attention-transfer",
                 "task_name": "Attention transfer (mean per-layer MSE to softmax attention, lower is better)",
-                **card_dataset(
-                    recipe.eval_data or recipe.data,
-                    recipe.eval_split if recipe.eval_data else recipe.split,
-                    recipe.eval_dataset_name,
-                ),
+                **evaluated_on,
                 "metric_type": "mse",
                 "metric_value": after,
                 "source_metric_value": 0.0,
             }
         ]
+        stage = Stage(
+            recipe="attention transfer",
+            trained=TRAINABLE[recipe.train_what],
+            data=card_dataset(recipe.data, recipe.split)["dataset_name"],
+            steps=trainer.state.global_step,
+            eval_data=evaluated_on["dataset_name"],
+            metric="attention MSE",
+            before=before,
+            after=after,
+        )
         save_recovered(
             trainer.accelerator.unwrap_model(trainer.model),
             tokenizer,
             training.output_dir,
-            source=recipe.model,
+            provenance=provenance_of(recipe.model, recipe.base_model).with_stage(stage),
             eval_results=results,
         )
         print(f"held-out attention MSE: {before:.4g} before, {after:.4g} after; saved {training.output_dir}")

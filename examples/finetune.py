@@ -53,6 +53,7 @@ from hf_performer.recovery.arguments import add_performer_arguments, performer_c
 from hf_performer.recovery.checkpoints import load_student, load_teacher, prepare_padding, save_recovered
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks
+from hf_performer.recovery.provenance import Stage, provenance_of
 from hf_performer.recovery.sentence_embeddings import SentenceEmbeddingTrainer, SentencePairCollator
 from hf_performer.recovery.training import (
     check_features_agree,
@@ -80,6 +81,13 @@ class FinetuneArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --train_data."})
     eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the original model, for the card's base_model when --model is a local folder "
+            "(default: --model if it is a Hub id, or what a converted or recovered --model records)."
+        },
+    )
     eval_dataset_name: str | None = field(
         default=None,
         metadata={
@@ -268,7 +276,18 @@ def main(argv: list[str] | None = None) -> None:
         trainer.save_model(training.output_dir)
         (Path(training.output_dir) / "eval_results.json").write_text(json.dumps([result], indent=2) + "\n")
     else:
-        save_recovered(model, tokenizer, training.output_dir, source=recipe.model, eval_results=[result])
+        stage = Stage(
+            recipe=f"{recipe.task} fine-tuning",
+            trained="all weights",
+            data=card_dataset(recipe.train_data, recipe.split)["dataset_name"],
+            steps=trainer.state.global_step,
+            eval_data=result["dataset_name"],
+            metric=key,
+            before=before,
+            after=after,
+        )
+        provenance = provenance_of(recipe.model, recipe.base_model).with_stage(stage)
+        save_recovered(model, tokenizer, training.output_dir, provenance=provenance, eval_results=[result])
     print(f"{key}: {before:.2f} before fine-tuning, {after:.2f} after{shown(reference)}; saved {training.output_dir}")
 
 

@@ -195,6 +195,7 @@ def test_sentence_transformers_modules_and_settings_are_kept(converted):
     kept = ["modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling/config.json"]
     for name in kept:
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert "`1_Pooling/config.json`" in (out / "README.md").read_text()  # the card says what was kept
 
 
 def test_sentence_transformer_of_out_embeds_like_the_source_with_favor(converted):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertModel, LlamaForCausalLM
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.trainer_utils import get_last_checkpoint
@@ -24,6 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import hf_performer
 from hf_performer.recovery.attention_transfer import attention_transfer_loss
 from hf_performer.recovery.data import card_dataset, load_split, token_blocks
+from hf_performer.recovery.provenance import Provenance, provenance_of
 from hf_performer.recovery.training import features_fingerprint
 from tests.conftest import tiny_bert_config, tiny_llama_config
 
@@ -109,9 +111,10 @@ def test_attention_transfer_of_an_exact_student_costs_nothing(tiny_bert):
 def transferred(tiny_bert, tmp_path_factory) -> Path:
     """Attention transfer of the tiny BERT: 4 steps, then resumed from the last checkpoint to step 8."""
     out = tmp_path_factory.mktemp("transfer")
-    recipe("attention_transfer").main(transfer_args(tiny_bert, out, "--max_steps", "4"))
+    named = ["--base_model", "hf-internal-testing/tiny-bert"]  # what the local tiny BERT stands for on the Hub
+    recipe("attention_transfer").main(transfer_args(tiny_bert, out, "--max_steps", "4", *named))
     recipe("attention_transfer").main(
-        transfer_args(tiny_bert, out, "--max_steps", "8", "--resume_from_checkpoint", "last")
+        transfer_args(tiny_bert, out, "--max_steps", "8", "--resume_from_checkpoint", "last", *named)
     )
     return out
 
@@ -249,6 +252,39 @@ def test_sentence_embedding_finetune_lowers_loss_and_reports_spearman(tiny_bert,
     assert "source_metric_value" in result
     curve = json.loads((out / "recovery_curve.json").read_text())
     assert curve["reference"] == result["source_metric_value"] and len(curve["points"]) >= 3
+
+
+def test_card_after_transfer_and_finetune_names_the_original_model_and_every_stage(transferred, tmp_path):
+    out = tmp_path / "final"
+    data = ["--train_data", str(DATA / "stsb_train_256.tsv"), "--eval_data", str(DATA / "stsb_dev_300.tsv"), *STSB]
+    task = ["--task", "sentence-embedding", "--text_columns", "sentence1", "sentence2", "--label_column", "score"]
+    arguments = [*task, *data, "--max_steps", "2", "--evaluate_exact", "false"]
+    recipe("finetune").main(finetune_args(transferred, out, *arguments))
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "hf-internal-testing/tiny-bert"  # carried from the first stage
+    assert transferred.name not in card.text  # the intermediate folder is not the source
+    assert "unchanged; only" not in card.text
+    stages = json.loads((out / "recovery.json").read_text())["stages"]
+    assert [(s["recipe"], s["trained"], s["steps"]) for s in stages] == [
+        ("attention transfer", "the attention projections", 8),
+        ("sentence-embedding fine-tuning", "all weights", 2),
+    ]
+    assert all(s["data"] == "data/stsb_train_256.tsv" for s in stages)
+    for stage in stages:
+        row = f"| {stage['recipe']} | {stage['trained']} | {stage['data']} | {stage['steps']} |"
+        assert row in card.text
+        assert f"{stage['before']:.4g} | {stage['after']:.4g} |" in card.text
+
+
+def test_provenance_of_a_converted_checkpoint_is_the_base_model_its_card_names(tiny_bert, tmp_path):
+    out = hf_performer.convert(tiny_bert, tmp_path / "converted", base_model="org/tiny", progress=lambda _: None)
+    assert provenance_of(str(out)) == Provenance("org/tiny", "org/tiny")
+
+
+def test_provenance_of_a_local_stock_folder_names_it_without_its_path(tiny_bert):
+    assert provenance_of(str(tiny_bert)) == Provenance(f"{tiny_bert.parent.name}/{tiny_bert.name}", None)
+    assert provenance_of(str(tiny_bert), "org/tiny") == Provenance("org/tiny", "org/tiny")
 
 
 def test_classification_finetune_lowers_loss_and_reports_accuracy(tiny_bert, tmp_path):

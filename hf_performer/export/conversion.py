@@ -264,8 +264,9 @@ def convert(
             AutoTokenizer.from_pretrained(src).save_pretrained(staging)
         else:
             step("SRC has no tokenizer files: OUT has no tokenizer either")
-        if copied := _copy_sentence_transformers_files(src, source.local, staging):
-            step(f"Copying the sentence-transformers modules and settings ({', '.join(copied)})")
+        sentence_transformers_files = _copy_sentence_transformers_files(src, source.local, staging)
+        if sentence_transformers_files:
+            step(f"Copied the sentence-transformers modules and settings ({', '.join(sentence_transformers_files)})")
         step("Writing the model card README.md")
         model_card(
             push_to_hub or out.name,
@@ -276,6 +277,7 @@ def convert(
             source_name=Path(src).name,
             has_tokenizer=source.has_tokenizer,
             eval_results=results,
+            sentence_transformers_files=sentence_transformers_files,
             **card_metadata,
         ).save(staging / "README.md")
         _move_into_place(staging, out)

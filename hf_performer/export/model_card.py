@@ -68,10 +68,15 @@ def model_card(
     language: str | list[str] | None = None,
     has_tokenizer: bool = True,
     eval_results: list[dict] | None = None,
+    stages: list[dict] | None = None,
+    sentence_transformers_files: list[str] | None = None,
 ) -> ModelCard:
     """The card of a FAVOR+ checkpoint converted from ``base_model`` (a Hub id) or the folder ``source_name``.
 
     ``model_id`` is the name the load snippets use (the Hub repository, or the output folder's name).
+    ``stages`` are the training runs since conversion (the fields of
+    :class:`hf_performer.recovery.provenance.Stage`): without them the weights are the source's, unchanged.
+    ``sentence_transformers_files`` are the source's sentence-transformers files kept next to the weights.
     """
     eval_results = eval_results or []
     data = ModelCardData(
@@ -109,4 +114,6 @@ def model_card(
         has_tokenizer=has_tokenizer,
         eval_rows=rows,
         has_source_values=any(_SOURCE_VALUE in e for e in eval_results),
+        stages=stages or [],
+        sentence_transformers_files=sentence_transformers_files or [],
     )

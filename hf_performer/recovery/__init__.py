@@ -5,6 +5,7 @@
 - ``sentence_embeddings``: mean pooling, pair collator and cosine-regression ``Trainer``;
 - ``diagnose``: per-layer relative error of FAVOR+ vs exact attention, table and plot;
 - ``checkpoints``: teacher/student loading and saving a recovered model with its card;
+- ``provenance``: the original model and the training stages a recovered checkpoint records;
 - ``data``, ``arguments``, ``curves``, ``training``: datasets, ``--favor-*`` options, the recovery
   curve, resuming and the cross-process feature check.
 """

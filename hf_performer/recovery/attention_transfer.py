@@ -27,10 +27,16 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-TRAINABLE = ("all", "attention", "features", "attention+features")
-"""What attention transfer may train: every weight, the attention modules' projections (q, k, v and
-GPT-2/Llama's output projection), only the random features ω made learnable, or both of the last two
-(a learned feature map with the projections adapting to it, as Hedgehog and LoLCATs train)."""
+TRAINABLE = {
+    "all": "all weights",
+    "attention": "the attention projections",
+    "features": "the random features ω (made learnable)",
+    "attention+features": "the attention projections and the random features ω (made learnable)",
+}
+"""What attention transfer may train (→ how a model card says it): every weight, the attention modules'
+projections (q, k, v and GPT-2/Llama's output projection), only the random features ω made learnable,
+or both of the last two (a learned feature map with the projections adapting to it, as Hedgehog and
+LoLCATs train)."""
 
 
 def attention_modules(model: nn.Module, attention_classes: tuple[type, ...]) -> list[nn.Module]:
@@ -147,7 +153,7 @@ def make_features_learnable(model: nn.Module) -> list[nn.Parameter]:
 def select_trainable(model: nn.Module, what: str) -> int:
     """Freeze everything except ``what`` (one of :data:`TRAINABLE`); returns the trainable element count."""
     if what not in TRAINABLE:
-        raise ValueError(f"what trains must be one of {TRAINABLE}, got {what!r}")
+        raise ValueError(f"what trains must be one of {tuple(TRAINABLE)}, got {what!r}")
     learned_features = what in ("features", "attention+features")
     if learned_features:
         make_features_learnable(model)

@@ -7,6 +7,7 @@ features); its head is read from ``config.json``, so a sequence classifier stays
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hf_performer.config import PerformerConfig
 from hf_performer.export.model_card import model_card
 from hf_performer.export.remote_code import auto_map, write_remote_code
 from hf_performer.models.registry import family_for
+from hf_performer.recovery.provenance import Provenance
 
 
 def auto_class_for(checkpoint: str):
@@ -62,12 +64,13 @@ def save_recovered(
     tokenizer: PreTrainedTokenizerBase | None,
     out: str | Path,
     *,
-    source: str,
+    provenance: Provenance,
     eval_results: list[dict] | None = None,
-    base_model: str | None = None,
 ) -> Path:
-    """Write ``model`` like ``hf-performer convert`` does: weights, remote code, tokenizer, model card.
+    """Write ``model`` like ``hf-performer convert`` does: weights, remote code, tokenizer, model card,
+    plus ``recovery.json`` (``provenance``: the original model and the training stages).
 
+    The card names the original model (``base_model`` when it is known on the Hub) and lists the stages;
     ``eval_results`` (the format of :mod:`hf_performer.export.model_card`) go into the card and into
     ``eval_results.json`` next to it.
     """
@@ -79,6 +82,7 @@ def save_recovered(
     write_remote_code(family, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    provenance.save(out)
     if eval_results:
         (out / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n", encoding="utf-8")
     model_card(
@@ -86,9 +90,10 @@ def save_recovered(
         stock_model_type=family.stock_model_type,
         auto_class=auto_class.__name__,
         settings=model.favor_settings,
-        base_model=base_model,
-        source_name=Path(source).name,
+        base_model=provenance.base_model,
+        source_name=provenance.original,
         has_tokenizer=tokenizer is not None,
         eval_results=eval_results,
+        stages=[dataclasses.asdict(stage) for stage in provenance.stages],
     ).save(out / "README.md")
     return out

@@ -39,7 +39,7 @@ def train_lora(model, steps=3):
 
 
 def test_lora_adapter_saving_the_favor_modules_reloads_bit_exactly(base_dir, tmp_path):
-    lora = peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["favor"], r=4)
+    lora = peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["favor"], r=4, fan_in_fan_out=True)
     trained = train_lora(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora))
     ids = torch.randint(3, VOCAB, (2, 10))
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_lora_adapter_saving_the_favor_modules_reloads_bit_exactly(base_dir, tmp
 
 
 def test_lora_adapter_without_the_favor_modules_refuses_to_redraw(base_dir):
-    lora = peft.LoraConfig(target_modules=["c_attn"], r=4)
+    lora = peft.LoraConfig(target_modules=["c_attn"], r=4, fan_in_fan_out=True)
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
     with pytest.raises(ValueError, match=r"modules_to_save=\['favor'\]"):
         train_lora(model, steps=1)
@@ -63,7 +63,7 @@ def test_lora_adapter_without_the_favor_modules_refuses_to_redraw(base_dir):
 def test_lora_without_redraws_needs_no_favor_modules(tmp_path):
     """redraw_interval=0 (the recipes' default): the base's features are the adapter's features."""
     base_dir = save_base(tmp_path / "base", redraw_interval=0)
-    lora = peft.LoraConfig(target_modules=["c_attn"], r=4)
+    lora = peft.LoraConfig(target_modules=["c_attn"], r=4, fan_in_fan_out=True)
     trained = train_lora(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora))
     ids = torch.randint(3, VOCAB, (2, 10))
     with torch.no_grad():
@@ -72,3 +72,20 @@ def test_lora_without_redraws_needs_no_favor_modules(tmp_path):
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(input_ids=ids).logits, expected)
+
+
+def test_trainer_redraws_the_features_the_adapter_saves(base_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    lora = peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["favor"], r=4, fan_in_fan_out=True)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    ids = torch.randint(3, VOCAB, (4, 8))
+    examples = [{"input_ids": row, "labels": row} for row in ids]
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none",
+        disable_tqdm=True, use_cpu=True, save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=arguments, train_dataset=examples).train()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    assert [int(m.favor.draws) for m in reloaded.modules() if hasattr(m, "favor")] == [2, 2]

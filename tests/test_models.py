@@ -3,6 +3,7 @@
 import pytest
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import (
     AttentionInterface,
     AutoModel,
@@ -282,3 +283,67 @@ def test_bert_cross_attention_has_its_own_features_and_ignores_padded_encoder_to
     logits = model(ids, encoder_hidden_states=encoder_states, encoder_attention_mask=mask).logits
     alone = model(ids[1:], encoder_hidden_states=encoder_states[1:, :5]).logits
     torch.testing.assert_close(logits[1:], alone, rtol=1e-4, atol=1e-5)  # padded encoder keys are ignored
+
+
+def test_to_performer_leaves_the_source_model_as_it_was(tmp_path):
+    hf_performer.to_performer(stock_model("bert", BertModel)).save_pretrained(tmp_path)
+    teacher = AutoModel.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, VOCAB, (2, 7))
+    before = teacher(ids).last_hidden_state
+    hf_performer.to_performer(teacher)
+    assert teacher.config._attn_implementation == "sdpa"
+    assert torch.equal(teacher(ids).last_hidden_state, before)
+
+
+@pytest.mark.parametrize("attention", [{"attn_implementation": "sdpa"}, {"attention": "favor+"}], ids=["sdpa", "favor"])
+def test_loading_with_output_attentions_is_refused_like_sdpa(tmp_path, attention):
+    stock_model("bert", BertModel).save_pretrained(tmp_path)
+    with pytest.raises(StrictDataclassClassValidationError, match="output_attentions"):
+        AutoModel.from_pretrained(tmp_path, output_attentions=True, **attention)
+
+
+def test_loading_a_converted_checkpoint_with_output_attentions_is_refused(tmp_path):
+    hf_performer.to_performer(stock_model("bert", BertModel)).save_pretrained(tmp_path)
+    with pytest.raises(StrictDataclassClassValidationError, match="output_attentions"):
+        AutoModel.from_pretrained(tmp_path, output_attentions=True)
+
+
+def features_of(model) -> list[torch.Tensor]:
+    return [favor.projection for favor in model.favor_projections()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cast", ["to", "method"])
+def test_casting_the_model_keeps_the_random_features_float32(dtype, cast):
+    model = hf_performer.to_performer(stock_model("bert", BertModel))
+    expected = [features.clone() for features in features_of(model)]
+    model = model.to(dtype) if cast == "to" else {torch.bfloat16: model.bfloat16, torch.float16: model.half}[dtype]()
+    assert model.dtype == dtype
+    for features, before in zip(features_of(model), expected):
+        assert features.dtype == torch.float32 and torch.equal(features, before)
+
+
+def test_device_moves_still_move_the_random_features():
+    model = hf_performer.to_performer(stock_model("bert", BertModel)).to("meta")
+    assert all(features.device.type == "meta" and features.dtype == torch.float32 for features in features_of(model))
+
+
+@pytest.mark.parametrize("source", ["stock", "converted"])
+def test_loading_in_bfloat16_keeps_the_random_features_float32(tmp_path, source):
+    stock = stock_model("bert", BertModel)
+    (hf_performer.to_performer(stock) if source == "converted" else stock).save_pretrained(tmp_path)
+    expected = features_of(AutoModel.from_pretrained(tmp_path, attention="favor+"))
+    model = AutoModel.from_pretrained(tmp_path, attention="favor+", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    for features, reference in zip(features_of(model), expected):
+        assert features.dtype == torch.float32 and torch.equal(features, reference)
+
+
+def test_a_model_saved_in_bfloat16_reloads_with_its_float32_features(tmp_path):
+    model = hf_performer.to_performer(stock_model("bert", BertModel))
+    expected = [features.clone() for features in features_of(model)]
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    for dtype in (None, torch.bfloat16):
+        again = AutoModel.from_pretrained(tmp_path, dtype=dtype)
+        for features, reference in zip(features_of(again), expected):
+            assert features.dtype == torch.float32 and torch.equal(features, reference)

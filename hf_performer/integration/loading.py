@@ -10,6 +10,7 @@ classes call the resolved model class's ``from_pretrained``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 
@@ -59,9 +60,10 @@ def performer_class_for(model_class: type) -> type:
 def to_performer(model: PreTrainedModel, performer_config=None) -> PreTrainedModel:
     """A FAVOR+ copy of an in-memory ``model`` (same weights, features drawn from the seed).
 
-    The input model is left untouched; the copy has the same dtype, device and train/eval mode.
+    The input model is left untouched (its config too: the copy gets its own, so a teacher running
+    ``sdpa`` stays exact); the copy has the same dtype, device and train/eval mode.
     """
-    config = performer_config_from(model.config, performer_config)
+    config = copy.deepcopy(performer_config_from(model.config, performer_config))
     config._attn_implementation = ATTENTION_NAME
     performer = performer_class_for(type(model))(config)
     missing, unexpected = performer.load_state_dict(model.state_dict(), strict=False)

@@ -32,6 +32,10 @@ class PerformerConfigMixin:
         self.performer_config = performer_config
         kwargs.setdefault("attn_implementation", ATTENTION_NAME)
         super().__post_init__(**kwargs)
+        # transformers validates a config after __init__ only for the classes it decorates with @strict,
+        # not for subclasses such as this one; without it output_attentions=True would load and
+        # return no attentions where sdpa refuses
+        self.validate()
 
     def __setattr__(self, name, value):
         # kwargs of from_pretrained land here too: store the validated JSON form whatever was passed

@@ -15,7 +15,7 @@ from transformers.generation import GenerationMode
 
 from hf_performer.config import PerformerConfig
 from hf_performer.integration.attention import ATTENTION_NAME
-from hf_performer.integration.cache import NEEDS_KEYS_AND_VALUES, FavorCache
+from hf_performer.integration.cache import CACHE_KWARG, NEEDS_KEYS_AND_VALUES, FavorCache
 from hf_performer.integration.projection import FavorProjection
 from hf_performer.integration.redraw import track_for_redraws
 
@@ -93,8 +93,8 @@ class PerformerModelMixin:
 class PerformerDecoderMixin:
     """Causal families (GPT-2, Llama): ``generate()`` decodes from a constant-size :class:`FavorCache`.
 
-    Used when the model runs ``attn_implementation="favor+"`` without cross-attention and neither
-    ``past_key_values`` nor ``cache_implementation`` is given.  ``cache_implementation="dynamic"``
+    Used when the model runs ``attn_implementation="favor+"`` without cross-attention and neither a
+    cache (``past_key_values``, ``cache`` in newer transformers) nor ``cache_implementation`` is given.  ``cache_implementation="dynamic"``
     still selects transformers' key/value cache (same outputs, O(context) per step).  The other cache
     implementations (static, offloaded, quantized, ...) and assisted decoding need keys and values
     that the state does not have: they raise instead of quietly falling back.
@@ -107,7 +107,7 @@ class PerformerDecoderMixin:
         decodes_from_state = (
             self.config._attn_implementation == ATTENTION_NAME
             and not getattr(self.config, "add_cross_attention", False)
-            and model_kwargs.get("past_key_values") is None
+            and model_kwargs.get(CACHE_KWARG) is None
             and generation_config.use_cache is not False
             and implementation != "dynamic"
         )
@@ -125,7 +125,7 @@ class PerformerDecoderMixin:
                 f"assisted decoding rolls rejected tokens back out of the cache, but {NEEDS_KEYS_AND_VALUES}. "
                 "Pass cache_implementation='dynamic' to generate() to decode with keys and values instead."
             )
-        model_kwargs["past_key_values"] = FavorCache()
+        model_kwargs[CACHE_KWARG] = FavorCache()
 
 
 def _head_dim(module: nn.Module) -> int:

@@ -347,3 +347,32 @@ def test_a_model_saved_in_bfloat16_reloads_with_its_float32_features(tmp_path):
         again = AutoModel.from_pretrained(tmp_path, dtype=dtype)
         for features, reference in zip(features_of(again), expected):
             assert features.dtype == torch.float32 and torch.equal(features, reference)
+
+
+def test_compiled_full_graph_with_a_padding_mask_matches_eager():
+    torch._dynamo.reset()
+    model = hf_performer.to_performer(stock_model("bert", BertModel), PerformerConfig(nb_features=16))
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # graph capture is what is tested
+    torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).last_hidden_state, eager)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="graph break inside hf_performer/favor/attention.py: _DecayedScan.forward (line 178) writes with "
+    "torch.mul(..., out=states[:, :, j + 1]) into a non-contiguous slice inside an autograd.Function, which "
+    "Dynamo cannot trace; the attention seam itself no longer breaks the graph",
+)
+@pytest.mark.parametrize("model_type,stock_class", [("gpt2", transformers.GPT2LMHeadModel), ("llama", transformers.LlamaForCausalLM)])
+def test_compiled_full_graph_of_a_causal_model_with_left_padding_matches_eager(model_type, stock_class):
+    torch._dynamo.reset()
+    model = hf_performer.to_performer(stock_model(model_type, stock_class), PerformerConfig(nb_features=16))
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    eager = model(input_ids=ids, attention_mask=mask).logits
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits, eager)

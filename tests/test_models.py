@@ -1,5 +1,8 @@
 """Performer model types through transformers: every head class, padding, save/load, loading API."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import transformers
@@ -102,7 +105,7 @@ def test_stock_checkpoint_loads_as_favor_with_both_spellings(tmp_path):
     for model in (by_attention, by_implementation, direct):
         assert type(model).__name__ == "PerformerBertForSequenceClassification"
         assert model.config.model_type == "performer_bert"
-        assert model.config.favor_settings == settings
+        assert model.config.performer_config == settings
     ids = torch.randint(3, VOCAB, (2, 7))
     expected = by_attention(ids).logits
     torch.testing.assert_close(by_implementation(ids).logits, expected)
@@ -232,10 +235,74 @@ def test_unsupported_architecture_is_refused():
         hf_performer.to_performer(model)
 
 
-def test_changing_settings_of_a_converted_model_is_refused(tmp_path):
-    hf_performer.to_performer(stock_model("bert", BertModel)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="already FAVOR\\+"):
-        AutoModel.from_pretrained(tmp_path, attention="favor+", performer_config=PerformerConfig(nb_features=8))
+def chunk_sizes_used(model, monkeypatch) -> set[int]:
+    """The ``chunk_size`` every attention layer of ``model`` runs with, from one forward pass."""
+    used = []
+    original = hf_performer.integration.attention.favor_attention
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["chunk_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hf_performer.integration.attention, "favor_attention", recording)
+    model(torch.randint(3, VOCAB, (1, 6)))
+    monkeypatch.setattr(hf_performer.integration.attention, "favor_attention", original)
+    return set(used)
+
+
+def load_converted_gpt2(path, how, performer_config):
+    if how == "auto":
+        return AutoModelForCausalLM.from_pretrained(path, performer_config=performer_config)
+    if how == "performer_class":
+        return type(hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel))).from_pretrained(
+            path, performer_config=performer_config
+        )
+    return transformers.GPT2LMHeadModel.from_pretrained(path, attention="favor+", performer_config=performer_config)
+
+
+LOADERS = ["auto", "performer_class", "stock_class"]
+
+
+@pytest.mark.parametrize("how", LOADERS)
+@pytest.mark.parametrize("as_dict", [True, False], ids=["dict", "PerformerConfig"])
+def test_settings_that_keep_the_features_apply_when_loading_a_converted_checkpoint(tmp_path, monkeypatch, how, as_dict):
+    saved = PerformerConfig(nb_features=16, seed=5)
+    converted = hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel), saved)
+    converted.save_pretrained(tmp_path)
+    changes = {"causal_chunk_size": 3, "redraw_interval": 7}
+    requested = changes if as_dict else dataclasses.replace(saved, **changes)
+    model = load_converted_gpt2(tmp_path, how, requested)
+    assert model.config.performer_config == PerformerConfig(nb_features=16, seed=5, **changes)
+    assert chunk_sizes_used(model, monkeypatch) == {3}
+    assert all(torch.equal(a, b) for a, b in zip(features_of(model), features_of(converted)))
+
+
+@pytest.mark.parametrize("how", LOADERS)
+@pytest.mark.parametrize(
+    "field,value",
+    [("nb_features", 8), ("kernel", "relu"), ("orthogonal", False), ("feature_scaling", "sqrt_d"), ("seed", 1),
+     ("kernel_epsilon", 0.1)],
+)  # fmt: skip
+def test_settings_that_change_the_features_are_refused_on_load_saying_how_to_get_them(tmp_path, how, field, value):
+    hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{field}.*convert the original"):
+        load_converted_gpt2(tmp_path, how, {field: value})
+
+
+def test_a_new_chunk_size_on_a_loaded_model_reaches_every_layer(monkeypatch):
+    model = hf_performer.to_performer(stock_model("llama", transformers.LlamaForCausalLM))
+    model.config.performer_config.causal_chunk_size = 2
+    assert chunk_sizes_used(model, monkeypatch) == {2}
+    model.config.performer_config = {"causal_chunk_size": 5}
+    assert chunk_sizes_used(model, monkeypatch) == {5}
+
+
+def test_performer_config_is_one_typed_field_saved_as_a_dict(tmp_path):
+    model = hf_performer.to_performer(stock_model("bert", BertModel), PerformerConfig(nb_features=12))
+    assert model.config.performer_config == PerformerConfig(nb_features=12)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["performer_config"]
+    assert saved == PerformerConfig(nb_features=12).to_dict()
 
 
 def test_arbitrary_4d_mask_is_refused():

@@ -28,17 +28,26 @@ def feature_seed(seed: int, layer_idx: int, stream: int, draw: int) -> int:
 class FavorProjection(nn.Module):
     """Random features of one attention layer, shared by its heads.
 
+    ``config`` is the model's transformers config (the object itself, shared by all layers): its
+    ``performer_config`` says how to draw and use the features, so a setting changed there after
+    loading reaches every layer.
+
     Buffers: ``projection`` ``[nb_features, head_dim]`` (float32, the ω of the paper) and ``draws``
     (how many times it has been redrawn; the next draw's seed depends on it).
     """
 
-    def __init__(self, settings: PerformerConfig, head_dim: int, layer_idx: int, stream: int = 0):
+    def __init__(self, config, head_dim: int, layer_idx: int, stream: int = 0):
         super().__init__()
-        self.settings = settings
+        self.config = config
         self.layer_idx = layer_idx
         self.stream = stream
         self.register_buffer("projection", self._draw(0, head_dim))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+
+    @property
+    def settings(self) -> PerformerConfig:
+        """The model config's ``performer_config``, read at each use (never a copy taken at init)."""
+        return self.config.performer_config
 
     def _apply(self, fn, recurse=True):
         """Move ``projection`` with the model but keep it float32 through ``.to(dtype)``, ``.half()``, ...

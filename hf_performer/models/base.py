@@ -21,7 +21,12 @@ from hf_performer.integration.redraw import track_for_redraws
 
 
 class PerformerConfigMixin:
-    """Keeps the FAVOR+ settings (``performer_config``, a dict in config.json) and defaults to FAVOR+.
+    """Keeps the FAVOR+ settings and defaults to FAVOR+.
+
+    ``performer_config`` is a :class:`PerformerConfig` (its dict form in config.json), the one place
+    the attention layers read their settings from.  Assigning a dict changes only the fields it names,
+    which is how ``from_pretrained(..., performer_config={"causal_chunk_size": 128})`` reaches a
+    saved config; assigning a ``PerformerConfig`` replaces the settings.
 
     transformers does not save ``attn_implementation``, so a saved Performer checkpoint reloads as
     FAVOR+ because its model type's config defaults to it.  Pass ``attn_implementation="sdpa"`` to
@@ -38,14 +43,16 @@ class PerformerConfigMixin:
         self.validate()
 
     def __setattr__(self, name, value):
-        # kwargs of from_pretrained land here too: store the validated JSON form whatever was passed
+        # kwargs of from_pretrained land here too: store a validated PerformerConfig whatever was passed
         if name == "performer_config":
-            value = PerformerConfig.coerce(value).to_dict()
+            current = self.__dict__.get("performer_config")
+            value = PerformerConfig.coerce(value) if current is None or value is None else current.updated(value)
         super().__setattr__(name, value)
 
-    @property
-    def favor_settings(self) -> PerformerConfig:
-        return PerformerConfig.coerce(self.performer_config)
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        values["performer_config"] = self.performer_config.to_dict()
+        return values
 
 
 class PerformerModelMixin:
@@ -59,16 +66,16 @@ class PerformerModelMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        settings = config.favor_settings
         for module in self.modules():
             if isinstance(module, self.attention_classes):
-                module.favor = FavorProjection(settings, _head_dim(module), module.layer_idx, _stream(module))
+                module.favor = FavorProjection(self.config, _head_dim(module), module.layer_idx, _stream(module))
         self.favor_optimizer_steps = 0
         track_for_redraws(self)
 
     @property
     def favor_settings(self) -> PerformerConfig:
-        return self.config.favor_settings
+        """``config.performer_config``, the settings every layer reads."""
+        return self.config.performer_config
 
     def favor_projections(self) -> list[FavorProjection]:
         return [m for m in self.modules() if isinstance(m, FavorProjection)]

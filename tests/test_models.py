@@ -433,7 +433,9 @@ def test_compiled_full_graph_with_a_padding_mask_matches_eager():
     "torch.mul(..., out=states[:, :, j + 1]) into a non-contiguous slice inside an autograd.Function, which "
     "Dynamo cannot trace; the attention seam itself no longer breaks the graph",
 )
-@pytest.mark.parametrize("model_type,stock_class", [("gpt2", transformers.GPT2LMHeadModel), ("llama", transformers.LlamaForCausalLM)])
+@pytest.mark.parametrize(
+    "model_type,stock_class", [("gpt2", transformers.GPT2LMHeadModel), ("llama", transformers.LlamaForCausalLM)]
+)
 def test_compiled_full_graph_of_a_causal_model_with_left_padding_matches_eager(model_type, stock_class):
     torch._dynamo.reset()
     model = hf_performer.to_performer(stock_model(model_type, stock_class), PerformerConfig(nb_features=16))

@@ -101,10 +101,11 @@ class PerformerDecoderMixin:
     """Causal families (GPT-2, Llama): ``generate()`` decodes from a constant-size :class:`FavorCache`.
 
     Used when the model runs ``attn_implementation="favor+"`` without cross-attention and neither a
-    cache (``past_key_values``, ``cache`` in newer transformers) nor ``cache_implementation`` is given.  ``cache_implementation="dynamic"``
-    still selects transformers' key/value cache (same outputs, O(context) per step).  The other cache
-    implementations (static, offloaded, quantized, ...) and assisted decoding need keys and values
-    that the state does not have: they raise instead of quietly falling back.
+    cache (``past_key_values``, ``cache`` in newer transformers) nor ``cache_implementation`` is
+    given.  ``cache_implementation="dynamic"`` still selects transformers' key/value cache (same
+    outputs, O(context) per step).  The other cache implementations (static, offloaded, quantized,
+    ...) and assisted decoding need keys and values that the state does not have: they raise instead
+    of quietly falling back.
     """
 
     def _prepare_cache_for_generation(

@@ -57,9 +57,9 @@ def attention_decoder(attention: str, context: int):
         key, value = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=generator) for _ in range(2))
         return query, key, value
 
-    settings = PerformerConfig(nb_features=NB_FEATURES)
+    config = SimpleNamespace(performer_config=PerformerConfig(nb_features=NB_FEATURES))  # a model config's part
     module = SimpleNamespace(
-        favor=FavorProjection(settings, HEAD_DIM, layer_idx=0),
+        favor=FavorProjection(config, HEAD_DIM, layer_idx=0),
         is_causal=True,
         training=False,
         num_key_value_groups=HEADS // KV_HEADS,

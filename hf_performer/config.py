@@ -1,6 +1,7 @@
 """``PerformerConfig``: the FAVOR+ settings of a model, validated and JSON-serialisable.
 
-Torch only; the transformers config classes store it as a plain dict (``config.performer_config``).
+Torch only.  A Performer model's transformers config holds one as ``config.performer_config``
+(written to config.json in its dict form); the attention layers read their settings from there.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from typing import Any
 from hf_performer.favor.features import FEATURE_SCALINGS, KERNELS
 
 __version__ = "0.1.0"
+
+
+FEATURE_FIELDS = ("nb_features", "kernel", "orthogonal", "feature_scaling", "seed", "kernel_epsilon")
+"""The settings a converted model's random features were drawn and are used with.  The others
+(``redraw_interval``, ``causal_chunk_size``) only schedule redraws or the computation, so they may
+change when a converted checkpoint is loaded."""
 
 
 @dataclass
@@ -89,6 +96,34 @@ class PerformerConfig:
         if unknown:
             raise ValueError(f"unknown PerformerConfig fields {sorted(unknown)}; known fields: {sorted(names)}")
         return cls(**{k: v for k, v in values.items() if k in names})
+
+    def updated(self, values: PerformerConfig | dict[str, Any]) -> PerformerConfig:
+        """New settings: a ``PerformerConfig`` replaces these; a dict changes only the fields it names."""
+        if isinstance(values, dict):
+            return PerformerConfig.from_dict({**dataclasses.asdict(self), **values})
+        return PerformerConfig.coerce(values)
+
+    def reloaded_with(self, requested: PerformerConfig | dict[str, Any] | None) -> PerformerConfig:
+        """The settings a model converted with these loads with when ``requested`` is asked for.
+
+        Fields outside :data:`FEATURE_FIELDS` apply; a change to one of those raises, since the saved
+        features were drawn for these values (a dict ``requested`` names only what it changes).
+        """
+        if requested is None:
+            return self
+        settings = self.updated(requested)
+        changed = [name for name in FEATURE_FIELDS if getattr(settings, name) != getattr(self, name)]
+        if changed:
+            asked = ", ".join(f"{name}={getattr(settings, name)!r}" for name in changed)
+            saved = ", ".join(f"{name}={getattr(self, name)!r}" for name in changed)
+            raise ValueError(
+                f"this checkpoint is already FAVOR+ with {saved}, and its random features were drawn for those "
+                f"settings; it cannot switch to {asked}. To get them, convert the original (softmax) checkpoint "
+                f"with these settings (`hf-performer convert`, or `from_pretrained(original, attention='favor+', "
+                "performer_config=...)`). Only redraw_interval and causal_chunk_size may change on load: pass "
+                "just those, e.g. performer_config={'causal_chunk_size': 128}."
+            )
+        return settings
 
     @classmethod
     def coerce(cls, value: PerformerConfig | dict[str, Any] | None) -> PerformerConfig:

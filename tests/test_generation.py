@@ -1,5 +1,7 @@
 """Constant-memory generation: ``generate()`` decodes FAVOR+ GPT-2 and Llama from a ``FavorCache``."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -7,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import hf_performer
 from hf_performer import PerformerConfig
-from hf_performer.integration.cache import FavorCache
+from hf_performer.integration.cache import CACHE_KWARG, FavorCache
 from tests.conftest import VOCAB, tiny_gpt2_config, tiny_llama_config
 from tests.test_real_checkpoints import smollm2_path  # noqa: F401  (fixture)
 
@@ -41,6 +43,20 @@ def test_generate_decodes_from_a_favor_cache_by_default(model_type):
     out = generate(tiny_performer(model_type), steps=2)
     assert isinstance(out.past_key_values, FavorCache)
     assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+def test_generate_warns_about_nothing(model_type):
+    model = tiny_performer(model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, steps=4)
+
+
+def test_a_cache_passed_to_generate_is_the_one_it_fills():
+    cache = DynamicCache()
+    generate(tiny_performer("gpt2"), steps=4, **{CACHE_KWARG: cache})
+    assert cache.get_seq_length() == left_padded_batch()["input_ids"].shape[1] + 3
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_MODELS)

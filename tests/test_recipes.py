@@ -7,6 +7,7 @@ offline metric check run as subprocesses).  The tokenizer is the real all-MiniLM
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -23,7 +24,9 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_performer
+from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
 from hf_performer.recovery.attention_transfer import attention_transfer_loss
+from hf_performer.recovery.checkpoints import load_student
 from hf_performer.recovery.data import card_dataset, load_split, token_blocks
 from hf_performer.recovery.provenance import Provenance, provenance_of
 from hf_performer.recovery.training import features_fingerprint
@@ -356,3 +359,24 @@ def test_diagnose_writes_its_table_and_plot(tiny_bert, tmp_path):
     first_layer = [float(cell) for cell in rows[0].strip("| ").split(" | ")[1:]]
     assert first_layer[0] == pytest.approx(first_layer[1])  # layer 0 sees the same input either way
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_load_student_applies_settings_that_keep_the_features_of_a_converted_checkpoint(tmp_path):
+    stock = LlamaForCausalLM(tiny_llama_config())
+    hf_performer.to_performer(stock, hf_performer.PerformerConfig(nb_features=16)).save_pretrained(tmp_path)
+    student = load_student(str(tmp_path), hf_performer.PerformerConfig(nb_features=16, causal_chunk_size=4))
+    assert student.config.performer_config == hf_performer.PerformerConfig(nb_features=16, causal_chunk_size=4)
+
+
+def test_load_student_refuses_settings_a_converted_checkpoint_was_not_drawn_with(tmp_path):
+    stock = LlamaForCausalLM(tiny_llama_config())
+    hf_performer.to_performer(stock, hf_performer.PerformerConfig(nb_features=16)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="nb_features.*convert the original"):
+        load_student(str(tmp_path), hf_performer.PerformerConfig(nb_features=32))
+
+
+def test_recipe_favor_options_name_only_the_settings_given_and_the_recipe_defaults():
+    parser = argparse.ArgumentParser()
+    add_performer_arguments(parser, redraw_interval=0)
+    settings = performer_config_from_args(parser.parse_args(["--favor-causal-chunk-size", "8"]))
+    assert settings == {"causal_chunk_size": 8, "redraw_interval": 0}

@@ -50,7 +50,11 @@ def favor_mask(
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
-    return None if bool(attention_mask.all()) else attention_mask
+    # Dropping an all-ones mask saves the masking work in eager mode; under torch.compile the check
+    # would branch on tensor values (a graph break), and the mask gives the same result anyway
+    if torch.compiler.is_compiling() or not bool(attention_mask.all()):
+        return attention_mask
+    return None
 
 
 def favor_attention_forward(

@@ -15,12 +15,23 @@ layer's state and hands the new state back with :meth:`FavorCacheLayer.advance`.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import GenerationMixin
 
 from hf_performer.favor.attention import FavorState
 
 _LAYER_TAG = "favor_cache_layer"
+
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
+"""The model keyword under which ``generate()`` passes a cache: newer transformers renamed
+``past_key_values`` to ``cache`` and warn (then fail) when the old name is used."""
 
 NEEDS_KEYS_AND_VALUES = (
     "FAVOR+ decodes from a recurrent state (Σφ(k)vᵀ and Σφ(k)) that cannot drop tokens or be written "

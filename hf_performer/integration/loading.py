@@ -10,6 +10,7 @@ classes call the resolved model class's ``from_pretrained``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 
@@ -23,22 +24,17 @@ from hf_performer.models.registry import family_for
 _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
-def _refuse_new_settings(saved: dict, performer_config) -> None:
-    if performer_config is not None and PerformerConfig.coerce(performer_config) != PerformerConfig.coerce(saved):
-        raise ValueError(
-            f"this model is already FAVOR+ with {PerformerConfig.coerce(saved)}; its random features were drawn "
-            "for those settings. Convert the original (softmax) checkpoint to use other settings."
-        )
-
-
 def performer_config_from(config: PretrainedConfig, performer_config=None) -> PretrainedConfig:
-    """The Performer version of a stock transformers ``config`` (a Performer config is returned as is).
+    """A new Performer config: the Performer version of a stock transformers ``config``, or a copy of a
+    Performer one with the settings that may change on load applied (:meth:`PerformerConfig.reloaded_with`).
 
-    ``performer_config``: a :class:`PerformerConfig`, its dict form, or ``None`` for the defaults.
+    ``performer_config``: a :class:`PerformerConfig`, a dict of fields, or ``None`` (the defaults for a
+    stock config, the saved settings for a Performer one).
     """
     family = family_for(config.model_type)
     if isinstance(config, family.config_class):
-        _refuse_new_settings(config.performer_config, performer_config)
+        config = copy.deepcopy(config)
+        config.performer_config = config.performer_config.reloaded_with(performer_config)
         return config
     values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "transformers_version")}
     return family.config_class(**values, performer_config=PerformerConfig.coerce(performer_config))
@@ -59,7 +55,8 @@ def performer_class_for(model_class: type) -> type:
 def to_performer(model: PreTrainedModel, performer_config=None) -> PreTrainedModel:
     """A FAVOR+ copy of an in-memory ``model`` (same weights, features drawn from the seed).
 
-    The input model is left untouched; the copy has the same dtype, device and train/eval mode.
+    The input model is left untouched (its config too: the copy gets its own, so a teacher running
+    ``sdpa`` stays exact); the copy has the same dtype, device and train/eval mode.
     """
     config = performer_config_from(model.config, performer_config)
     config._attn_implementation = ATTENTION_NAME
@@ -70,6 +67,13 @@ def to_performer(model: PreTrainedModel, performer_config=None) -> PreTrainedMod
         raise RuntimeError(f"weights did not carry over: missing {missing}, unexpected {unexpected}")
     first = next(model.parameters())
     return performer.to(device=first.device, dtype=first.dtype).train(model.training)
+
+
+def _refuse_other_features(checkpoint, settings: PerformerConfig, download: dict) -> None:
+    """Raise if ``checkpoint`` is a converted one whose features were drawn with other settings."""
+    saved, _ = PretrainedConfig.get_config_dict(checkpoint, **download)
+    if "performer_config" in saved:
+        PerformerConfig.from_dict(saved["performer_config"]).reloaded_with(settings)
 
 
 def _favor_from_pretrained(original):
@@ -94,12 +98,11 @@ def _favor_from_pretrained(original):
         if performer_config is not None and not requested and not performer_class:
             raise ValueError("performer_config= only applies together with attention='favor+'")
         download = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
-        if performer_class and (performer_config is not None or isinstance(config, PretrainedConfig)):
-            # the Auto classes apply performer_config= to the saved config before we see it
-            saved, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **download)
-            if "performer_config" in saved:
-                _refuse_new_settings(saved["performer_config"], performer_config or getattr(config, "performer_config", None))
+        # the Auto classes apply performer_config= to the saved config and pass it as config=
+        given_config = isinstance(config, PretrainedConfig)
         if not requested and performer_config is None:
+            if performer_class and given_config:
+                _refuse_other_features(pretrained_model_name_or_path, config.performer_config, download)
             return original(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
         target = performer_class_for(cls)
@@ -110,6 +113,8 @@ def _favor_from_pretrained(original):
             )
             kwargs = {**{k: v for k, v in kwargs.items() if k in named_parameters}, **unused}
         kwargs["config"] = performer_config_from(config, performer_config)
+        if given_config:
+            _refuse_other_features(pretrained_model_name_or_path, kwargs["config"].performer_config, download)
         kwargs["attn_implementation"] = ATTENTION_NAME
         return original(target, pretrained_model_name_or_path, *model_args, **kwargs)
 

@@ -28,29 +28,58 @@ def feature_seed(seed: int, layer_idx: int, stream: int, draw: int) -> int:
 class FavorProjection(nn.Module):
     """Random features of one attention layer, shared by its heads.
 
+    ``config`` is the model's transformers config (the object itself, shared by all layers): its
+    ``performer_config`` says how to draw and use the features, so a setting changed there after
+    loading reaches every layer.
+
     Buffers: ``projection`` ``[nb_features, head_dim]`` (float32, the ω of the paper), ``draws``
     (how many times it has been redrawn; the next draw's seed depends on it) and ``steps`` (training
     steps counted so far; a redraw falls every ``redraw_interval`` of them).
     """
 
-    def __init__(self, settings: PerformerConfig, head_dim: int, layer_idx: int, stream: int = 0):
+    def __init__(self, config, head_dim: int, layer_idx: int, stream: int = 0):
         super().__init__()
-        self.settings = settings
+        self.config = config
         self.layer_idx = layer_idx
         self.stream = stream
         self.register_buffer("projection", self._draw(0, head_dim))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
+    @property
+    def settings(self) -> PerformerConfig:
+        """The model config's ``performer_config``, read at each use (never a copy taken at init)."""
+        return self.config.performer_config
+
+    def _apply(self, fn, recurse=True):
+        """Move ``projection`` with the model but keep it float32 through ``.to(dtype)``, ``.half()``, ...
+
+        ω in bfloat16 keeps 8 bits of mantissa: every feature ``exp(ωᵀk)`` would be off by up to 2⁻⁸ of
+        its exponent, and the draws would no longer be the ones the seed gives.  The attention casts
+        queries and keys to float32 anyway, so a float32 ω costs nothing there.
+        """
+        features = self.projection
+        super()._apply(fn, recurse)
+        if self.projection.dtype != features.dtype:
+            self.projection = features.to(self.projection.device)
+        return self
+
     def _draw(self, draw: int, head_dim: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(feature_seed(self.settings.seed, self.layer_idx, self.stream, draw))
-        return orthogonal_random_matrix(
-            self.settings.nb_features,
-            head_dim,
-            generator=generator,
-            orthogonal=self.settings.orthogonal,
-            scaling=self.settings.feature_scaling,
-        )
+        # orthogonal_random_matrix draws in torch's default dtype, which from_pretrained(dtype=...) sets
+        # while it builds the model: the buffer must be float32 from the start, so that loading keeps it so
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return orthogonal_random_matrix(
+                self.settings.nb_features,
+                head_dim,
+                generator=generator,
+                orthogonal=self.settings.orthogonal,
+                scaling=self.settings.feature_scaling,
+            )
+        finally:
+            torch.set_default_dtype(default_dtype)
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -15,12 +15,17 @@ from transformers.generation import GenerationMode
 
 from hf_performer.config import PerformerConfig
 from hf_performer.integration.attention import ATTENTION_NAME
-from hf_performer.integration.cache import NEEDS_KEYS_AND_VALUES, FavorCache
+from hf_performer.integration.cache import CACHE_KWARG, NEEDS_KEYS_AND_VALUES, FavorCache
 from hf_performer.integration.projection import FavorProjection
 
 
 class PerformerConfigMixin:
-    """Keeps the FAVOR+ settings (``performer_config``, a dict in config.json) and defaults to FAVOR+.
+    """Keeps the FAVOR+ settings and defaults to FAVOR+.
+
+    ``performer_config`` is a :class:`PerformerConfig` (its dict form in config.json), the one place
+    the attention layers read their settings from.  Assigning a dict changes only the fields it names,
+    which is how ``from_pretrained(..., performer_config={"causal_chunk_size": 128})`` reaches a
+    saved config; assigning a ``PerformerConfig`` replaces the settings.
 
     transformers does not save ``attn_implementation``, so a saved Performer checkpoint reloads as
     FAVOR+ because its model type's config defaults to it.  Pass ``attn_implementation="sdpa"`` to
@@ -31,16 +36,22 @@ class PerformerConfigMixin:
         self.performer_config = performer_config
         kwargs.setdefault("attn_implementation", ATTENTION_NAME)
         super().__post_init__(**kwargs)
+        # transformers validates a config after __init__ only for the classes it decorates with @strict,
+        # not for subclasses such as this one; without it output_attentions=True would load and
+        # return no attentions where sdpa refuses
+        self.validate()
 
     def __setattr__(self, name, value):
-        # kwargs of from_pretrained land here too: store the validated JSON form whatever was passed
+        # kwargs of from_pretrained land here too: store a validated PerformerConfig whatever was passed
         if name == "performer_config":
-            value = PerformerConfig.coerce(value).to_dict()
+            current = self.__dict__.get("performer_config")
+            value = PerformerConfig.coerce(value) if current is None or value is None else current.updated(value)
         super().__setattr__(name, value)
 
-    @property
-    def favor_settings(self) -> PerformerConfig:
-        return PerformerConfig.coerce(self.performer_config)
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        values["performer_config"] = self.performer_config.to_dict()
+        return values
 
 
 class PerformerModelMixin:
@@ -55,14 +66,14 @@ class PerformerModelMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        settings = config.favor_settings
         for module in self.modules():
             if isinstance(module, self.attention_classes):
-                module.favor = FavorProjection(settings, _head_dim(module), module.layer_idx, _stream(module))
+                module.favor = FavorProjection(self.config, _head_dim(module), module.layer_idx, _stream(module))
 
     @property
     def favor_settings(self) -> PerformerConfig:
-        return self.config.favor_settings
+        """``config.performer_config``, the settings every layer reads."""
+        return self.config.performer_config
 
     def favor_projections(self) -> list[FavorProjection]:
         return [m for m in self.modules() if isinstance(m, FavorProjection)]
@@ -90,11 +101,12 @@ class PerformerModelMixin:
 class PerformerDecoderMixin:
     """Causal families (GPT-2, Llama): ``generate()`` decodes from a constant-size :class:`FavorCache`.
 
-    Used when the model runs ``attn_implementation="favor+"`` without cross-attention and neither
-    ``past_key_values`` nor ``cache_implementation`` is given.  ``cache_implementation="dynamic"``
-    still selects transformers' key/value cache (same outputs, O(context) per step).  The other cache
-    implementations (static, offloaded, quantized, ...) and assisted decoding need keys and values
-    that the state does not have: they raise instead of quietly falling back.
+    Used when the model runs ``attn_implementation="favor+"`` without cross-attention and neither a
+    cache (``past_key_values``, ``cache`` in newer transformers) nor ``cache_implementation`` is
+    given.  ``cache_implementation="dynamic"`` still selects transformers' key/value cache (same
+    outputs, O(context) per step).  The other cache implementations (static, offloaded, quantized,
+    ...) and assisted decoding need keys and values that the state does not have: they raise instead
+    of quietly falling back.
     """
 
     def _prepare_cache_for_generation(
@@ -104,7 +116,7 @@ class PerformerDecoderMixin:
         decodes_from_state = (
             self.config._attn_implementation == ATTENTION_NAME
             and not getattr(self.config, "add_cross_attention", False)
-            and model_kwargs.get("past_key_values") is None
+            and model_kwargs.get(CACHE_KWARG) is None
             and generation_config.use_cache is not False
             and implementation != "dynamic"
         )
@@ -122,7 +134,7 @@ class PerformerDecoderMixin:
                 f"assisted decoding rolls rejected tokens back out of the cache, but {NEEDS_KEYS_AND_VALUES}. "
                 "Pass cache_implementation='dynamic' to generate() to decode with keys and values instead."
             )
-        model_kwargs["past_key_values"] = FavorCache()
+        model_kwargs[CACHE_KWARG] = FavorCache()
 
 
 def _head_dim(module: nn.Module) -> int:

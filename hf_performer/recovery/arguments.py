@@ -2,7 +2,9 @@
 
 Each field ``x`` becomes ``--favor-x`` with the field's own help text, so a new setting appears in
 every recipe's ``--help`` without editing the recipes (the prefix keeps ``--favor-seed`` apart from
-``TrainingArguments``' ``--seed``).
+``TrainingArguments``' ``--seed``).  The options given (and the recipe's own defaults) are kept apart
+from the ones left out: a stock ``--model`` gets ``PerformerConfig`` defaults for those, a converted
+one keeps its saved settings, and only the settings named are checked against what it was drawn with.
 """
 
 from __future__ import annotations
@@ -20,22 +22,26 @@ def add_performer_arguments(parser: argparse.ArgumentParser, **defaults) -> None
 
     ``defaults`` overrides field defaults for this recipe (e.g. ``redraw_interval=0``).
     """
-    group = parser.add_argument_group("FAVOR+ settings (used when --model is not already a FAVOR+ checkpoint)")
+    group = parser.add_argument_group(
+        "FAVOR+ settings (a FAVOR+ --model keeps the settings it was converted with; only "
+        "--favor-redraw-interval and --favor-causal-chunk-size may change them)"
+    )
     for field in dataclasses.fields(PerformerConfig):
-        default = defaults.get(field.name, field.default)
         kind = {bool: _boolean}.get(type(field.default), type(field.default))
         group.add_argument(
             f"--{PREFIX}{field.name}".replace("_", "-"),
             dest=PREFIX + field.name,
             type=kind,
-            default=default,
-            help=f"{field.metadata['help']} (default: {default})",
+            default=defaults.get(field.name),  # None: not asked for
+            help=f"{field.metadata['help']} (default: {defaults.get(field.name, field.default)})",
         )
 
 
-def performer_config_from_args(namespace: argparse.Namespace) -> PerformerConfig:
-    """The :class:`PerformerConfig` given by the ``--favor-*`` options of a parsed namespace."""
-    return PerformerConfig(**{f.name: getattr(namespace, PREFIX + f.name) for f in dataclasses.fields(PerformerConfig)})
+def performer_config_from_args(namespace: argparse.Namespace) -> dict:
+    """The settings asked for with ``--favor-*`` options or by the recipe's defaults, as a dict of
+    :class:`PerformerConfig` fields (what ``load_student`` and ``performer_config=`` take)."""
+    values = {f.name: getattr(namespace, PREFIX + f.name) for f in dataclasses.fields(PerformerConfig)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _boolean(text: str) -> bool:

@@ -32,15 +32,11 @@ def auto_class_for(checkpoint: str):
     raise ValueError(f"{checkpoint}: head {architecture} has no FAVOR+ version; supported: {heads}")
 
 
-def is_performer_checkpoint(checkpoint: str) -> bool:
-    return "performer_config" in AutoConfig.from_pretrained(checkpoint).to_dict()
-
-
-def load_student(checkpoint: str, settings: PerformerConfig, auto_class=None, **kwargs) -> PreTrainedModel:
-    """``checkpoint`` with FAVOR+ attention: converted with ``settings``, or as saved if already converted."""
+def load_student(checkpoint: str, settings: PerformerConfig | dict, auto_class=None, **kwargs) -> PreTrainedModel:
+    """``checkpoint`` with FAVOR+ attention: converted with ``settings``, or, if already converted, with
+    its saved features and the ``settings`` that may change on load (others raise: see
+    :meth:`PerformerConfig.reloaded_with`; a dict names only the settings it asks for)."""
     auto_class = auto_class or auto_class_for(checkpoint)
-    if is_performer_checkpoint(checkpoint):
-        return auto_class.from_pretrained(checkpoint, **kwargs)
     return auto_class.from_pretrained(checkpoint, attention="favor+", performer_config=settings, **kwargs)
 
 

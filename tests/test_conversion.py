@@ -29,7 +29,6 @@ from hf_performer.export import conversion as conversion_module
 from tests.conftest import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_TOKENIZER = REPO.parent / "shared" / "models" / "gpt2-tokenizer"
 SETTINGS = PerformerConfig(nb_features=16, seed=3, causal_chunk_size=2)
 
 # family → (stock head class, Auto class that loads the converted checkpoint, tiny config)
@@ -53,13 +52,13 @@ def _outputs(model) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
 
-def _save_tiny(family: str, folder: Path, *, card: str | None = None) -> Path:
+def _save_tiny(family: str, folder: Path, *, tokenizer: Path | None = None, card: str | None = None) -> Path:
+    """A random tiny checkpoint of ``family``, with the files of the ``tokenizer`` folder when given."""
     stock_class, _, config = TINY[family]
     torch.manual_seed(0)
     stock_class(config()).save_pretrained(folder)
-    if family == "gpt2":
-        for file in GPT2_TOKENIZER.iterdir():
-            shutil.copy(file, folder / file.name)
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
     if card is not None:
         (folder / "README.md").write_text(card)
     return folder
@@ -79,12 +78,14 @@ def _minilm_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> dict[str, dict]:
-    """Every tiny family and MiniLM-L6 converted once: SRC, OUT, Auto class and in-memory FAVOR+ outputs."""
+def converted(tmp_path_factory, byte_level_tokenizer) -> dict[str, dict]:
+    """Every tiny family and MiniLM-L6 converted once: SRC, OUT, Auto class and in-memory FAVOR+ outputs.
+    The GPT-2 source has a tokenizer, the others have none."""
     root = tmp_path_factory.mktemp("converted")
     cases = {}
     for family, (stock_class, auto_class, _) in TINY.items():
-        src = _save_tiny(family, root / f"{family}-src", card="---\nlicense: mit\n---\n# tiny\n")
+        tokenizer = byte_level_tokenizer if family == "gpt2" else None
+        src = _save_tiny(family, root / f"{family}-src", tokenizer=tokenizer, card="---\nlicense: mit\n---\n# tiny\n")
         cases[family] = dict(src=src, stock_class=stock_class, auto_class=auto_class)
     cases["minilm"] = dict(src=_minilm_path(), stock_class=BertModel, auto_class=AutoModel)
     for name, case in cases.items():
@@ -247,8 +248,8 @@ def test_invalid_eval_results_fail_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "src"]
 
 
-def test_conversion_never_writes_into_src(tmp_path):
-    src = _save_tiny("gpt2", tmp_path / "src")
+def test_conversion_never_writes_into_src(tmp_path, byte_level_tokenizer):
+    src = _save_tiny("gpt2", tmp_path / "src", tokenizer=byte_level_tokenizer)
     before = _tree_digest(src)
     convert(src, tmp_path / "out", SETTINGS, progress=_quiet)
     assert _tree_digest(src) == before
@@ -337,9 +338,8 @@ def test_already_converted_src_is_refused(converted, tmp_path):
         convert(converted["bert"]["out"], tmp_path / "out", progress=_quiet)
 
 
-def test_folder_without_config_is_not_a_checkpoint(tmp_path):
-    (tmp_path / "src").mkdir()
-    shutil.copy(GPT2_TOKENIZER / "vocab.json", tmp_path / "src")
+def test_folder_without_config_is_not_a_checkpoint(tmp_path, byte_level_tokenizer):
+    shutil.copytree(byte_level_tokenizer, tmp_path / "src")
     with pytest.raises(ConversionError, match="is not a checkpoint: it has no config.json"):
         convert(tmp_path / "src", tmp_path / "out", progress=_quiet)
 
@@ -380,9 +380,10 @@ def test_head_of_the_source_is_kept(tmp_path):
     assert ModelCard.load(out / "README.md").data.pipeline_tag == "text-classification"
 
 
-def test_progress_is_reported_for_each_step(tmp_path):
+def test_progress_is_reported_for_each_step(tmp_path, byte_level_tokenizer):
     messages = []
-    convert(_save_tiny("gpt2", tmp_path / "src"), tmp_path / "out", SETTINGS, progress=messages.append)
+    src = _save_tiny("gpt2", tmp_path / "src", tokenizer=byte_level_tokenizer)
+    convert(src, tmp_path / "out", SETTINGS, progress=messages.append)
     text = "\n".join(messages)
     for step in ("Loading GPT2LMHeadModel weights", "Saving weights", "model code", "tokenizer", "model card", "Wrote"):
         assert step in text

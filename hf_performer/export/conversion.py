@@ -140,7 +140,7 @@ def _source_card_metadata(source: Source) -> dict:
     }
 
 
-def _staging_folder(out: Path) -> Path:
+def staging_folder(out: Path) -> Path:
     """A hidden empty folder next to OUT (same file system, so the final rename is atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -150,7 +150,7 @@ def _staging_folder(out: Path) -> Path:
     return staging
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
@@ -222,7 +222,7 @@ def convert(
     _check_out(out, source, overwrite)
     card_metadata = _source_card_metadata(source)
 
-    staging = _staging_folder(out)
+    staging = staging_folder(out)
     try:
         step(f"Loading {source.stock_class.__name__} weights with FAVOR+ attention ({settings.nb_features} features)")
         model = source.stock_class.from_pretrained(src, attention=ATTENTION_NAME, performer_config=settings)
@@ -248,7 +248,7 @@ def convert(
             eval_results=results,
             **card_metadata,
         ).save(staging / "README.md")
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

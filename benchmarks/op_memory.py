@@ -26,16 +26,17 @@ import numpy as np
 from measurement import RESULTS, Run, peak_rss_bytes
 from plotting import style_length_axes
 from providers import (
-    MODES, PASSES, PROVIDERS, add_op_shape_arguments, attention_call, attention_op, import_favor_without_transformers, random_qkv,
+    MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_op_shape_arguments, attention_call, attention_op, import_favor_without_transformers, random_qkv,
 )
 
 MIB = 2**20
 
 
-def child(provider: str, mode: str, pass_: str, length: int, heads: int, head_dim: int, nb_features: int) -> None:
+def child(provider: str, mode: str, pass_: str, length: int, args) -> None:
     """Runs in the fresh process: prints ``{"peak_rise_bytes": …, "seconds": …}``."""
     import_favor_without_transformers()
-    op = attention_op(provider, head_dim, nb_features, mode == "causal")
+    heads, head_dim = args.heads, args.head_dim
+    op = attention_op(provider, head_dim, args.nb_features, mode == "causal", args.causal_chunk_size)
     attention_call(op, *random_qkv(256, heads, head_dim), pass_)()
     q, k, v = random_qkv(length, heads, head_dim)
     call = attention_call(op, q, k, v, pass_)
@@ -48,7 +49,8 @@ def child(provider: str, mode: str, pass_: str, length: int, heads: int, head_di
 
 def measure(provider: str, mode: str, pass_: str, length: int, args) -> dict | None:
     command = [sys.executable, __file__, "--child", provider, mode, pass_, str(length),
-               "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--nb-features", str(args.nb_features)]
+               "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--nb-features", str(args.nb_features),
+               "--causal-chunk-size", str(args.causal_chunk_size)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
     except subprocess.TimeoutExpired:
@@ -103,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     add_op_shape_arguments(parser)
+    add_causal_chunk_argument(parser)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--sdpa-max", type=int, default=16384)
     parser.add_argument("--performer-pytorch-max", type=int, default=16384, help="bidirectional (default: 16384)")
@@ -114,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         provider, mode, pass_, length = args.child
-        child(provider, mode, pass_, int(length), args.heads, args.head_dim, args.nb_features)
+        child(provider, mode, pass_, int(length), args)
         return
 
     args.lengths.sort()
@@ -144,7 +147,8 @@ def main() -> None:
         print(f"memory ∝ L^{fit['exponent']:.2f}  {name}  (lengths {fit['fitted_on']})")
     plot(rows, RESULTS / "op_memory.png")
     run.finish([{k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], memory_exponents=exponents,
-               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features, dtype="float32"))
+               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features,
+                          causal_chunk_size=args.causal_chunk_size, dtype="float32"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from flop_counts import matmul_peak_gflops
 from measurement import Run, seconds_per_call
-from providers import MODES, add_op_shape_arguments, attention_call, attention_op, random_qkv
+from providers import MODES, add_causal_chunk_argument, add_op_shape_arguments, attention_call, attention_op, random_qkv
 
 MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
 WRAPPERS = {"aten::matmul", "aten::view", "aten::reshape", "aten::transpose", "aten::expand", "aten::to", "aten::_to_copy",
@@ -93,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=16384)
     add_op_shape_arguments(parser)
+    add_causal_chunk_argument(parser)
     parser.add_argument("--top", type=int, default=12, help="ops listed per call (default: 12)")
     args = parser.parse_args()
 
@@ -103,7 +104,7 @@ def main() -> None:
     rows, totals = [], {}
     for mode in MODES:
         for pass_ in ("forward", "forward+backward"):
-            call = attention_call(attention_op("hf-performer", args.head_dim, args.nb_features, mode == "causal"), q, k, v, pass_)
+            call = attention_call(attention_op("hf-performer", args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size), q, k, v, pass_)
             wall = seconds_per_call(call, repeats=3)
             ops, summary = profile_call(call, args.top)
             summary["wall_ms_unprofiled"] = wall * 1e3
@@ -121,7 +122,8 @@ def main() -> None:
     order = ["mode", "pass", "length", "op", "calls", "self_ms", "share", "gflops", "est_gbps", "costliest_input_shapes"]
     run.finish([{key: (f"{row[key]:.4g}" if isinstance(row[key], float) else row[key]) for key in order} for row in rows],
                machine_limits=limits, per_call=totals,
-               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features, length=args.length))
+               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features, length=args.length,
+                          causal_chunk_size=args.causal_chunk_size))
 
 
 if __name__ == "__main__":

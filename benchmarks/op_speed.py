@@ -30,7 +30,9 @@ import torch
 from flop_counts import favor_forward_flops, matmul_peak_gflops
 from measurement import RESULTS, Run, seconds_per_call
 from plotting import style_length_axes
-from providers import MODES, PASSES, PROVIDERS, add_op_shape_arguments, attention_call, attention_op, random_qkv
+from providers import (
+    MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_op_shape_arguments, attention_call, attention_op, random_qkv,
+)
 
 
 def performer_pytorch_cap(args, mode: str, pass_: str) -> int:
@@ -94,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096, 8192, 16384])
     add_op_shape_arguments(parser)
+    add_causal_chunk_argument(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (default: 3)")
     parser.add_argument("--slow-seconds", type=float, default=5.0, help="a warm-up slower than this is the measurement")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
@@ -117,9 +120,11 @@ def main() -> None:
                 for provider in args.providers:
                     if provider == "performer-pytorch" and length > performer_pytorch_cap(args, mode, pass_):
                         continue
-                    op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal")
+                    op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size)
                     cells[provider] = seconds_per_call(attention_call(op, q, k, v, pass_), args.repeats, args.slow_seconds)
-                flops = args.heads * favor_forward_flops(length, args.head_dim, args.nb_features, mode == "causal")["total"]
+                flops = args.heads * favor_forward_flops(
+                    length, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size
+                )["total"]
                 favor_rate = flops / cells["hf-performer"] / 1e9 if pass_ == "forward" else float("nan")
                 for provider, seconds in cells.items():
                     rows.append(dict(mode=mode, pass_=pass_, length=length, provider=provider, seconds=seconds, measured="yes",
@@ -160,7 +165,8 @@ def main() -> None:
     order = ["mode", "pass", "length", "provider", "seconds", "time_over_hf_performer", "measured", "favor_gflops", "matmul_peak_gflops"]
     rows = [{key: (f"{row[key]:.5g}" if isinstance(row.get(key), float) else row.get(key, "")) for key in order} for row in rows]
     run.finish(rows, crossover_length_vs_sdpa=crossovers, performer_pytorch_extrapolation=fits,
-               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features, dtype="float32"))
+               shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features,
+                          causal_chunk_size=args.causal_chunk_size, dtype="float32"))
     plot([{k: (float(v) if k in ("seconds", "favor_gflops", "matmul_peak_gflops") and v != "" else v) for k, v in r.items()} for r in rows],
          RESULTS / f"{args.name}.png", RESULTS / f"{args.name.replace('op_speed', 'op_flop_rate')}.png")
 

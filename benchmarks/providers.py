@@ -27,6 +27,19 @@ def add_op_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nb-features", type=int, default=256)
 
 
+def add_causal_chunk_argument(parser: argparse.ArgumentParser) -> None:
+    """``--causal-chunk-size``: tokens per chunk of the causal op; default ``PerformerConfig``'s, what models run.
+
+    The op is called with this value and the FLOP counts use it too (:mod:`flop_counts`), so a rate is
+    never computed for a chunk size the op did not run.
+    """
+    import_favor_without_transformers()
+    from hf_performer.config import PerformerConfig
+
+    default = PerformerConfig().causal_chunk_size
+    parser.add_argument("--causal-chunk-size", type=int, default=default, help=f"(default: {default}, PerformerConfig's)")
+
+
 def import_favor_without_transformers() -> None:
     """Make ``import hf_performer.favor`` skip the package ``__init__`` (which imports transformers).
 
@@ -39,13 +52,14 @@ def import_favor_without_transformers() -> None:
         sys.modules["hf_performer"] = package
 
 
-def attention_op(name: str, head_dim: int, nb_features: int, causal: bool) -> Callable:
-    """``fn(q, k, v) → [B, H, L, D]`` for one provider (performer-pytorch draws its own features)."""
+def attention_op(name: str, head_dim: int, nb_features: int, causal: bool, causal_chunk_size: int) -> Callable:
+    """``fn(q, k, v) → [B, H, L, D]`` for one provider (performer-pytorch draws its own features and
+    always cuts causal inputs into its own 128 chunks; ``causal_chunk_size`` is hf-performer's)."""
     if name == "hf-performer":
         from hf_performer.favor import favor_attention, orthogonal_random_matrix
 
         projection = orthogonal_random_matrix(nb_features, head_dim, generator=torch.Generator().manual_seed(0))
-        return lambda q, k, v: favor_attention(q, k, v, projection, causal=causal)[0]
+        return lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=causal_chunk_size)[0]
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if name == "performer-pytorch":

@@ -168,8 +168,11 @@ def main() -> None:
         fits = speed_info.get("performer_pytorch_extrapolation", {})
         s += ["## Speed", "", "![op speed](results/op_speed.png)", "", "![FLOP rate](results/op_flop_rate.png)", "",
               "Times in seconds (best of 3 after a warm-up, see `measurement.py`; one run when a call takes over 5 s); `(n×)` = that provider's time "
-              "over hf-performer's. FLOP counts: `benchmarks/flop_counts.py` (matmul peak = best 2048³ `torch.mm`, measured "
-              "right before each length).", ""]
+              "over hf-performer's. FLOP counts: `benchmarks/flop_counts.py`, causal ones with the chunk size the op ran, "
+              f"{speed_info.get('shape', {}).get('causal_chunk_size', 'not recorded')} tokens (matmul peak = best 2048³ "
+              "`torch.mm`, measured right before each length)."
+              + (f" Note: {speed_info['causal_flop_rate_recounted']}." if "causal_flop_rate_recounted" in speed_info else ""),
+              ""]
         if fits:
             s += ["performer-pytorch causal forward+backward was stopped early (its CPU causal path keeps an `[L/128, m, d]` "
                   "tensor per chunk for backward: GBs at 2048 tokens); at longer lengths its time is *estimated* with "

@@ -6,7 +6,7 @@ over layers of the MSE between the two attention outputs on unlabelled text
 (:mod:`hf_performer.recovery.attention_transfer`); no labels are used.  Afterwards run
 ``examples/finetune.py --model OUTPUT_DIR`` for the task (the chain the README recommends).
 
-    python examples/attention_transfer.py --model CHECKPOINT --data ../shared/data/wikitext2/valid.txt \\
+    python examples/attention_transfer.py --model CHECKPOINT --data Salesforce/wikitext --dataset_config wikitext-2-raw-v1 \\
         --output_dir out/transfer --max_steps 300 [--train_what attention|all|features|attention+features] [--favor-nb-features 256]
     accelerate launch examples/attention_transfer.py ...         # several processes / GPUs (add --bf16 on GPU;
                                                                   # on CPUs --use_cpu true)

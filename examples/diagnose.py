@@ -42,6 +42,7 @@ def parse(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--labels", nargs="+", default=None, help="Names of the models in the table and plot.")
     parser.add_argument("--texts", required=True, help="A .txt/.tsv/.csv/.json(l) file or a Hub dataset id.")
+    parser.add_argument("--dataset-config", default=None, help="Configuration of a Hub dataset (e.g. glue's stsb).")
     parser.add_argument("--split", default="validation", help="Split of a Hub dataset (default: validation).")
     parser.add_argument("--column-names", nargs="+", default=None, help="Column names of a headerless TSV/CSV.")
     parser.add_argument("--text-column", default="text", help="Column holding the texts (default: text).")
@@ -58,7 +59,7 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse(argv)
     settings = performer_config_from_args(args)
-    rows = load_split(args.texts, split=args.split, column_names=args.column_names)
+    rows = load_split(args.texts, split=args.split, column_names=args.column_names, dataset_config=args.dataset_config)
     texts = text_examples(rows, [args.text_column])["text"][: args.rows]
     errors_by_model = {}
     labels = args.labels or [Path(checkpoint).name for checkpoint in args.models]

@@ -1,4 +1,8 @@
-"""The ``hf-performer`` command: ``hf-performer convert SRC OUT --nb-features 256 ...``.
+"""The ``hf-performer`` command: ``hf-performer convert SRC OUT --nb-features 256 ...`` and
+``hf-performer push OUT user/name`` (upload a converted folder, e.g. after a failed ``--push-to-hub``).
+
+A user error ends with ``hf-performer COMMAND: error: MESSAGE`` on stderr and exit status 2, as
+argparse does for bad options; no traceback.
 
 The FAVOR+ options are generated from :class:`PerformerConfig`'s fields (name, default, help),
 so the command line always offers exactly the settings the config has.
@@ -11,7 +15,7 @@ import dataclasses
 import sys
 
 from hf_performer.config import PerformerConfig
-from hf_performer.export.conversion import ConversionError, convert
+from hf_performer.export.conversion import ConversionError, convert, push
 from hf_performer.favor.features import FEATURE_SCALINGS, KERNELS
 from hf_performer.models.registry import FAMILIES
 
@@ -66,6 +70,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the --push-to-hub repository as private")
 
 
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT", help="a folder written by `hf-performer convert`")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="Hub repository to upload to, e.g. user/name (created if absent)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-performer", description="Performer (FAVOR+) attention for transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -76,14 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_convert_arguments(convert_parser)
+    push_parser = commands.add_parser(
+        "push",
+        help="upload a converted checkpoint folder to the Hub",
+        description="Upload OUT, written by `hf-performer convert`, to a Hub repository without converting again "
+        "(token from HF_TOKEN or `hf auth login`).",
+    )
+    add_push_arguments(push_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-performer`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    names = [field.name for field in dataclasses.fields(PerformerConfig)]
     try:
+        if args.command == "push":
+            print(f"Uploaded: {push(args.out, args.repo_id, args.private)}", file=sys.stderr)
+            return 0
+        names = [field.name for field in dataclasses.fields(PerformerConfig)]
         convert(
             args.src,
             args.out,
@@ -95,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
         )
     except ConversionError as error:
-        print(f"hf-performer convert: error: {error}", file=sys.stderr)
+        print(f"hf-performer {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

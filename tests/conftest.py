@@ -42,3 +42,21 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer(tmp_path_factory):
+    """A GPT-2-style byte-level BPE tokenizer trained in a second on a few sentences, saved as a transformers
+    tokenizer folder (``tokenizer.json``, ``tokenizer_config.json``), so no test needs a downloaded tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sentences = ["A man with a hard hat is dancing.", "A young child is riding a horse.", "Three men play chess."]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(sentences * 10, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    folder = tmp_path_factory.mktemp("byte-level-tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_performer.config import PerformerConfig
+
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "benchmarks" / "results"
 PAGE = REPO / "benchmarks" / "RESULTS.md"
@@ -73,6 +75,20 @@ def test_op_speed_times_every_provider_and_reports_rates_and_crossovers(op_speed
     record = json.loads((results / "op_speed_run.json").read_text())
     assert set(record["crossover_length_vs_sdpa"]) == {f"{m} {p}" for m in ("bidirectional", "causal") for p in ("forward", "forward+backward")}
     assert (results / "op_speed.png").stat().st_size > 0 and (results / "op_flop_rate.png").stat().st_size > 0
+
+
+def test_op_speed_counts_causal_flops_with_the_chunk_size_the_op_ran(op_speed_results):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from flop_counts import favor_forward_flops
+
+    shape = json.loads((op_speed_results / "op_speed_run.json").read_text())["shape"]
+    assert shape["causal_chunk_size"] == PerformerConfig().causal_chunk_size
+    rows = read_csv(op_speed_results / "op_speed.csv")
+    causal = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == ("causal", "forward", "hf-performer")]
+    for row in causal:
+        count = favor_forward_flops(int(row["length"]), shape["head_dim"], shape["nb_features"], True, shape["causal_chunk_size"])
+        expected = shape["heads"] * count["total"] / float(row["seconds"]) / 1e9
+        assert float(row["favor_gflops"]) == pytest.approx(expected, rel=1e-3)
 
 
 def test_op_memory_measures_each_point_in_its_own_process_and_fits_the_exponent(results):

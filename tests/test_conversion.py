@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -29,7 +30,6 @@ from hf_performer.export import conversion as conversion_module
 from tests.conftest import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_TOKENIZER = REPO.parent / "shared" / "models" / "gpt2-tokenizer"
 SETTINGS = PerformerConfig(nb_features=16, seed=3, causal_chunk_size=2)
 
 # family → (stock head class, Auto class that loads the converted checkpoint, tiny config)
@@ -53,13 +53,13 @@ def _outputs(model) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
 
-def _save_tiny(family: str, folder: Path, *, card: str | None = None) -> Path:
+def _save_tiny(family: str, folder: Path, *, tokenizer: Path | None = None, card: str | None = None) -> Path:
+    """A random tiny checkpoint of ``family``, with the files of the ``tokenizer`` folder when given."""
     stock_class, _, config = TINY[family]
     torch.manual_seed(0)
     stock_class(config()).save_pretrained(folder)
-    if family == "gpt2":
-        for file in GPT2_TOKENIZER.iterdir():
-            shutil.copy(file, folder / file.name)
+    if tokenizer is not None:
+        shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
     if card is not None:
         (folder / "README.md").write_text(card)
     return folder
@@ -79,12 +79,14 @@ def _minilm_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> dict[str, dict]:
-    """Every tiny family and MiniLM-L6 converted once: SRC, OUT, Auto class and in-memory FAVOR+ outputs."""
+def converted(tmp_path_factory, byte_level_tokenizer) -> dict[str, dict]:
+    """Every tiny family and MiniLM-L6 converted once: SRC, OUT, Auto class and in-memory FAVOR+ outputs.
+    The GPT-2 source has a tokenizer, the others have none."""
     root = tmp_path_factory.mktemp("converted")
     cases = {}
     for family, (stock_class, auto_class, _) in TINY.items():
-        src = _save_tiny(family, root / f"{family}-src", card="---\nlicense: mit\n---\n# tiny\n")
+        tokenizer = byte_level_tokenizer if family == "gpt2" else None
+        src = _save_tiny(family, root / f"{family}-src", tokenizer=tokenizer, card="---\nlicense: mit\n---\n# tiny\n")
         cases[family] = dict(src=src, stock_class=stock_class, auto_class=auto_class)
     cases["minilm"] = dict(src=_minilm_path(), stock_class=BertModel, auto_class=AutoModel)
     for name, case in cases.items():
@@ -271,8 +273,8 @@ def test_invalid_eval_results_fail_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "src"]
 
 
-def test_conversion_never_writes_into_src(tmp_path):
-    src = _save_tiny("gpt2", tmp_path / "src")
+def test_conversion_never_writes_into_src(tmp_path, byte_level_tokenizer):
+    src = _save_tiny("gpt2", tmp_path / "src", tokenizer=byte_level_tokenizer)
     before = _tree_digest(src)
     convert(src, tmp_path / "out", SETTINGS, progress=_quiet)
     assert _tree_digest(src) == before
@@ -361,9 +363,8 @@ def test_already_converted_src_is_refused(converted, tmp_path):
         convert(converted["bert"]["out"], tmp_path / "out", progress=_quiet)
 
 
-def test_folder_without_config_is_not_a_checkpoint(tmp_path):
-    (tmp_path / "src").mkdir()
-    shutil.copy(GPT2_TOKENIZER / "vocab.json", tmp_path / "src")
+def test_folder_without_config_is_not_a_checkpoint(tmp_path, byte_level_tokenizer):
+    shutil.copytree(byte_level_tokenizer, tmp_path / "src")
     with pytest.raises(ConversionError, match="is not a checkpoint: it has no config.json"):
         convert(tmp_path / "src", tmp_path / "out", progress=_quiet)
 
@@ -376,11 +377,17 @@ def test_folder_without_weights_is_not_a_checkpoint(tmp_path):
 
 
 def test_missing_src_is_reported(tmp_path):
-    with pytest.raises(ConversionError, match="neither a local folder nor a Hub model id"):
+    with pytest.raises(ConversionError, match="is not a local folder, nor a valid Hub model id"):
         convert(tmp_path / "does-not-exist", tmp_path / "out", progress=_quiet)
 
 
-def test_push_to_hub_uploads_the_finished_folder(tmp_path, monkeypatch):
+@pytest.fixture
+def hub_online(monkeypatch):
+    """The Hub counts as reachable (the tests run with HF_HUB_OFFLINE=1; uploads are monkeypatched)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def test_push_to_hub_uploads_the_finished_folder(tmp_path, monkeypatch, hub_online):
     uploads = []
 
     def record(folder, repo_id, private):
@@ -404,9 +411,10 @@ def test_head_of_the_source_is_kept(tmp_path):
     assert ModelCard.load(out / "README.md").data.pipeline_tag == "text-classification"
 
 
-def test_progress_is_reported_for_each_step(tmp_path):
+def test_progress_is_reported_for_each_step(tmp_path, byte_level_tokenizer):
     messages = []
-    convert(_save_tiny("gpt2", tmp_path / "src"), tmp_path / "out", SETTINGS, progress=messages.append)
+    src = _save_tiny("gpt2", tmp_path / "src", tokenizer=byte_level_tokenizer)
+    convert(src, tmp_path / "out", SETTINGS, progress=messages.append)
     text = "\n".join(messages)
     for step in ("Loading GPT2LMHeadModel weights", "Saving weights", "model code", "tokenizer", "model card", "Wrote"):
         assert step in text
@@ -460,3 +468,87 @@ def test_conversion_script_help_runs_from_a_checkout():
     )
     assert completed.returncode == 0, completed.stderr
     assert "--nb-features" in completed.stdout and "--push-to-hub" in completed.stdout
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    """The stderr of a CLI run that must end in a user error: status 2 and argparse's `prog: error:` form."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert f"hf-performer {argv[0]}: error: " in err
+    return err
+
+
+def test_cli_reports_out_under_a_file(tmp_path, capsys):
+    src = _save_tiny("bert", tmp_path / "src")
+    (tmp_path / "notes.txt").write_text("a file")
+    err = _cli_error(capsys, "convert", str(src), str(tmp_path / "notes.txt" / "out"))
+    assert "notes.txt is a file, not a folder" in err
+
+
+def test_cli_reports_an_invalid_config_json(tmp_path, capsys):
+    src = _write_config(tmp_path / "src")
+    (src / "config.json").write_text('{"model_type": "bert",')
+    assert "config.json is not valid JSON" in _cli_error(capsys, "convert", str(src), str(tmp_path / "out"))
+
+
+def test_cli_reports_truncated_weights_and_leaves_nothing_behind(tmp_path, capsys):
+    src = _save_tiny("bert", tmp_path / "src")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = _cli_error(capsys, "convert", str(src), str(tmp_path / "out"))
+    assert "cannot read the weights" in err and "truncated" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_cli_says_the_hub_is_offline_for_a_hub_src(tmp_path, capsys):
+    err = _cli_error(capsys, "convert", "someone/not-in-the-cache", str(tmp_path / "out"))
+    assert "the Hub is offline (HF_HUB_OFFLINE=1 is set)" in err
+    assert "no config.json" not in err
+
+
+def test_cli_refuses_push_to_hub_while_offline_before_converting(tmp_path, capsys):
+    src = _save_tiny("bert", tmp_path / "src")
+    err = _cli_error(capsys, "convert", str(src), str(tmp_path / "out"), "--push-to-hub", "user/tiny")
+    assert "the Hub is offline" in err and "hf-performer push" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _unreachable(folder, repo_id, private):
+    raise ConnectionError("no route to huggingface.co")
+
+
+def test_failed_upload_keeps_out_and_says_how_to_push_it_again(tmp_path, capsys, monkeypatch, hub_online):
+    monkeypatch.setattr(conversion_module, "push_folder", _unreachable)
+    src = _save_tiny("bert", tmp_path / "src")
+    out = tmp_path / "out"
+    err = _cli_error(capsys, "convert", str(src), str(out), "--push-to-hub", "user/tiny", "--private")
+    assert "no route to huggingface.co" in err
+    assert f"hf-performer push {out} user/tiny --private" in err
+    assert AutoModel.from_pretrained(out).config._attn_implementation == "favor+"
+
+
+def test_push_command_uploads_a_converted_folder(converted, capsys, monkeypatch, hub_online):
+    uploads = []
+
+    def record(folder, repo_id, private):
+        uploads.append((folder, repo_id, private))
+        return "https://huggingface.co/user/tiny/commit/0"
+
+    monkeypatch.setattr(conversion_module, "push_folder", record)
+    out = converted["bert"]["out"]
+    assert main(["push", str(out), "user/tiny"]) == 0
+    assert uploads == [(out, "user/tiny", False)]
+    assert "Uploaded: https://huggingface.co/user/tiny/commit/0" in capsys.readouterr().err
+
+
+def test_push_command_refuses_a_folder_that_was_not_converted(converted, capsys):
+    err = _cli_error(capsys, "push", str(converted["bert"]["src"]), "user/tiny")
+    assert "not a converted FAVOR+ checkpoint" in err
+
+
+def test_failed_conversion_removes_the_parent_folders_it_created(tmp_path, monkeypatch):
+    src = _save_tiny("bert", tmp_path / "src")
+    monkeypatch.setattr(conversion_module, "write_remote_code", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "new" / "deeper" / "out", SETTINGS, progress=_quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

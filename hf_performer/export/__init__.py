@@ -1,5 +1,5 @@
 """Sharing FAVOR+ checkpoints: conversion of stock checkpoints, exported model code, model cards."""
 
-from hf_performer.export.conversion import ConversionError, convert
+from hf_performer.export.conversion import ConversionError, convert, push
 
-__all__ = ["ConversionError", "convert"]
+__all__ = ["ConversionError", "convert", "push"]

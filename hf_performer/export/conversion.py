@@ -13,13 +13,19 @@ Safety rules, in the order they apply:
 - a non-empty OUT is refused unless ``overwrite=True``;
 - the checkpoint is written to a hidden staging folder next to OUT and renamed into place only
   once complete, so an interrupted conversion leaves no half checkpoint (and, with
-  ``overwrite=True``, the previous OUT intact).
+  ``overwrite=True``, the previous OUT intact), nor any parent folder of OUT that it created;
+- an upload (``push_to_hub``) comes last: when it fails, OUT stays complete and the error says how
+  to upload it again without converting (``hf-performer push OUT REPO_ID``).
+
+Every problem a user can cause or fix (a bad SRC or OUT, unreadable weights, an unreachable Hub)
+raises :class:`ConversionError` with a message that names it, never a library traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -29,7 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
-from huggingface_hub import HfApi, ModelCard, snapshot_download
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
@@ -53,7 +66,7 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.jso
 
 
 class ConversionError(ValueError):
-    """A conversion that cannot be done; the message says why and what would work."""
+    """A conversion or upload that cannot be done; the message says why and what would work."""
 
 
 @dataclass(frozen=True)
@@ -74,23 +87,53 @@ def _file(src: str, name: str) -> str | None:
     return cached_file(src, name, _raise_exceptions_for_missing_entries=False)
 
 
+def _hub_config_file(src: str) -> str:
+    """config.json of the Hub model ``src`` (from the cache when present), or a :class:`ConversionError` saying
+    whether the Hub could not be reached, has no such model, or the model has no config.json."""
+    not_local = f"SRC {src!r} is not a local folder"
+    try:
+        return hf_hub_download(src, "config.json")
+    except HFValidationError:
+        raise ConversionError(f"{not_local}, nor a valid Hub model id (user/name)") from None
+    except LocalEntryNotFoundError:  # offline, or no connection, and not in the cache
+        why, fix = (
+            ("HF_HUB_OFFLINE=1 is set", "unset HF_HUB_OFFLINE")
+            if constants.HF_HUB_OFFLINE
+            else ("there is no connection to it", "connect")
+        )
+        raise ConversionError(
+            f"{not_local}, and as a Hub model id it cannot be downloaded: the Hub is offline ({why}) and the model is "
+            f"not in the local cache; give a local folder, or {fix} and run again"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ConversionError(
+            f"{not_local}, nor a Hub model (a private or gated one needs `hf auth login` or HF_TOKEN)"
+        ) from None
+    except EntryNotFoundError:
+        raise ConversionError(f"SRC {src!r} is not a checkpoint: the Hub model has no config.json") from None
+    except OSError as error:  # HTTP errors of the Hub
+        raise ConversionError(f"{not_local}, and the Hub could not give its config.json: {error}") from None
+
+
 def inspect_source(src: str) -> Source:
     """Check that SRC is a checkpoint that can be converted, reading only small files."""
     local = Path(src).exists()
     if local and not Path(src).is_dir():
         raise ConversionError(f"SRC {src!r} is a file; give the checkpoint's folder")
+    if local:
+        config_file = Path(src) / "config.json"
+        if not config_file.is_file():
+            raise ConversionError(f"SRC {src!r} is not a checkpoint: it has no config.json")
+        if not any((Path(src) / name).is_file() for name in WEIGHT_FILES):
+            raise ConversionError(f"SRC {src!r} is not a checkpoint: it has a config.json but no weights {WEIGHT_FILES}")
+    else:
+        config_file = _hub_config_file(src)
     try:
-        config_file = _file(src, "config.json")
-    except OSError as error:
-        raise ConversionError(
-            f"SRC {src!r} is neither a local folder nor a Hub model id that can be reached: {error}"
-        ) from None
-    if config_file is None:
-        where = "" if local else " (no such local folder, so it was read as a Hub model id)"
-        raise ConversionError(f"SRC {src!r} is not a checkpoint: it has no config.json{where}")
-    if local and not any((Path(src) / name).is_file() for name in WEIGHT_FILES):
-        raise ConversionError(f"SRC {src!r} is not a checkpoint: it has a config.json but no weights {WEIGHT_FILES}")
-    config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"SRC {src!r}: its config.json is not valid JSON ({error}); fix or replace the file") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"SRC {src!r}: its config.json holds a {type(config).__name__}, not a JSON object")
 
     model_type = config.get("model_type")
     if model_type in {family.model_type for family in FAMILIES.values()}:
@@ -148,6 +191,9 @@ def _copy_sentence_transformers_files(src: str, local: bool, staging: Path) -> l
 
 
 def _check_out(out: Path, source: Source, overwrite: bool) -> None:
+    existing = next(folder for folder in out.parents if folder.exists())
+    if not existing.is_dir():
+        raise ConversionError(f"OUT {out} cannot be created: {existing} is a file, not a folder")
     if source.local:
         src = Path(source.name).resolve()
         if out == src or out.is_relative_to(src) or src.is_relative_to(out):
@@ -168,8 +214,23 @@ def _source_card_metadata(source: Source) -> dict:
     }
 
 
-def _staging_folder(out: Path) -> Path:
-    """A hidden empty folder next to OUT (same file system, so the final rename is atomic)."""
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first: what ``mkdir(parents=True)`` would create."""
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that exists and is empty; a failed write cleans up after itself."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there) or already gone
+            pass
+
+
+def staging_folder(out: Path) -> Path:
+    """A hidden empty folder next to OUT (same file system, so the final rename is atomic); OUT's missing
+    parents are created (:func:`missing_folders` tells which, so a failure can remove them again)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -178,7 +239,7 @@ def _staging_folder(out: Path) -> Path:
     return staging
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
+def move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         staging.rename(out)
         return
@@ -198,6 +259,43 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> str:
     return api.upload_folder(
         repo_id=repo_id, folder_path=folder, commit_message=f"FAVOR+ checkpoint (hf-performer {__version__})"
     ).commit_url
+
+
+def _check_hub_online(repo_id: str) -> None:
+    if constants.HF_HUB_OFFLINE:
+        raise ConversionError(
+            f"cannot upload to {repo_id}: the Hub is offline (HF_HUB_OFFLINE=1 is set); unset it, or convert without "
+            "--push-to-hub and upload later with `hf-performer push OUT REPO_ID`"
+        )
+
+
+def push(out: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Upload the converted checkpoint OUT to the Hub repository ``repo_id`` (created if absent); returns the commit URL.
+
+    Raises:
+        ConversionError: OUT is not a FAVOR+ checkpoint, the Hub is offline, or the upload failed (the
+            message says how to retry).
+    """
+    out = Path(out).expanduser().resolve()
+    model_types = {family.model_type for family in FAMILIES.values()}
+    try:
+        model_type = json.loads((out / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in model_types:
+        raise ConversionError(
+            f"{out} is not a converted FAVOR+ checkpoint (no config.json with a model_type among "
+            f"{sorted(model_types)}); convert it first with `hf-performer convert SRC {out}`"
+        )
+    _check_hub_online(repo_id)
+    try:
+        return push_folder(out, repo_id, private)
+    except Exception as error:  # network, authentication, HTTP: whichever, OUT is left as it was
+        retry = f"hf-performer push {out} {repo_id}" + (" --private" if private else "")
+        raise ConversionError(
+            f"uploading {out} to {repo_id} failed ({type(error).__name__}: {error}); {out} is complete, upload it "
+            f"again without converting: {retry}"
+        ) from None
 
 
 def _print_progress(message: str) -> None:
@@ -230,7 +328,9 @@ def convert(
         The path of OUT.
 
     Raises:
-        ConversionError: before any work, when SRC, OUT or the options make the conversion impossible.
+        ConversionError: before any work, when SRC, OUT or the options make the conversion impossible; when
+            SRC's weights cannot be read (nothing is left behind); when the upload fails (OUT is complete and the
+            message says how to upload it again).
     """
     started = time.monotonic()
 
@@ -245,15 +345,28 @@ def convert(
         raise ConversionError(str(error)) from None
     if private and not push_to_hub:
         raise ConversionError("private=True only applies together with push_to_hub")
+    if push_to_hub:
+        _check_hub_online(push_to_hub)
     step(f"Reading {src}")
     source = inspect_source(src)
     _check_out(out, source, overwrite)
     card_metadata = _source_card_metadata(source)
 
-    staging = _staging_folder(out)
+    created = missing_folders(out.parent)
+    try:
+        staging = staging_folder(out)
+    except OSError as error:
+        remove_empty_folders(created)
+        raise ConversionError(f"cannot create OUT {out}: {error}") from None
     try:
         step(f"Loading {source.stock_class.__name__} weights with FAVOR+ attention ({settings.nb_features} features)")
-        model = source.stock_class.from_pretrained(src, attention=ATTENTION_NAME, performer_config=settings)
+        try:
+            model = source.stock_class.from_pretrained(src, attention=ATTENTION_NAME, performer_config=settings)
+        except (OSError, SafetensorError, pickle.UnpicklingError, EOFError) as error:
+            raise ConversionError(
+                f"cannot read the weights of SRC {src!r} ({type(error).__name__}: {error}); the file may be truncated "
+                "or corrupt: download or save it again"
+            ) from None
         model.config.auto_map = auto_map(source.family)
         step(f"Saving weights and random features ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
         model.save_pretrained(staging)
@@ -280,12 +393,13 @@ def convert(
             sentence_transformers_files=sentence_transformers_files,
             **card_metadata,
         ).save(staging / "README.md")
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_folders(created)
         raise
     step(f"Wrote {out}")
     if push_to_hub:
         step(f"Uploading to the Hub as {push_to_hub}{' (private)' if private else ''}")
-        step(f"Uploaded: {push_folder(out, push_to_hub, private)}")
+        step(f"Uploaded: {push(out, push_to_hub, private)}")
     return out

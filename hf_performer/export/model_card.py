@@ -1,5 +1,9 @@
 """The README.md model card of a converted checkpoint, rendered from ``model_cards/performer.md``.
 
+The template sits at the top of the repository and ships inside the package as
+``hf_performer.model_cards`` (pyproject's ``package-dir``), so an installed wheel reads it with
+``importlib.resources``.
+
 The card's YAML header is Hub metadata built with ``huggingface_hub.ModelCardData`` (library,
 tags, base model, pipeline tag, license, evaluation results as ``model-index``), so the Hub
 shows the checkpoint correctly without hand work.
@@ -18,13 +22,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_performer.config import PerformerConfig, __version__
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "performer.md"
+CARD_TEMPLATE = "performer.md"
+
+
+def card_template() -> str:
+    """The text of the card template: the installed package's copy, or the repository's own file when the
+    package runs from a checkout that is not installed (``conversion/convert.py``, ``PYTHONPATH=.``)."""
+    try:
+        template = resources.files("hf_performer.model_cards") / CARD_TEMPLATE
+    except ModuleNotFoundError:
+        template = Path(__file__).resolve().parents[2] / "model_cards" / CARD_TEMPLATE
+    return template.read_text(encoding="utf-8")
 
 TAGS = ["performer", "favor+", "linear-attention", "hf-performer"]
 
@@ -105,7 +120,7 @@ def model_card(
     ]
     return ModelCard.from_template(
         data,
-        template_path=str(CARD_TEMPLATE),
+        template_str=card_template(),
         model_id=model_id,
         source_description=source_description,
         version=__version__,

@@ -1,7 +1,7 @@
 """Datasets for the recovery recipes: local text/TSV/CSV/JSON files or any Hub dataset id.
 
-Everything goes through ``datasets.load_dataset``, so a recipe reads ``../shared/data`` files as
-given and a user with network passes a Hub id instead.  TSV files are read with quoting off
+Everything goes through ``datasets.load_dataset``, so a recipe takes a Hub dataset id (with its
+configuration and split) or a local file the same way.  TSV files are read with quoting off
 (``csv.QUOTE_NONE``): sentiment and STS texts contain bare quote characters that would otherwise
 swallow lines.
 """

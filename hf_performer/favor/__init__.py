@@ -3,13 +3,15 @@
 from hf_performer.favor.attention import (
     FavorState,
     bidirectional_favor,
-    causal_linear_attention,
+    causal_favor,
     favor_attention,
     fold_keys,
+    recurrent_favor_step,
 )
 from hf_performer.favor.features import (
     KERNELS,
     key_features,
+    key_log_features,
     orthogonal_random_matrix,
     query_features,
     register_kernel,
@@ -19,11 +21,13 @@ __all__ = [
     "FavorState",
     "KERNELS",
     "bidirectional_favor",
-    "causal_linear_attention",
+    "causal_favor",
     "favor_attention",
     "fold_keys",
     "key_features",
+    "key_log_features",
     "orthogonal_random_matrix",
     "query_features",
+    "recurrent_favor_step",
     "register_kernel",
 ]

@@ -99,12 +99,11 @@ def favor_attention_forward(
         )
     causal = bool(module.is_causal if is_causal is None else is_causal)
     cache_layer = cache_layer_of(key)
-    group = query.shape[1] // key.shape[1]
     initial_state = None
     if cache_layer is not None:
         if not causal:
             raise ValueError("a FavorCache holds causal state; it cannot serve bidirectional attention")
-        initial_state = cache_layer.initial_state(group)
+        initial_state = cache_layer.initial_state()
         if attention_mask is not None:
             attention_mask = attention_mask[:, -key.shape[-2] :]
     settings = favor.settings
@@ -122,5 +121,5 @@ def favor_attention_forward(
         initial_state=initial_state,
     )
     if cache_layer is not None:
-        cache_layer.advance(state, group)
+        cache_layer.advance(state)
     return output.transpose(1, 2).contiguous(), None

@@ -74,8 +74,11 @@ def fold_keys(state: FavorState, k_feat: torch.Tensor, reference: torch.Tensor, 
 
 
 def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0."""
-    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None]
+    """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0, and its
+    gradient stays 0: dividing by 1 there (rather than by the smallest float) keeps ``1/D`` from
+    overflowing into the backward pass, where ``inf · 0`` would make NaN gradients."""
+    seen = denominator >= torch.finfo(denominator.dtype).tiny
+    return numerator / torch.where(seen, denominator, torch.ones_like(denominator))[..., None]
 
 
 def _with_ones(value: torch.Tensor) -> torch.Tensor:
@@ -217,8 +220,7 @@ class _DecayedScan(torch.autograd.Function):
         states = increments.new_empty(b, h, n + 1, *increments.shape[3:])
         states[:, :, 0] = initial
         for j in range(n):
-            torch.mul(states[:, :, j], decay[:, :, j], out=states[:, :, j + 1])
-            states[:, :, j + 1] += increments[:, :, j]
+            states[:, :, j + 1].copy_(increments[:, :, j]).addcmul_(states[:, :, j], decay[:, :, j])
         ctx.save_for_backward(decay)
         return states
 

@@ -50,6 +50,8 @@ def favor_mask(
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
+    if torch.compiler.is_compiling():  # inside a compiled graph: no branch on tensor values
+        return attention_mask
     return None if bool(attention_mask.all()) else attention_mask
 
 

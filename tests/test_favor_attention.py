@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from hf_performer.favor import FavorState, favor_attention, orthogonal_random_matrix
+from hf_performer.favor import (
+    FavorState,
+    bidirectional_favor,
+    causal_favor,
+    favor_attention,
+    orthogonal_random_matrix,
+    recurrent_favor_step,
+)
 from hf_performer.favor.naive import positive_softmax_features, quadratic_linear_attention, softmax_attention
 
 B, H, D, M = 2, 3, 16, 64
@@ -265,3 +272,19 @@ def test_queries_that_see_only_padding_get_zero_gradients_not_nan(causal):
         assert torch.isfinite(tensor.grad).all()
     blind = (slice(0, 1), slice(None), slice(0, 5)) if causal else (slice(1, 2),)
     assert (q.grad[blind] == 0).all()
+
+
+def test_each_entry_point_matches_its_reference_with_grouped_heads():
+    """bidirectional / causal (chunked) / recurrent step, called directly; GQA keys are not repeated."""
+    q, k, v = qkv(14, heads=4, key_heads=2)
+    omega = projection()
+    expanded = [t.repeat_interleave(2, 1) for t in (k, v)]
+    torch.testing.assert_close(
+        bidirectional_favor(q, k, v, omega), reference(q, *expanded, omega, causal=False), rtol=1e-4, atol=1e-5
+    )
+    causal_out, state = causal_favor(q[:, :, :13], k[:, :, :13], v[:, :, :13], omega, chunk_size=4)
+    full = reference(q, *expanded, omega, causal=True)
+    torch.testing.assert_close(causal_out, full[:, :, :13], rtol=1e-4, atol=1e-5)
+    assert state.kv.shape == (B, 2, M, D) and state.log_scale.shape == (B, 2, M)  # per key head, per feature
+    step, _ = recurrent_favor_step(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:], omega, state)
+    torch.testing.assert_close(step, full[:, :, 13:], rtol=1e-4, atol=1e-5)

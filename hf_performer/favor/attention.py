@@ -431,9 +431,12 @@ def favor_attention(
     chunk_size: int = 64,
     initial_state: FavorState | None = None,
     block_size: int | None = None,
+    local_window: int = 0,
+    sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, FavorState | None]:
     """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``: picks :func:`bidirectional_favor`,
-    :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`.
+    :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`; with a local window
+    or sinks, :func:`~hf_performer.favor.hybrid.hybrid_favor_attention`.
 
     Args:
         query: ``[B, H, Lq, D]``; key ``[B, Hk, Lk, D]``; value ``[B, Hk, Lk, Dv]``; ``H % Hk == 0``.
@@ -449,6 +452,11 @@ def favor_attention(
         block_size: tokens whose features are computed and used together (default
             :func:`block_length`: sized to stay in cache); causal blocks are rounded to whole chunks.
             Results do not depend on it beyond float rounding.
+        local_window, sink_tokens: hybrid FAVOR+ (``W``, ``S``): exact softmax weights for the keys
+            within ``W`` tokens and the first ``S`` real tokens, FAVOR+ for the others, one normaliser.
+            ``0, 0`` (the default) is pure FAVOR+.  Self-attention only (``Lq == Lk``), without
+            ``initial_state`` (continuing from a cache keeps the window's keys: not implemented yet),
+            with the softmax kernel, and ``sink_tokens`` needs ``local_window ≥ 1``.
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
@@ -460,6 +468,9 @@ def favor_attention(
         )
     if initial_state is not None and not causal:
         raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
+    if local_window or sink_tokens:
+        return _hybrid(query, key, value, projection, local_window, sink_tokens, scaling, causal, key_padding_mask,
+                       kernel_fn, initial_state)
     features = dict(
         scaling=scaling, key_padding_mask=key_padding_mask, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon
     )
@@ -471,3 +482,24 @@ def favor_attention(
         query, key, value, projection, chunk_size=chunk_size, block_size=block_size, initial_state=initial_state,
         **features,
     )
+
+
+def _hybrid(query, key, value, projection, window, sinks, scaling, causal, key_padding_mask, kernel_fn, initial_state):
+    """:func:`favor_attention` with a local window or sinks: the cases hybrid attention does not cover yet raise."""
+    from hf_performer.favor.hybrid import hybrid_favor_attention  # hybrid builds on this module
+
+    if initial_state is not None or query.shape[-2] != key.shape[-2]:
+        raise NotImplementedError(
+            f"hybrid FAVOR+ (local_window={window}, sink_tokens={sinks}) cannot continue from a FAVOR+ state or a "
+            "key/value cache yet: it needs the window's keys. Run the whole sequence in one forward (use_cache=False)."
+        )
+    if kernel_fn is not None:
+        raise ValueError("local_window and sink_tokens need the softmax kernel (kernel='softmax')")
+    if not window:
+        raise ValueError(f"sink_tokens={sinks} needs local_window ≥ 1 (the current token at least)")
+    out = hybrid_favor_attention(
+        query, key, value, projection, local_window=window, sink_tokens=sinks, scaling=scaling, causal=causal,
+        key_padding_mask=key_padding_mask,
+    )
+    # the state of a hybrid pass would be FAVOR+ over all keys, which no hybrid continuation could use
+    return out, None

@@ -109,6 +109,13 @@ def favor_attention_forward(
         if attention_mask is not None:
             attention_mask = attention_mask[:, -key.shape[-2] :]
     settings = favor.settings
+    window, sinks = settings.local_window, settings.sink_tokens
+    if cache_layer is not None and (window or sinks):
+        raise NotImplementedError(
+            f"a FavorCache cannot serve hybrid FAVOR+ yet (local_window={window}, sink_tokens={sinks}: it would "
+            "have to keep the window's keys and values). Run without a cache (use_cache=False), or use "
+            "local_window=0 and sink_tokens=0 for constant-memory decoding."
+        )
     output, state = favor_attention(
         query,
         key,
@@ -121,6 +128,8 @@ def favor_attention_forward(
         kernel_epsilon=settings.kernel_epsilon,
         chunk_size=settings.causal_chunk_size,
         initial_state=initial_state,
+        local_window=window,
+        sink_tokens=sinks,
     )
     if cache_layer is not None:
         cache_layer.advance(state)

@@ -166,8 +166,16 @@ def test_continuing_from_final_state_equals_one_pass():
         outputs.append(out)
     torch.testing.assert_close(torch.cat(outputs, 2), full, rtol=1e-4, atol=1e-5)
     assert isinstance(state, FavorState) and state.kv.shape == (B, H, M, D)
-    torch.testing.assert_close(state.log_scale, full_state.log_scale)
-    torch.testing.assert_close(state.kv, full_state.kv, rtol=1e-4, atol=1e-5)
+    for got, want in zip(common_reference(state), common_reference(full_state)):  # the same sums
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def common_reference(state):
+    """``(kv, k_sum, reference)`` of a state with its per-feature references folded into their largest
+    (the chunked and the token-by-token paths may keep the same sums relative to different references)."""
+    reference = state.log_scale.amax(-1, keepdim=True)
+    rows = torch.exp(state.log_scale - reference)
+    return state.kv * rows[..., None], state.k_sum * rows, reference
 
 
 def test_large_logits_stay_finite():

@@ -235,10 +235,11 @@ class _DecayedScan(torch.autograd.Function):
 
 
 QUERY_FLOOR = 60.0
-"""Causal query features for the keys of their own chunk are kept ≥ ``exp(−60)`` times their largest.
-A row whose in-chunk terms all lie that far below its largest feature would otherwise underflow to
-an all-zero row (with NaN gradients) at very large query/key norms; where rows are healthy, terms
-that small do not reach float32's resolution of the row's sum, so results do not change."""
+"""Causal query features are kept ≥ ``exp(−60)`` times their largest.  At very large query/key norms
+every product of a query's and a key's features (each normalised by its own maximum) can underflow,
+leaving an all-zero row with NaN gradients; the floor keeps the key that sets the running maximum
+at ≥ ``exp(−60)/m`` of it.  Where rows are healthy, terms that small do not reach float32's
+resolution of the row's sum, so results do not change."""
 
 
 def _causal_chunks(
@@ -261,18 +262,18 @@ def _causal_chunks(
     across chunks a state ``[m, Dv + 1]`` is carried (a scan), so memory is O(L·(m + C) + (L/C)·m·Dv).
 
     Softmax-kernel stabilisers, all detached and all causal (no future token changes a past output,
-    bit for bit):
+    bit for bit): each key is kept relative to its own largest log-feature ``c_s = max_j b_sj``
+    (``b_s = ωk_s − ‖k_s‖²/2``) and weighted by ``exp(c_s − M_t)``, ``M_t`` the running maximum of
+    ``c`` over the keys up to ``t`` (the ``decay`` inside a chunk, the ``carry`` of the state); each
+    query relative to its own largest feature, floored at :data:`QUERY_FLOOR`.  The incoming state's
+    per-feature reference is folded into one per key head on entry.
 
-    - the past (the state entering chunk ``c``) is kept relative to ``P_c``, the per-feature max of
-      the key log-features ``b_s = ωk_s − ‖k_s‖²/2`` over the keys before the chunk, rescaled per
-      feature from chunk to chunk; queries read it with ``P_c`` folded in before their own maximum
-      (as bidirectional attention does), so it never underflows;
-    - keys of the query's own chunk are kept relative to their own maximum ``w_s = max_j b_sj``
-      and weighted by ``exp(w_s − W_t)``, ``W_t`` the running maximum over the chunk's keys up to
-      ``t`` (the ``decay``); queries relative to their own maximum, floored at
-      :data:`QUERY_FLOOR`.  (A per-feature reference here would have to be per query: an
-      ``[C, C, m]`` computation.  Taking it from the chunk's first key was measured worse than this.)
-    - each query adds the two parts after rescaling both to the larger of their references.
+    Why not per-feature references here, as bidirectional attention has: keys of the query's own
+    chunk would need a per-query, per-feature reference (an ``[C, C, m]`` computation), and a
+    per-feature state across chunks alone (tried) cost ~20 % of the causal pass for rows that only
+    differ where the FAVOR+ estimate itself is meaningless (per-dimension std ≳ 15); up to std 10 this
+    reproduces the estimate exactly, beyond it the floor keeps every row a convex combination of the
+    values with finite gradients (``tests/test_favor_large_norms.py``).
     """
     b, key_heads, group, length, _ = query.shape
     dv, m = value.shape[-1], projection.shape[0]
@@ -286,46 +287,43 @@ def _causal_chunks(
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
     q_logits = (query @ (projection * input_scale).transpose(0, 1)).view(b, key_heads, group, n, chunk, m)
 
+    values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
     if kernel_fn is None:
         half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
         log_feat = key_log_features(key, projection, keep, input_scale=input_scale).view(b, key_heads, n, chunk, m)
-        after = torch.maximum(torch.cummax(log_feat.detach().amax(-2), 2).values, state.log_scale[:, :, None])
-        before = torch.cat([state.log_scale[:, :, None], after[:, :, :-1]], 2)  # P_c [B, Hk, n, m]
-        k_state = torch.exp(log_feat - (after + half_log_m)[:, :, :, None])
-        key_max = log_feat.detach().amax(-1)  # w_s [B, Hk, n, C]
-        running = torch.cummax(key_max, -1).values  # W_t
-        k_feat = (log_feat - (key_max + half_log_m)[..., None]).exp_()
+        log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
+        k_feat = (log_feat - (log_weight + half_log_m)[..., None]).exp_()
         if keep_chunks is not None:
-            k_feat, k_state = k_feat * keep_chunks, k_state * keep_chunks
-        decay = (key_max[..., None, :] - running[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
-        scan_decay = torch.exp(before - after)[..., None]  # [B, Hk, n, m, 1]
-        q_past = q_logits + before[:, :, None, :, None, :]
-        past_ref = q_past.detach().amax(-1, keepdim=True)  # [B, Hk, G, n, C, 1]
-        q_state = q_past.sub_(past_ref + half_log_m).exp_()
-        q_max = q_logits.detach().amax(-1, keepdim=True)
-        q_feat = q_logits.sub_(q_max + half_log_m).clamp_(min=-QUERY_FLOOR - half_log_m).exp_()
-        own_ref = q_max + running[:, :, None, :, :, None]
-        top = torch.maximum(own_ref, past_ref)
-        intra_scale, inter_scale = torch.exp(own_ref - top), torch.exp(past_ref - top)
-        log_scale = after[:, :, -1]
+            k_feat = k_feat * keep_chunks
+        # the incoming state, from its per-feature reference to one reference per key head
+        entry_ref = state.log_scale.amax(-1)  # [B, Hk]
+        rows = torch.exp(state.log_scale - entry_ref[..., None])[..., None]
+        initial = torch.cat([state.kv * rows, state.k_sum[..., None] * rows], -1)
+        running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), entry_ref[..., None, None])
+        chunk_end = running[..., -1]  # [B, Hk, n]
+        state_ref = torch.cat([entry_ref[..., None], chunk_end[..., :-1]], -1)
+        decay = (log_weight[..., None, :] - running[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
+        chunk_sums = k_feat.transpose(-1, -2) @ (values * torch.exp(log_weight - chunk_end[..., None])[..., None])
+        scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
+        carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # [B, Hk, 1, n, C, 1], ≤ 1
+        q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m)
+        q_feat = q_logits.clamp_(min=-QUERY_FLOOR - half_log_m).exp_()
+        log_scale = chunk_end[..., -1:].expand(-1, -1, m).contiguous()
     else:
         k_feat = (kernel_fn(key @ (projection * input_scale).transpose(0, 1)) + kernel_epsilon) * m**-0.5
         if keep is not None:
             k_feat = k_feat * keep[..., None]
-        k_feat = k_state = k_feat.view(b, key_heads, n, chunk, m)
-        q_feat = q_state = (kernel_fn(q_logits) + kernel_epsilon) * m**-0.5
-        decay = causal.to(k_feat.dtype)
-        scan_decay = torch.ones_like(k_feat[:, :, :, 0, :, None])
-        intra_scale, inter_scale, log_scale = None, None, state.log_scale
+        k_feat = k_feat.view(b, key_heads, n, chunk, m)
+        q_feat = (kernel_fn(q_logits) + kernel_epsilon) * m**-0.5
+        initial = torch.cat([state.kv, state.k_sum[..., None]], -1)
+        decay, chunk_sums = causal.to(k_feat.dtype), k_feat.transpose(-1, -2) @ values
+        scan_decay, carry, log_scale = torch.ones_like(chunk_sums[..., :1, :1]), None, state.log_scale
 
-    values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
-    initial = torch.cat([state.kv, state.k_sum[..., None]], -1)
-    states = _DecayedScan.apply(initial, k_state.transpose(-1, -2) @ values, scan_decay)  # [B, Hk, n+1, m, Dv+1]
-
+    states = _DecayedScan.apply(initial, chunk_sums, scan_decay)  # [B, Hk, n + 1, m, Dv + 1]
     # queries [B, Hk, G, n, C, m]; the G query heads share the key head's chunk products
     scores = (q_feat @ k_feat.transpose(-1, -2)[:, :, None]).mul_(decay[:, :, None] if decay.dim() > 2 else decay)
-    intra, inter = scores @ values[:, :, None], q_state @ states[:, :, None, :-1]
-    combined = intra + inter if intra_scale is None else intra.mul_(intra_scale).add_(inter.mul_(inter_scale))
+    inter = q_feat @ states[:, :, None, :-1]
+    combined = scores @ values[:, :, None] + (inter if carry is None else inter.mul_(carry))
     out = _divide(combined[..., :dv], combined[..., dv]).view(b, key_heads, group, n * chunk, dv)[..., :length, :]
     final = states[:, :, -1]
     return out, FavorState(final[..., :dv], final[..., dv], log_scale)

@@ -34,14 +34,15 @@ def _blocks(tensor: torch.Tensor, n: int, window: int, dim: int) -> torch.Tensor
     return tensor.unflatten(dim, (n, window))
 
 
-def _neighbours(blocks: torch.Tensor, offsets: tuple[int, ...], dim: int) -> torch.Tensor:
-    """For each block ``b`` (along ``dim``, tokens along ``dim + 1``), the tokens of blocks ``b + o``
-    for ``o`` in ``offsets``, side by side: ``[..., n, W, ...] → [..., n, len(offsets)·W, ...]``
-    (zeros beyond the ends)."""
-    pad = [0, 0] * (blocks.dim() - dim - 1) + [1, 1]
-    padded = F.pad(blocks, pad)
+def _shifted(blocks: torch.Tensor, offset: int, dim: int) -> torch.Tensor:
+    """``blocks`` (blocks along ``dim``) with block ``b + offset`` at index ``b``, zeros beyond the ends."""
+    if offset == 0:
+        return blocks
     n = blocks.shape[dim]
-    return torch.cat([padded.narrow(dim, 1 + o, n) for o in offsets], dim + 1)
+    zeros = blocks.new_zeros(*blocks.shape[:dim], abs(offset), *blocks.shape[dim + 1 :])
+    if offset < 0:
+        return torch.cat([zeros, blocks.narrow(dim, 0, n + offset)], dim)
+    return torch.cat([blocks.narrow(dim, offset, n - offset), zeros], dim)
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.Tensor:
@@ -57,7 +58,6 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     if pad:
         query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
         keep = F.pad(keep, (0, pad), value=False)
-    position = torch.arange(n * w, device=key.device)
     sink = keep & (keep.cumsum(-1) <= sinks)  # [B, 1, L']: the first S real tokens
     far_keep = keep & ~sink
 
@@ -67,24 +67,22 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     block_max = log_feat.detach().amax(-2)  # [B, Hk, n, m]
     if causal:
         after = torch.cummax(block_max, 2).values  # reference of the keys of blocks ≤ c
-        k_feat = torch.exp(log_feat - after[:, :, :, None])
+        k_feat = (log_feat - after[:, :, :, None]).exp_()
         reference = torch.cat([torch.full_like(after[:, :, :1], NEG_LOG_WEIGHT), after[:, :, :-1]], 2)  # blocks ≤ b − 1
     else:
         reference = block_max.amax(2, keepdim=True).expand_as(block_max)
-        k_feat = torch.exp(log_feat - reference[:, :, :, None])
+        k_feat = (log_feat - reference[:, :, :, None]).exp_()
     k_feat = k_feat * _blocks(far_keep, n, w, 2)[..., None]
     values = _blocks(_with_ones(value), n, w, 2)  # [B, Hk, n, W, Dv + 1]
     summaries = k_feat.transpose(-1, -2) @ values  # [B, Hk, n, m, Dv + 1]
-    zero = torch.zeros_like(summaries[:, :, :1])
     if causal:  # keys of blocks ≤ b − 2, relative to the reference of blocks ≤ b − 1
         decay = torch.exp(reference - after)[..., None]
-        prefix = _DecayedScan.apply(zero[:, :, 0], summaries, decay)[:, :, 1:]  # blocks ≤ c, relative to after_c
+        states = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries, decay)  # Σ blocks < c
         lag = torch.cat([torch.full_like(reference[:, :, :1], NEG_LOG_WEIGHT), reference[:, :, :-1]], 2)
-        far = torch.cat([zero, zero, prefix], 2)[:, :, :n] * torch.exp(lag - reference)[..., None]
-    else:  # blocks ≤ b − 2 and ≥ b + 2
-        before = torch.cat([zero, zero, summaries.cumsum(2)], 2)[:, :, :n]
-        after_sums = summaries.flip(2).cumsum(2).flip(2)
-        far = before + torch.cat([after_sums[:, :, 2:], zero, zero], 2)[:, :, :n]
+        far = torch.cat([states[:, :, :1], states[:, :, : n - 1]], 2) * torch.exp(lag - reference)[..., None]
+    else:  # every block but b − 1, b, b + 1; rounding of the difference stays ~1e-7 of the row's FAVOR+ mass
+        near = summaries + _shifted(summaries, -1, 2) + _shifted(summaries, 1, 2)
+        far = summaries.sum(2, keepdim=True) - near
 
     # query side: features relative to the same reference, then their own maximum T
     q_blocks = _blocks(query, n, w, 3)  # [B, Hk, G, n, W, D]
@@ -93,50 +91,44 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     q_feat = q_logits.sub_(top).exp_()
     # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
     favor_ref = top - (scale**2 / 2) * q_blocks.pow(2).sum(-1, keepdim=True) - math.log(m)
-
-    # neighbouring blocks, pair by pair
-    offsets = (-1, 0) if causal else (-1, 0, 1)
-    near_feat = _neighbours(k_feat, offsets, 2)  # [B, Hk, n, O·W, m]
-    near_key = _neighbours(_blocks(key, n, w, 2), offsets, 2) * scale
-    near_values = _neighbours(values, offsets, 2)
-    near_pos = _neighbours(_blocks(position, n, w, 0), offsets, 0)  # [n, O·W]
-    near_keep = _neighbours(_blocks(keep, n, w, 2), offsets, 2)  # [B, 1, n, O·W]
-    near_sink = _neighbours(_blocks(sink, n, w, 2), offsets, 2)
-    q_pos = _blocks(position, n, w, 0)  # [n, W]
-    distance = q_pos[:, :, None] - near_pos[:, None, :]  # i − j, [n, W, O·W]
-    real = near_keep[:, :, :, None, :]  # [B, 1, n, 1, O·W]
-    visible = real & ((distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool))
-    exact = visible & ((distance.abs() < w) | near_sink[:, :, :, None, :])
-    by_features = visible & ~exact
     q_scaled = q_blocks * scale
-    logits = (q_scaled @ near_key.transpose(-1, -2)[:, :, None]).masked_fill(~exact[:, :, None], float("-inf"))
-    pair_feat = (q_feat @ near_feat.transpose(-1, -2)[:, :, None]) * by_features[:, :, None]
+    favor_num = q_feat @ far[:, :, None]
+    exact_logits, exact_values = [], []
 
-    # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
-    parts = [logits]
-    if sinks:
+    # neighbouring blocks, pair by pair: block b + o for query block b; block b itself lies inside the window
+    inside = torch.arange(w, device=key.device)[:, None] - torch.arange(w, device=key.device)  # x − y, [W, W]
+    keep_blocks, sink_blocks = _blocks(keep, n, w, 2), _blocks(sink, n, w, 2)  # [B, 1, n, W]
+    for offset in (-1, 0) if causal else (-1, 0, 1):
+        distance = inside - offset * w  # i − j
+        seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
+        real = _shifted(keep_blocks, offset, 2)[:, :, :, None, :] & seen  # [B, 1, n, W, W]
+        exact = real & ((distance.abs() < w) | _shifted(sink_blocks, offset, 2)[:, :, :, None, :])
+        shifted_values = _shifted(values, offset, 2)[:, :, None]
+        logits = q_scaled @ _shifted(key.unflatten(2, (n, w)) * scale, offset, 2).transpose(-1, -2)[:, :, None]
+        exact_logits.append(logits.masked_fill_(~exact[:, :, None], float("-inf")))
+        exact_values.append(shifted_values)
+        if offset:  # pairs of the window's neighbours that lie beyond it
+            pair_feat = q_feat @ _shifted(k_feat, offset, 2).transpose(-1, -2)[:, :, None]
+            favor_num = favor_num + pair_feat.mul_((real & ~exact)[:, :, None]) @ shifted_values
+
+    if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * w)
         order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks]  # sink positions first
-        is_sink = sink.gather(-1, order)
         sink_key = key.gather(2, order[..., None].expand(b, key_heads, sinks, key.shape[-1])) * scale
-        sink_values = _with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))
         block_start = (torch.arange(n, device=key.device) * w)[:, None]  # [n, 1]
         outside = order[:, :, None, :] < block_start - w  # [B, 1, n, S]
         if not causal:
             outside = outside | (order[:, :, None, :] >= block_start + 2 * w)
-        sink_visible = (is_sink[:, :, None, :] & outside)[:, :, :, None, :]  # [B, 1, n, 1, S]
-        sink_logits = (q_scaled @ sink_key[:, :, None, None].transpose(-1, -2)).masked_fill(
-            ~sink_visible[:, :, None], float("-inf")
-        )
-        parts.append(sink_logits)
-    exact_ref = torch.cat(parts, -1).detach().amax(-1, keepdim=True).clamp_min(NEG_LOG_WEIGHT)
-    reference_all = torch.maximum(exact_ref, favor_ref.detach())
+        sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside)[:, :, None, :, None, :]
+        logits = q_scaled @ sink_key[:, :, None, None].transpose(-1, -2)
+        exact_logits.append(logits.masked_fill_(~sink_visible, float("-inf")))
+        exact_values.append(_with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))[:, :, None, None])
 
-    favor_scale = torch.exp(favor_ref - reference_all)
-    numerator = (q_feat @ far[:, :, None] + pair_feat @ near_values[:, :, None]) * favor_scale
-    numerator = numerator + torch.exp(logits - reference_all) @ near_values[:, :, None]
-    if sinks:
-        numerator = numerator + torch.exp(sink_logits - reference_all) @ sink_values[:, :, None, None]
+    exact_ref = torch.stack([z.detach().amax(-1, keepdim=True) for z in exact_logits]).amax(0)
+    reference_all = torch.maximum(exact_ref.clamp_min(NEG_LOG_WEIGHT), favor_ref.detach())
+    numerator = favor_num * torch.exp(favor_ref - reference_all)
+    for logits, part_values in zip(exact_logits, exact_values):
+        numerator = numerator + logits.sub_(reference_all).exp_() @ part_values
     out = _divide(numerator[..., :dv], numerator[..., dv])  # [B, Hk, G, n, W, Dv]
     return out.flatten(3, 4)[..., :length, :]
 

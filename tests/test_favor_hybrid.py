@@ -130,13 +130,21 @@ def test_bad_settings_raise_naming_the_field(values, field):
         PerformerConfig(**values)
 
 
+def test_causal_queries_may_be_the_last_positions_of_the_keys():
+    """With a key/value cache: the new queries attend to the cached keys plus themselves."""
+    q, k, v = qkv()
+    full, _ = favor_attention(q, k, v, projection(), causal=True, local_window=5, sink_tokens=2)
+    last, _ = favor_attention(q[:, :, -3:], k, v, projection(), causal=True, local_window=5, sink_tokens=2)
+    torch.testing.assert_close(last, full[:, :, -3:])
+
+
 def test_what_the_op_does_not_cover_yet_raises():
     q, k, v = qkv(8)
     _, state = favor_attention(q, k, v, projection(), causal=True)
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
+    with pytest.raises(NotImplementedError, match="FAVOR\\+ state"):
         favor_attention(q, k, v, projection(), causal=True, local_window=4, initial_state=state)
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        favor_attention(q[:, :, -1:], k, v, projection(), causal=True, local_window=4)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        favor_attention(q[:, :, -1:], k, v, projection(), local_window=4)  # bidirectional cross-attention
     with pytest.raises(ValueError, match="local_window ≥ 1"):
         favor_attention(q, k, v, projection(), sink_tokens=2)
 
@@ -159,5 +167,20 @@ def test_a_model_with_a_window_covering_its_input_matches_exact_attention():
 
 def test_a_favor_cache_refuses_hybrid_settings_for_now():
     _, model = llama_pair(local_window=4, sink_tokens=1)
-    with pytest.raises(NotImplementedError, match="FavorCache"):
+    with pytest.raises(NotImplementedError, match="cache_implementation='dynamic'"):
         model.generate(torch.randint(3, VOCAB, (1, 6)), max_new_tokens=2, do_sample=False)
+
+
+def test_generation_with_keys_and_values_equals_full_recomputation():
+    _, model = llama_pair(local_window=4, sink_tokens=1)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding, as in batched generation
+    generated = model.generate(
+        ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="dynamic", pad_token_id=0
+    )
+    for _ in range(5):  # greedy by hand, every step recomputing the whole sequence without a cache
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        logits = model(input_ids=ids, attention_mask=mask[:, :-1], use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, ids)

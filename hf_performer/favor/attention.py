@@ -452,9 +452,10 @@ def favor_attention(
             Results do not depend on it beyond float rounding.
         local_window, sink_tokens: hybrid FAVOR+ (``W``, ``S``): exact softmax weights for the keys
             within ``W`` tokens and the first ``S`` real tokens, FAVOR+ for the others, one normaliser.
-            ``0, 0`` (the default) is pure FAVOR+.  Self-attention only (``Lq == Lk``), without
-            ``initial_state`` (continuing from a cache keeps the window's keys: not implemented yet),
-            with the softmax kernel, and ``sink_tokens`` needs ``local_window ≥ 1``.
+            ``0, 0`` (the default) is pure FAVOR+.  Self-attention (causal queries may be the last
+            ``Lq ≤ Lk`` positions: a key/value cache), without ``initial_state`` (a FAVOR+ state would
+            have to keep the window's keys: not implemented yet), with the softmax kernel;
+            ``sink_tokens`` needs ``local_window ≥ 1``.
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
@@ -486,18 +487,23 @@ def _hybrid(query, key, value, projection, window, sinks, scaling, causal, key_p
     """:func:`favor_attention` with a local window or sinks: the cases hybrid attention does not cover yet raise."""
     from hf_performer.favor.hybrid import hybrid_favor_attention  # hybrid builds on this module
 
-    if initial_state is not None or query.shape[-2] != key.shape[-2]:
+    if initial_state is not None:
         raise NotImplementedError(
-            f"hybrid FAVOR+ (local_window={window}, sink_tokens={sinks}) cannot continue from a FAVOR+ state or a "
-            "key/value cache yet: it needs the window's keys. Run the whole sequence in one forward (use_cache=False)."
+            f"hybrid FAVOR+ (local_window={window}, sink_tokens={sinks}) cannot continue from a FAVOR+ state yet: it "
+            "needs the window's keys. Pass all keys (a key/value cache) or run the whole sequence at once."
         )
     if kernel_fn is not None:
         raise ValueError("local_window and sink_tokens need the softmax kernel (kernel='softmax')")
     if not window:
         raise ValueError(f"sink_tokens={sinks} needs local_window ≥ 1 (the current token at least)")
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if causal and q_len < k_len:
+        # queries are the last positions (a key/value cache): the earlier ones run with zero queries,
+        # which change nothing (queries never interact), and are dropped: O(Lk) per step, as exact decoding
+        query = F.pad(query, (0, 0, k_len - q_len, 0))
     out = hybrid_favor_attention(
         query, key, value, projection, local_window=window, sink_tokens=sinks, scaling=scaling, causal=causal,
         key_padding_mask=key_padding_mask,
-    )
+    )[..., k_len - q_len if causal else 0 :, :]
     # the state of a hybrid pass would be FAVOR+ over all keys, which no hybrid continuation could use
     return out, None

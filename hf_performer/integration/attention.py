@@ -113,8 +113,9 @@ def favor_attention_forward(
     if cache_layer is not None and (window or sinks):
         raise NotImplementedError(
             f"a FavorCache cannot serve hybrid FAVOR+ yet (local_window={window}, sink_tokens={sinks}: it would "
-            "have to keep the window's keys and values). Run without a cache (use_cache=False), or use "
-            "local_window=0 and sink_tokens=0 for constant-memory decoding."
+            "have to keep the window's keys and values). Pass cache_implementation='dynamic' to generate() (or a "
+            "DynamicCache), run without a cache (use_cache=False), or use local_window=0 and sink_tokens=0 for "
+            "constant-memory decoding."
         )
     output, state = favor_attention(
         query,

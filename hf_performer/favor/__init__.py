@@ -16,6 +16,7 @@ from hf_performer.favor.features import (
     query_features,
     register_kernel,
 )
+from hf_performer.favor.hybrid import hybrid_favor_attention
 
 __all__ = [
     "FavorState",
@@ -24,6 +25,7 @@ __all__ = [
     "causal_favor",
     "favor_attention",
     "fold_keys",
+    "hybrid_favor_attention",
     "key_features",
     "key_log_features",
     "orthogonal_random_matrix",

@@ -116,8 +116,8 @@ def attention_estimates(q, k, v, rows, projection, features: str):
 
     scale = q.shape[-1] ** -0.25
     if features == "positive":
-        q_feat = query_features(q[..., rows, :] * scale, projection)
-        k_feat, _ = key_features(k * scale, projection, per_key_scale=False)
+        k_feat, reference = key_features(k * scale, projection)
+        q_feat = query_features(q[..., rows, :] * scale, projection, key_reference=reference)
         output = favor_attention(q, k, v, projection)[0]
     else:
         q_all, k_feat = trigonometric_features(q * scale, projection), trigonometric_features(k * scale, projection)

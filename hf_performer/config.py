@@ -63,12 +63,38 @@ class PerformerConfig:
         metadata={"help": "ε added to generalised-kernel features (≥ 0) so the denominator stays positive."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random features (≥ 0); layer l draws from (seed, l)."})
+    local_window: int = field(
+        default=0,
+        metadata={
+            "help": "Hybrid FAVOR+: exact softmax attention to the keys within this many tokens (≥ 0; causal: the last "
+            "W tokens up to the query, bidirectional: |i − j| < W), FAVOR+ beyond, one normaliser. 0: pure FAVOR+."
+        },
+    )
+    sink_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Hybrid FAVOR+: exact softmax attention to the first this many real tokens (≥ 0; 'attention "
+            "sinks'); needs local_window ≥ 1. 0: none."
+        },
+    )
 
     def __post_init__(self):
         _check_int(self, "nb_features", 1)
         _check_int(self, "redraw_interval", 0)
         _check_int(self, "causal_chunk_size", 1)
         _check_int(self, "seed", 0)
+        _check_int(self, "local_window", 0)
+        _check_int(self, "sink_tokens", 0)
+        if self.sink_tokens and not self.local_window:
+            raise ValueError(
+                f"PerformerConfig.sink_tokens={self.sink_tokens} needs PerformerConfig.local_window ≥ 1 (the current "
+                "token at least); set local_window too, or sink_tokens=0"
+            )
+        if (self.local_window or self.sink_tokens) and self.kernel != "softmax":
+            raise ValueError(
+                f"PerformerConfig.local_window/sink_tokens need kernel='softmax' (exact and FAVOR+ weights share one "
+                f"normaliser), got kernel={self.kernel!r}"
+            )
         if self.kernel not in KERNELS:
             raise ValueError(
                 f"PerformerConfig.kernel must be one of {sorted(KERNELS)} (register others with "

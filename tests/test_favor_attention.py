@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from hf_performer.favor import FavorState, favor_attention, orthogonal_random_matrix
+from hf_performer.favor import (
+    FavorState,
+    bidirectional_favor,
+    causal_favor,
+    favor_attention,
+    orthogonal_random_matrix,
+    recurrent_favor_step,
+)
 from hf_performer.favor.naive import positive_softmax_features, quadratic_linear_attention, softmax_attention
 
 B, H, D, M = 2, 3, 16, 64
@@ -159,8 +166,16 @@ def test_continuing_from_final_state_equals_one_pass():
         outputs.append(out)
     torch.testing.assert_close(torch.cat(outputs, 2), full, rtol=1e-4, atol=1e-5)
     assert isinstance(state, FavorState) and state.kv.shape == (B, H, M, D)
-    torch.testing.assert_close(state.log_scale, full_state.log_scale)
-    torch.testing.assert_close(state.kv, full_state.kv, rtol=1e-4, atol=1e-5)
+    for got, want in zip(common_reference(state), common_reference(full_state)):  # the same sums
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def common_reference(state):
+    """``(kv, k_sum, reference)`` of a state with its per-feature references folded into their largest
+    (the chunked and the token-by-token paths may keep the same sums relative to different references)."""
+    reference = state.log_scale.amax(-1, keepdim=True)
+    rows = torch.exp(state.log_scale - reference)
+    return state.kv * rows[..., None], state.k_sum * rows, reference
 
 
 def test_large_logits_stay_finite():
@@ -222,3 +237,62 @@ def test_block_length_fills_the_cache_budget_with_a_floor():
     assert block_length(8, 256) * 8 * 256 == BLOCK_ELEMENTS  # 512 tokens at 8 heads, m = 256
     assert block_length(64 * 12, 256) == MIN_BLOCK_TOKENS  # a batch of short sentences: no 5-token blocks
     assert block_length(9, 256, multiple=64) % 64 == 0  # causal blocks are whole chunks
+
+
+@pytest.mark.parametrize("mode", ["bidirectional", "causal", "decoding step"])
+def test_compiles_with_fullgraph_and_a_padding_mask(mode):
+    """No Python branch on tensor values (``.item()``, ``bool(tensor)``, data-dependent shapes):
+    ``torch.compile(fullgraph=True)`` traces the op, forward and backward, and matches eager."""
+    omega = projection(32)
+    q, k, v = qkv(20, heads=4, key_heads=2, dtype=torch.float32)
+    mask = torch.ones(B, 20, dtype=torch.bool)
+    mask[0, :5] = False
+    causal = mode != "bidirectional"
+    state = None
+    if mode == "decoding step":
+        _, state = favor_attention(q[:, :, :19], k[:, :, :19], v[:, :, :19], omega, causal=True, key_padding_mask=mask[:, :19])
+        q, k, v, mask = q[:, :, 19:], k[:, :, 19:], v[:, :, 19:], mask[:, 19:]
+
+    def op(q, k, v, mask):
+        return favor_attention(q, k, v, omega, causal=causal, key_padding_mask=mask, chunk_size=4, block_size=8, initial_state=state)[0]
+
+    compiled_q = q.clone().requires_grad_()
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")(compiled_q, k, v, mask)
+    eager_q = q.clone().requires_grad_()
+    eager = op(eager_q, k, v, mask)
+    torch.testing.assert_close(compiled, eager)
+    compiled.sum().backward()
+    eager.sum().backward()
+    torch.testing.assert_close(compiled_q.grad, eager_q.grad)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_queries_that_see_only_padding_get_zero_gradients_not_nan(causal):
+    """Left padding in causal training: the first queries of a padded row see no key at all."""
+    q, k, v = (t.requires_grad_() for t in qkv(12, dtype=torch.float32))
+    mask = torch.ones(B, 12, dtype=torch.bool)
+    mask[0, :5] = False
+    if not causal:
+        mask[1] = False  # a row of padding only
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, chunk_size=4)
+    out.backward(torch.randn_like(out))
+    for tensor in (q, k, v):
+        assert torch.isfinite(tensor.grad).all()
+    blind = (slice(0, 1), slice(None), slice(0, 5)) if causal else (slice(1, 2),)
+    assert (q.grad[blind] == 0).all()
+
+
+def test_each_entry_point_matches_its_reference_with_grouped_heads():
+    """bidirectional / causal (chunked) / recurrent step, called directly; GQA keys are not repeated."""
+    q, k, v = qkv(14, heads=4, key_heads=2)
+    omega = projection()
+    expanded = [t.repeat_interleave(2, 1) for t in (k, v)]
+    torch.testing.assert_close(
+        bidirectional_favor(q, k, v, omega), reference(q, *expanded, omega, causal=False), rtol=1e-4, atol=1e-5
+    )
+    causal_out, state = causal_favor(q[:, :, :13], k[:, :, :13], v[:, :, :13], omega, chunk_size=4)
+    full = reference(q, *expanded, omega, causal=True)
+    torch.testing.assert_close(causal_out, full[:, :, :13], rtol=1e-4, atol=1e-5)
+    assert state.kv.shape == (B, 2, M, D) and state.log_scale.shape == (B, 2, M)  # per key head, per feature
+    step, _ = recurrent_favor_step(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:], omega, state)
+    torch.testing.assert_close(step, full[:, :, 13:], rtol=1e-4, atol=1e-5)

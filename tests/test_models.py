@@ -403,12 +403,6 @@ def test_compiled_full_graph_with_a_padding_mask_matches_eager():
     torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).last_hidden_state, eager)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graph break inside hf_performer/favor/attention.py: _DecayedScan.forward (line 178) writes with "
-    "torch.mul(..., out=states[:, :, j + 1]) into a non-contiguous slice inside an autograd.Function, which "
-    "Dynamo cannot trace; the attention seam itself no longer breaks the graph",
-)
 @pytest.mark.parametrize(
     "model_type,stock_class", [("gpt2", transformers.GPT2LMHeadModel), ("llama", transformers.LlamaForCausalLM)]
 )

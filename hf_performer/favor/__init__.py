@@ -3,27 +3,33 @@
 from hf_performer.favor.attention import (
     FavorState,
     bidirectional_favor,
-    causal_linear_attention,
+    causal_favor,
     favor_attention,
     fold_keys,
+    recurrent_favor_step,
 )
 from hf_performer.favor.features import (
     KERNELS,
     key_features,
+    key_log_features,
     orthogonal_random_matrix,
     query_features,
     register_kernel,
 )
+from hf_performer.favor.hybrid import hybrid_favor_attention
 
 __all__ = [
     "FavorState",
     "KERNELS",
     "bidirectional_favor",
-    "causal_linear_attention",
+    "causal_favor",
     "favor_attention",
     "fold_keys",
+    "hybrid_favor_attention",
     "key_features",
+    "key_log_features",
     "orthogonal_random_matrix",
     "query_features",
+    "recurrent_favor_step",
     "register_kernel",
 ]

@@ -1,14 +1,24 @@
 """FAVOR+ attention: ``softmax(QKᵀ)V ≈ D⁻¹ φ(Q)(φ(K)ᵀV)`` in O(L·m·d) time (paper eq. 4–5).
 
 Torch only.  Layout: ``query [B, H, Lq, D]``, ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]``
-with ``H`` a multiple of ``Hk`` (grouped-query attention shares a key head across ``H / Hk``
-query heads).  All arithmetic runs in float32 whatever the input dtype; the output comes back in
-the query's dtype.
+with ``H`` a multiple of ``Hk`` (grouped-query attention: the ``G = H / Hk`` query heads of a key
+head share it; key features are computed once per key head).  All arithmetic runs in float32
+whatever the input dtype; outputs come back in the query's dtype.
 
-Keys carry a log-weight ``c_s`` (see :func:`key_features`): ``φ(k_s) = exp(c_s) φ̃(k_s)``.  Sums over
-keys are kept relative to a reference ``M ≥ c_s`` so nothing overflows; in causal mode ``M`` is the
-running maximum over *past* keys, so outputs at position ``t`` depend on tokens ``≤ t`` only, bit
-for bit.
+Entry points, in the manner of flash-linear-attention's ``naive`` / ``chunk`` / ``fused_recurrent``
+(each checked against the O(L²) references of :mod:`hf_performer.favor.naive`):
+
+- :func:`bidirectional_favor`: every query sees every key (paper eq. 5);
+- :func:`causal_favor`: prefix sums computed chunk by chunk (paper §2.5);
+- :func:`recurrent_favor_step`: one decoding step from a :class:`FavorState`;
+- :func:`favor_attention`: the one call that picks among them (what the integration layer uses).
+
+Stabilisers.  Key features are kept relative to a per-feature reference ``R_j`` (the largest
+``ω_j k − ‖k‖²/2`` among the keys a query may see) and ``R`` is folded into the query side before
+its own per-query maximum (:func:`~hf_performer.favor.features.query_features`), so no row of
+the estimate underflows even at very large query/key norms.  Causal attention takes ``R`` at chunk
+granularity from keys every query of the chunk sees (see :func:`causal_favor`), so a future token
+never changes a past output, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,17 +29,20 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, query_features
+from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, key_log_features, query_features
+
+KernelFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FavorState(NamedTuple):
-    """Causal FAVOR+ state after the keys seen so far (the paper's prefix sums, rescaled).
+    """Causal FAVOR+ state after the keys seen so far (the paper's prefix sums, rescaled), per key head.
 
-    ``S = Σ_s φ(k_s) v_sᵀ = exp(log_scale) · kv`` and ``z = Σ_s φ(k_s) = exp(log_scale) · k_sum``.
+    ``S = Σ_s φ(k_s) v_sᵀ = exp(log_scale) ⊙_rows kv`` and ``z = Σ_s φ(k_s) = exp(log_scale) ⊙ k_sum``.
 
-    - ``kv``: ``[B, H, m, Dv]``
-    - ``k_sum``: ``[B, H, m]``
-    - ``log_scale``: ``[B, H]``, the largest key log-weight seen (``NEG_LOG_WEIGHT`` when none)
+    - ``kv``: ``[B, Hk, m, Dv]``
+    - ``k_sum``: ``[B, Hk, m]``
+    - ``log_scale``: ``[B, Hk, m]``, the per-feature reference (the largest key log-feature seen,
+      ``NEG_LOG_WEIGHT`` when none)
 
     Its size does not depend on the number of tokens: this is what constant-memory decoding keeps.
     """
@@ -39,31 +52,33 @@ class FavorState(NamedTuple):
     log_scale: torch.Tensor
 
     @classmethod
-    def empty(cls, batch: int, heads: int, nb_features: int, value_dim: int, device=None) -> FavorState:
+    def empty(cls, batch: int, key_heads: int, nb_features: int, value_dim: int, device=None) -> FavorState:
         return cls(
-            torch.zeros(batch, heads, nb_features, value_dim, device=device),
-            torch.zeros(batch, heads, nb_features, device=device),
-            torch.full((batch, heads), NEG_LOG_WEIGHT, device=device),
+            torch.zeros(batch, key_heads, nb_features, value_dim, device=device),
+            torch.zeros(batch, key_heads, nb_features, device=device),
+            torch.full((batch, key_heads, nb_features), NEG_LOG_WEIGHT, device=device),
         )
 
 
-def _rescaled(state: FavorState, log_scale: torch.Tensor) -> FavorState:
-    """The same sums expressed relative to a new reference ``log_scale ≥ state.log_scale``."""
-    factor = torch.exp(state.log_scale - log_scale)
-    return FavorState(state.kv * factor[..., None, None], state.k_sum * factor[..., None], log_scale)
-
-
-def fold_keys(state: FavorState, k_feat: torch.Tensor, log_weight: torch.Tensor, value: torch.Tensor) -> FavorState:
-    """Add keys ``k_feat [B, H, L, m]`` (log-weights ``[B, H, L]``) and values ``[B, H, L, Dv]``."""
-    log_scale = torch.maximum(state.log_scale, log_weight.amax(-1))
-    state = _rescaled(state, log_scale)
-    weighted = k_feat * torch.exp(log_weight - log_scale[..., None])[..., None]
-    return FavorState(state.kv + weighted.transpose(-1, -2) @ value, state.k_sum + weighted.sum(-2), log_scale)
+def fold_keys(state: FavorState, k_feat: torch.Tensor, reference: torch.Tensor, value: torch.Tensor) -> FavorState:
+    """Add keys ``k_feat [B, Hk, L, m]`` (relative to ``reference [B, Hk, m]``, as
+    :func:`key_features` returns them) and values ``[B, Hk, L, Dv]`` to ``state``."""
+    log_scale = torch.maximum(state.log_scale, reference)
+    old, new = torch.exp(state.log_scale - log_scale), torch.exp(reference - log_scale)
+    weighted = k_feat * new.unsqueeze(-2)
+    return FavorState(
+        state.kv * old[..., None] + weighted.transpose(-1, -2) @ value,
+        state.k_sum * old + weighted.sum(-2),
+        log_scale,
+    )
 
 
 def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0."""
-    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None]
+    """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0, and its
+    gradient stays 0: dividing by 1 there (rather than by the smallest float) keeps ``1/D`` from
+    overflowing into the backward pass, where ``inf · 0`` would make NaN gradients."""
+    seen = denominator >= torch.finfo(denominator.dtype).tiny
+    return numerator / torch.where(seen, denominator, torch.ones_like(denominator))[..., None]
 
 
 def _with_ones(value: torch.Tensor) -> torch.Tensor:
@@ -73,13 +88,9 @@ def _with_ones(value: torch.Tensor) -> torch.Tensor:
 
 
 def _read_out(q_feat: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-    """``D⁻¹ φ(Q)(φ(K)ᵀV)`` from ``q_feat [B, H, Lq, m]`` and ``summary = φ(K)ᵀ[V, 1]`` of shape
-    ``[B, Hk, m, Dv + 1]`` → ``[B, H, Lq, Dv]``.  The ``H / Hk`` query heads of a key head share
-    its summary (grouped-query attention without repeating keys)."""
-    b, heads, q_len, m = q_feat.shape
-    key_heads, dv = summary.shape[1], summary.shape[-1] - 1
-    combined = q_feat.reshape(b, key_heads, heads // key_heads * q_len, m) @ summary  # [B, Hk, G·Lq, Dv + 1]
-    return _divide(combined[..., :dv], combined[..., dv]).view(b, heads, q_len, dv)
+    """``D⁻¹ φ(Q)(φ(K)ᵀ[V, 1])``: ``q_feat [B, Hk, R, m]`` and ``summary [B, Hk, m, Dv + 1]`` → ``[B, Hk, R, Dv]``."""
+    combined = q_feat @ summary
+    return _divide(combined[..., :-1], combined[..., -1])
 
 
 def _split(tensor: torch.Tensor, block: int, dim: int = 2) -> list[torch.Tensor]:
@@ -112,144 +123,296 @@ MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
 
 
+class _Inputs(NamedTuple):
+    """Validated float32 inputs shared by the entry points; ``query`` grouped per key head."""
+
+    query: torch.Tensor  # [B, Hk, G, Lq, D]
+    key: torch.Tensor  # [B, Hk, Lk, D]
+    value: torch.Tensor  # [B, Hk, Lk, Dv]
+    projection: torch.Tensor  # [m, D]
+    keep: torch.Tensor | None  # [B, 1, Lk] bool
+    input_scale: float
+    dtype: torch.dtype
+
+
+def _inputs(query, key, value, projection, scaling, key_padding_mask) -> _Inputs:
+    b, heads, q_len, d = query.shape
+    key_heads = key.shape[1]
+    if heads % key_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({key_heads})")
+    keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :]
+    return _Inputs(
+        query.float().reshape(b, key_heads, heads // key_heads, q_len, d),
+        key.float(),
+        value.float(),
+        projection.float(),
+        keep,
+        math.sqrt(scaling if scaling is not None else d**-0.5),
+        query.dtype,
+    )
+
+
+def _ungroup(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Hk, G, L, Dv] → [B, H, L, Dv]`` in the caller's dtype."""
+    b, key_heads, group, length, dv = out.shape
+    return out.reshape(b, key_heads * group, length, dv).to(dtype)
+
+
 def bidirectional_favor(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     projection: torch.Tensor,
     *,
-    input_scale: float = 1.0,
-    keep: torch.Tensor | None = None,
-    kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scaling: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    kernel_fn: KernelFn | None = None,
     kernel_epsilon: float = 1e-3,
-    block: int | None = None,
+    block_size: int | None = None,
 ) -> torch.Tensor:
-    """Bidirectional FAVOR+ (paper eq. 5) block by block: ``[B, H, Lq, D], [B, Hk, Lk, D], [B, Hk, Lk, Dv]``
-    → ``[B, H, Lq, Dv]``; ``keep [B, 1, Lk]`` marks real keys.
+    """Bidirectional FAVOR+ (paper eq. 5): ``[B, H, Lq, D], [B, Hk, Lk, D], [B, Hk, Lk, Dv]`` →
+    ``[B, H, Lq, Dv]``; ``key_padding_mask [B, Lk]`` marks real keys (``True``).
 
-    Each block of keys contributes its summary ``φ̃(K_b)ᵀ[V_b, 1]`` (``[B, Hk, m, Dv + 1]``) relative
-    to its own shared maximum ``c_b``; the summaries add up exactly after rescaling to ``max_b c_b``.
-    Queries are then read out block by block.  Cost O((Lq + Lk)·m·Dv); no ``Lq × Lk`` matrix, and
-    without gradients only one block of features is alive at a time.
+    Block by block: each block of keys contributes its summary ``φ̃(K_b)ᵀ[V_b, 1]``
+    (``[B, Hk, m, Dv + 1]``) relative to its own per-feature reference ``R_b``; the summaries add up
+    exactly after rescaling each feature row to ``max_b R_b``.  Queries are then read out block by
+    block.  Cost O((Lq + Lk)·m·Dv); no ``Lq × Lk`` matrix, and without gradients only one block of
+    features is alive at a time.  Reference: :func:`~hf_performer.favor.naive.quadratic_linear_attention`.
     """
-    block = block or block_length(query.shape[0] * query.shape[1], projection.shape[0])
+    x = _inputs(query, key, value, projection, scaling, key_padding_mask)
+    b, key_heads, group, q_len, d = x.query.shape
+    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
+    block = block_size or block_length(b * group * key_heads, projection.shape[0])
     summaries, references = [], []
-    k_blocks = _split(key, block)
-    keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep, block, -1)
-    for k_block, v_block, keep_block in zip(k_blocks, _split(value, block), keep_blocks):
-        k_feat, reference = key_features(
-            k_block,
-            projection,
-            kernel_fn,
-            kernel_epsilon,
-            keep_block,
-            per_key_scale=False,
-            input_scale=input_scale,
-        )
+    k_blocks = _split(x.key, block)
+    keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep, block, -1)
+    for k_block, v_block, keep_block in zip(k_blocks, _split(x.value, block), keep_blocks):
+        k_feat, reference = key_features(k_block, x.projection, keep=keep_block, **features)
         summaries.append(k_feat.transpose(-1, -2) @ _with_ones(v_block))
-        references.append(reference[..., None])  # [B, Hk, 1, 1]
-    summary = summaries[0]
+        references.append(reference)  # [B, Hk, m]
+    summary, top = summaries[0], references[0]
     if len(summaries) > 1:
         top = torch.stack(references).amax(0)
-        summary = sum(part * torch.exp(ref - top) for part, ref in zip(summaries, references))
+        summary = sum(part * torch.exp(ref - top)[..., None] for part, ref in zip(summaries, references))
+    key_reference = top if kernel_fn is None else None
+    rows = x.query.reshape(b, key_heads, group * q_len, d)  # the G query heads of a key head, one after another
     outputs = [
-        _read_out(query_features(q_block, projection, kernel_fn, kernel_epsilon, input_scale=input_scale), summary)
-        for q_block in _split(query, block)
+        _read_out(query_features(q_block, x.projection, key_reference=key_reference, **features), summary)
+        for q_block in _split(rows, block * group)
     ]
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+    return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype)
 
 
 class _DecayedScan(torch.autograd.Function):
-    """``E_0 = initial``, ``E_{j+1} = decay_j · E_j + increments_j``; returns ``E_0 … E_n``.
+    """``E_0 = initial``, ``E_{j+1} = decay_j ⊙ E_j + increments_j``; returns ``E_0 … E_n``.
 
-    Shapes: ``initial [B, H, *S]``, ``increments [B, H, n, *S]``, ``decay [B, H, n]`` (no gradient:
-    it is made of detached stabilisers) → ``[B, H, n + 1, *S]``.  A hand-written backward (the same
-    scan run in reverse) lets both directions write into one preallocated buffer: an autograd loop
-    would allocate a new state per chunk, which dominated the causal pass.
+    Shapes: ``initial [B, H, *S]``, ``increments [B, H, n, *S]``, ``decay [B, H, n, *S']`` broadcastable
+    to ``S`` (per feature row here; no gradient: it is made of detached stabilisers) →
+    ``[B, H, n + 1, *S]``.  A hand-written backward (the same scan run in reverse) lets both
+    directions write into one preallocated buffer: an autograd loop would allocate a new state per
+    chunk, which dominated the causal pass.
     """
 
     @staticmethod
     def forward(ctx, initial, increments, decay):
-        b, h, n = decay.shape
+        b, h, n = increments.shape[:3]
         states = increments.new_empty(b, h, n + 1, *increments.shape[3:])
         states[:, :, 0] = initial
-        per_state = decay.view(b, h, n, *(1,) * (increments.dim() - 3))
         for j in range(n):
-            torch.mul(states[:, :, j], per_state[:, :, j], out=states[:, :, j + 1])
-            states[:, :, j + 1] += increments[:, :, j]
-        ctx.save_for_backward(per_state)
+            states[:, :, j + 1].copy_(increments[:, :, j]).addcmul_(states[:, :, j], decay[:, :, j])
+        ctx.save_for_backward(decay)
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
-        (per_state,) = ctx.saved_tensors
-        # total gradient of E_j = its own + decay_j · total gradient of E_{j+1}
+        (decay,) = ctx.saved_tensors
+        # total gradient of E_j = its own + decay_j ⊙ total gradient of E_{j+1}
         total = grad_states.clone()
-        for j in range(per_state.shape[2] - 1, -1, -1):
-            total[:, :, j].addcmul_(total[:, :, j + 1], per_state[:, :, j])
+        for j in range(decay.shape[2] - 1, -1, -1):
+            total[:, :, j].addcmul_(total[:, :, j + 1], decay[:, :, j])
         return total[:, :, 0], total[:, :, 1:], None
 
 
-def causal_linear_attention(
-    q_feat: torch.Tensor,
-    k_feat: torch.Tensor,
-    log_weight: torch.Tensor,
+QUERY_FLOOR = 60.0
+"""Causal query features are kept ≥ ``exp(−60)`` times their largest.  At very large query/key norms
+every product of a query's and a key's features (each normalised by its own maximum) can underflow,
+leaving an all-zero row with NaN gradients; the floor keeps the key that sets the running maximum
+at ≥ ``exp(−60)/m`` of it.  Where rows are healthy, terms that small do not reach float32's
+resolution of the row's sum, so results do not change."""
+
+
+def _causal_chunks(
+    query: torch.Tensor,
+    key: torch.Tensor,
     value: torch.Tensor,
+    projection: torch.Tensor,
+    keep: torch.Tensor | None,
+    state: FavorState,
+    *,
+    chunk: int,
+    input_scale: float,
+    kernel_fn: KernelFn | None,
+    kernel_epsilon: float,
+) -> tuple[torch.Tensor, FavorState]:
+    """Causal FAVOR+ of ``query [B, Hk, G, L, D]`` on ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
+    (query ``t`` sees keys ``≤ t`` and those of ``state``) → ``([B, Hk, G, L, Dv], state after)``.
+
+    Chunks of ``C`` tokens: inside a chunk the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay)[V, 1]`` is exact;
+    across chunks a state ``[m, Dv + 1]`` is carried (a scan), so memory is O(L·(m + C) + (L/C)·m·Dv).
+
+    Softmax-kernel stabilisers, all detached and all causal (no future token changes a past output,
+    bit for bit): each key is kept relative to its own largest log-feature ``c_s = max_j b_sj``
+    (``b_s = ωk_s − ‖k_s‖²/2``) and weighted by ``exp(c_s − M_t)``, ``M_t`` the running maximum of
+    ``c`` over the keys up to ``t`` (the ``decay`` inside a chunk, the ``carry`` of the state); each
+    query relative to its own largest feature, floored at :data:`QUERY_FLOOR`.  The incoming state's
+    per-feature reference is folded into one per key head on entry.
+
+    Why not per-feature references here, as bidirectional attention has: keys of the query's own
+    chunk would need a per-query, per-feature reference (an ``[C, C, m]`` computation), and a
+    per-feature state across chunks alone (tried) cost ~20 % of the causal pass for rows that only
+    differ where the FAVOR+ estimate itself is meaningless (per-dimension std ≳ 15); up to std 10 this
+    reproduces the estimate exactly, beyond it the floor keeps every row a convex combination of the
+    values with finite gradients (``tests/test_favor_large_norms.py``).
+    """
+    b, key_heads, group, length, _ = query.shape
+    dv, m = value.shape[-1], projection.shape[0]
+    n = math.ceil(length / chunk)
+    pad = n * chunk - length
+    if pad:
+        query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
+        keep = torch.ones(b, 1, length, dtype=torch.bool, device=key.device) if keep is None else keep
+        keep = F.pad(keep, (0, pad), value=False)
+    keep_chunks = None if keep is None else keep.view(b, 1, n, chunk, 1)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
+    q_logits = (query @ (projection * input_scale).transpose(0, 1)).view(b, key_heads, group, n, chunk, m)
+
+    values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
+    if kernel_fn is None:
+        half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
+        log_feat = key_log_features(key, projection, keep, input_scale=input_scale).view(b, key_heads, n, chunk, m)
+        log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
+        k_feat = (log_feat - (log_weight + half_log_m)[..., None]).exp_()
+        if keep_chunks is not None:
+            k_feat = k_feat * keep_chunks
+        # the incoming state, from its per-feature reference to one reference per key head
+        entry_ref = state.log_scale.amax(-1)  # [B, Hk]
+        rows = torch.exp(state.log_scale - entry_ref[..., None])[..., None]
+        initial = torch.cat([state.kv * rows, state.k_sum[..., None] * rows], -1)
+        running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), entry_ref[..., None, None])
+        chunk_end = running[..., -1]  # [B, Hk, n]
+        state_ref = torch.cat([entry_ref[..., None], chunk_end[..., :-1]], -1)
+        decay = (log_weight[..., None, :] - running[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
+        chunk_sums = k_feat.transpose(-1, -2) @ (values * torch.exp(log_weight - chunk_end[..., None])[..., None])
+        scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
+        carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # [B, Hk, 1, n, C, 1], ≤ 1
+        q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m)
+        q_feat = q_logits.clamp_(min=-QUERY_FLOOR - half_log_m).exp_()
+        log_scale = chunk_end[..., -1:].expand(-1, -1, m).contiguous()
+    else:
+        k_feat = (kernel_fn(key @ (projection * input_scale).transpose(0, 1)) + kernel_epsilon) * m**-0.5
+        if keep is not None:
+            k_feat = k_feat * keep[..., None]
+        k_feat = k_feat.view(b, key_heads, n, chunk, m)
+        q_feat = (kernel_fn(q_logits) + kernel_epsilon) * m**-0.5
+        initial = torch.cat([state.kv, state.k_sum[..., None]], -1)
+        decay, chunk_sums = causal.to(k_feat.dtype), k_feat.transpose(-1, -2) @ values
+        scan_decay, carry, log_scale = torch.ones_like(chunk_sums[..., :1, :1]), None, state.log_scale
+
+    states = _DecayedScan.apply(initial, chunk_sums, scan_decay)  # [B, Hk, n + 1, m, Dv + 1]
+    # queries [B, Hk, G, n, C, m]; the G query heads share the key head's chunk products
+    scores = (q_feat @ k_feat.transpose(-1, -2)[:, :, None]).mul_(decay[:, :, None] if decay.dim() > 2 else decay)
+    inter = q_feat @ states[:, :, None, :-1]
+    combined = scores @ values[:, :, None] + (inter if carry is None else inter.mul_(carry))
+    out = _divide(combined[..., :dv], combined[..., dv]).view(b, key_heads, group, n * chunk, dv)[..., :length, :]
+    final = states[:, :, -1]
+    return out, FavorState(final[..., :dv], final[..., dv], log_scale)
+
+
+def causal_favor(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    kernel_fn: KernelFn | None = None,
+    kernel_epsilon: float = 1e-3,
     chunk_size: int = 64,
+    block_size: int | None = None,
     initial_state: FavorState | None = None,
 ) -> tuple[torch.Tensor, FavorState]:
-    """Causal FAVOR+ (paper §2.5, prefix sums), computed chunk by chunk.
+    """Causal FAVOR+ (paper §2.5, prefix sums), chunk by chunk (see :func:`_causal_chunks`).
 
-    Shapes: ``q_feat, k_feat [B, H, L, m]``, ``log_weight [B, H, L]``, ``value [B, H, L, Dv]``;
-    returns ``([B, H, L, Dv], final FavorState)``.  Query ``t`` attends to the keys of
-    ``initial_state`` and to keys ``≤ t``.
-
-    Inside a chunk of ``C`` tokens the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay) V`` is computed exactly
-    (``decay[t, s] = exp(c_s − M_t)`` for ``s ≤ t``, 0 above the diagonal); across chunks a state
-    ``(S, z)`` is carried.  Memory is O(L·(m + C) + (L/C)·m·Dv): no ``[L, m, Dv]`` tensor is built.
-    ``M_t`` is the running maximum of the key log-weights up to ``t``, so no future token changes a
-    past output.  Values get a column of ones so that every product yields the denominator ``z`` too.
+    Shapes as :func:`bidirectional_favor`; queries are the last ``Lq ≤ Lk`` positions of the keys
+    (query ``i`` sees keys ``≤ Lk − Lq + i`` and those of ``initial_state``, a key/value cache).
+    Returns ``(output [B, H, Lq, Dv], FavorState after all keys)``.  Blocks of ``block_size`` tokens
+    (whole chunks) are processed one after another with the state carried, so only one block of
+    features is alive at a time.  Reference: the causal form of
+    :func:`~hf_performer.favor.naive.quadratic_linear_attention`.
     """
-    b, h, length, m = q_feat.shape
-    dv = value.shape[-1]
-    if initial_state is None:
-        initial_state = FavorState.empty(b, h, m, dv, q_feat.device)
-    chunk = max(1, min(chunk_size, length))
-    n_chunks = math.ceil(length / chunk)
-    pad = n_chunks * chunk - length
-    value = _with_ones(value)  # [B, H, L, Dv + 1]
-    if pad:
-        q_feat = F.pad(q_feat, (0, 0, 0, pad))
-        k_feat = F.pad(k_feat, (0, 0, 0, pad))
-        value = F.pad(value, (0, 0, 0, pad))
-        log_weight = F.pad(log_weight, (0, pad), value=NEG_LOG_WEIGHT)
+    x = _inputs(query, key, value, projection, scaling, key_padding_mask)
+    b, key_heads, group, q_len, _ = x.query.shape
+    k_len, m = x.key.shape[-2], projection.shape[0]
+    if q_len > k_len:
+        raise ValueError(f"causal attention needs at least as many keys ({k_len}) as queries ({q_len})")
+    state = initial_state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
+    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
+    chunk = max(1, chunk_size)
+    block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk)) // chunk * chunk)
+    prefix = k_len - q_len
+    if prefix:  # keys before the first query (a key/value cache) fold into the state
+        keep = None if x.keep is None else x.keep[..., :prefix]
+        state = _fold(state, x.key[:, :, :prefix], x.value[:, :, :prefix], keep, x.projection, block, features)
+    outputs = []
+    k_blocks = _split(x.key[:, :, prefix:], block)
+    keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep[..., prefix:], block, -1)
+    for q_block, k_block, v_block, keep_block in zip(
+        _split(x.query, block, 3), k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks
+    ):
+        out, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
+        outputs.append(out)
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+    return _ungroup(out, x.dtype), state
 
-    # [B, H, n, C]: reference of each query, then the reference of the state entering each chunk
-    running_max = torch.maximum(torch.cummax(log_weight, -1).values, initial_state.log_scale[..., None])
-    running_max = running_max.view(b, h, n_chunks, chunk)
-    log_weight = log_weight.view(b, h, n_chunks, chunk)
-    chunk_end = running_max[..., -1]
-    state_ref = torch.cat([initial_state.log_scale[..., None], chunk_end[..., :-1]], -1)
 
-    q_feat = q_feat.view(b, h, n_chunks, chunk, m)
-    k_feat = k_feat.view(b, h, n_chunks, chunk, m)
-    value = value.view(b, h, n_chunks, chunk, dv + 1)
+def _fold(state: FavorState, key, value, keep, projection, block: int, features) -> FavorState:
+    """``state`` after the keys ``[B, Hk, L, D]`` (``keep [B, 1, L]`` or ``None``), block by block."""
+    k_blocks = _split(key, block)
+    keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep, block, -1)
+    for k_block, v_block, keep_block in zip(k_blocks, _split(value, block), keep_blocks):
+        state = fold_keys(state, *key_features(k_block, projection, keep=keep_block, **features), v_block)
+    return state
 
-    # within a chunk: exact masked product; clamping keeps exp finite above the diagonal
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q_feat.device).tril()
-    decay = (log_weight[..., None, :] - running_max[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
-    scores = (q_feat @ k_feat.transpose(-1, -2)).mul_(decay)  # [B, H, n, C, C]
 
-    # each chunk's own sums relative to its end reference, then a scan over chunks
-    chunk_sums = k_feat.transpose(-1, -2) @ (value * torch.exp(log_weight - chunk_end[..., None])[..., None])
-    initial = torch.cat([initial_state.kv, initial_state.k_sum[..., None]], -1)
-    states = _DecayedScan.apply(initial, chunk_sums, torch.exp(state_ref - chunk_end))  # [B, H, n+1, m, Dv+1]
-
-    carry = torch.exp(state_ref[..., None] - running_max)[..., None]  # [B, H, n, C, 1], ≤ 1
-    combined = scores @ value + carry * (q_feat @ states[:, :, :-1])  # [B, H, n, C, Dv + 1]
-    out = _divide(combined[..., :dv], combined[..., dv]).view(b, h, n_chunks * chunk, dv)[:, :, :length]
-    final = states[:, :, -1]
-    return out, FavorState(final[..., :dv], final[..., dv], chunk_end[..., -1])
+def recurrent_favor_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor,
+    state: FavorState | None = None,
+    *,
+    scaling: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    kernel_fn: KernelFn | None = None,
+    kernel_epsilon: float = 1e-3,
+) -> tuple[torch.Tensor, FavorState]:
+    """One recurrent (decoding) step: fold the new keys ``[B, Hk, Lk, D]`` into ``state``, then read out
+    the queries ``[B, H, Lq, D]``, every one of which sees every key (for ``Lq = 1``, the last
+    position: causal decoding).  O((Lq + Lk)·m·Dv), whatever the context length.
+    Returns ``(output [B, H, Lq, Dv], new state)``."""
+    x = _inputs(query, key, value, projection, scaling, key_padding_mask)
+    b, key_heads, group, q_len, d = x.query.shape
+    m = projection.shape[0]
+    state = state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
+    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
+    state = _fold(state, x.key, x.value, x.keep, x.projection, x.key.shape[-2] or 1, features)
+    rows = x.query.reshape(b, key_heads, group * q_len, d)
+    key_reference = state.log_scale if kernel_fn is None else None
+    q_feat = query_features(rows, x.projection, key_reference=key_reference, **features)
+    out = _read_out(q_feat, torch.cat([state.kv, state.k_sum[..., None]], -1))
+    return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype), state
 
 
 def favor_attention(
@@ -261,13 +424,17 @@ def favor_attention(
     scaling: float | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
-    kernel_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kernel_fn: KernelFn | None = None,
     kernel_epsilon: float = 1e-3,
     chunk_size: int = 64,
     initial_state: FavorState | None = None,
     block_size: int | None = None,
+    local_window: int = 0,
+    sink_tokens: int = 0,
 ) -> tuple[torch.Tensor, FavorState | None]:
-    """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``.
+    """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``: picks :func:`bidirectional_favor`,
+    :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`; with a local window
+    or sinks, :func:`~hf_performer.favor.hybrid.hybrid_favor_attention`.
 
     Args:
         query: ``[B, H, Lq, D]``; key ``[B, Hk, Lk, D]``; value ``[B, Hk, Lk, Dv]``; ``H % Hk == 0``.
@@ -279,61 +446,64 @@ def favor_attention(
         key_padding_mask: ``[B, Lk]`` bool, ``True`` for real tokens; padded keys get ``φ(k) = 0``.
         kernel_fn: ``None`` for the positive softmax features, else generalised attention's ``f``.
         chunk_size: tokens per chunk of the causal computation (memory vs. matmul efficiency).
-        initial_state: causal only: a :class:`FavorState` of earlier keys to continue from.
+        initial_state: causal only: a :class:`FavorState` (per key head) of earlier keys to continue from.
         block_size: tokens whose features are computed and used together (default
             :func:`block_length`: sized to stay in cache); causal blocks are rounded to whole chunks.
             Results do not depend on it beyond float rounding.
+        local_window, sink_tokens: hybrid FAVOR+ (``W``, ``S``): exact softmax weights for the keys
+            within ``W`` tokens and the first ``S`` real tokens, FAVOR+ for the others, one normaliser.
+            ``0, 0`` (the default) is pure FAVOR+.  Self-attention (causal queries may be the last
+            ``Lq ≤ Lk`` positions: a key/value cache), without ``initial_state`` (a FAVOR+ state would
+            have to keep the window's keys: not implemented yet), with the softmax kernel;
+            ``sink_tokens`` needs ``local_window ≥ 1``.
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
         recurrent decoding), ``None`` when bidirectional.
     """
-    heads, key_heads = query.shape[1], key.shape[1]
-    if heads % key_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({key_heads})")
-    q_len, k_len = query.shape[-2], key.shape[-2]
-    if causal and q_len > k_len:
-        raise ValueError(f"causal attention needs at least as many keys ({k_len}) as queries ({q_len})")
+    if causal and query.shape[-2] > key.shape[-2]:
+        raise ValueError(
+            f"causal attention needs at least as many keys ({key.shape[-2]}) as queries ({query.shape[-2]})"
+        )
     if initial_state is not None and not causal:
         raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
-
-    scale = math.sqrt(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    dtype, projection = query.dtype, projection.float()
-    query, key, value = query.float(), key.float(), value.float()
-    keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :]
-    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=scale)
+    if local_window or sink_tokens:
+        return _hybrid(query, key, value, projection, local_window, sink_tokens, scaling, causal, key_padding_mask,
+                       kernel_fn, initial_state)
+    features = dict(
+        scaling=scaling, key_padding_mask=key_padding_mask, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon
+    )
     if not causal:
-        out = bidirectional_favor(query, key, value, projection, keep=keep, block=block_size, **features)
-        return out.to(dtype), None
+        return bidirectional_favor(query, key, value, projection, block_size=block_size, **features), None
+    if query.shape[-2] == 1:  # one decoding step sees every key
+        return recurrent_favor_step(query, key, value, projection, initial_state, **features)
+    return causal_favor(
+        query, key, value, projection, chunk_size=chunk_size, block_size=block_size, initial_state=initial_state,
+        **features,
+    )
 
-    b, m, group = query.shape[0], projection.shape[0], heads // key_heads
-    chunk = max(1, chunk_size)
-    block = max(chunk, (block_size or block_length(b * heads, m, chunk)) // chunk * chunk)
 
-    def keys(start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per block of keys ``start:stop``: φ̃, log-weights and values, repeated to the query heads (GQA)."""
-        k_blocks, v_blocks = _split(key[:, :, start:stop], block), _split(value[:, :, start:stop], block)
-        keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep[..., start:stop], block, -1)
-        blocks = []
-        for k_block, v_block, keep_block in zip(k_blocks, v_blocks, keep_blocks):
-            k_feat, log_weight = key_features(k_block, projection, keep=keep_block, per_key_scale=True, **features)
-            parts = (k_feat, log_weight, v_block)
-            blocks.append(parts if group == 1 else tuple(t.repeat_interleave(group, dim=1) for t in parts))
-        return blocks
+def _hybrid(query, key, value, projection, window, sinks, scaling, causal, key_padding_mask, kernel_fn, initial_state):
+    """:func:`favor_attention` with a local window or sinks: the cases hybrid attention does not cover yet raise."""
+    from hf_performer.favor.hybrid import hybrid_favor_attention  # hybrid builds on this module
 
-    state = initial_state or FavorState.empty(b, heads, m, value.shape[-1], query.device)
-    # keys before the first query (a key/value cache) fold into the state; a single query (one
-    # decoding step) sees every key, so all of them fold in and a read-out follows
-    prefix = k_len if q_len == 1 else k_len - q_len
-    for key_block in keys(0, prefix) if prefix else []:
-        state = fold_keys(state, *key_block)
-    if q_len == 1:
-        q_feat = query_features(query, projection, **features)
-        out = _divide(q_feat @ state.kv, (q_feat @ state.k_sum.unsqueeze(-1)).squeeze(-1))
-        return out.to(dtype), state
-    outputs = []
-    for q_block, key_block in zip(_split(query, block), keys(prefix, k_len)):
-        out, state = causal_linear_attention(query_features(q_block, projection, **features), *key_block, chunk, state)
-        outputs.append(out)
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
-    return out.to(dtype), state
+    if initial_state is not None:
+        raise NotImplementedError(
+            f"hybrid FAVOR+ (local_window={window}, sink_tokens={sinks}) cannot continue from a FAVOR+ state yet: it "
+            "needs the window's keys. Pass all keys (a key/value cache) or run the whole sequence at once."
+        )
+    if kernel_fn is not None:
+        raise ValueError("local_window and sink_tokens need the softmax kernel (kernel='softmax')")
+    if not window:
+        raise ValueError(f"sink_tokens={sinks} needs local_window ≥ 1 (the current token at least)")
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if causal and q_len < k_len:
+        # queries are the last positions (a key/value cache): the earlier ones run with zero queries,
+        # which change nothing (queries never interact), and are dropped: O(Lk) per step, as exact decoding
+        query = F.pad(query, (0, 0, k_len - q_len, 0))
+    out = hybrid_favor_attention(
+        query, key, value, projection, local_window=window, sink_tokens=sinks, scaling=scaling, causal=causal,
+        key_padding_mask=key_padding_mask,
+    )[..., k_len - q_len if causal else 0 :, :]
+    # the state of a hybrid pass would be FAVOR+ over all keys, which no hybrid continuation could use
+    return out, None

@@ -77,21 +77,37 @@ def query_features(
     kernel_epsilon: float = 1e-3,
     *,
     input_scale: float = 1.0,
+    key_reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """φ(s·q) up to a per-query positive factor, ``[..., L, d] → [..., L, m]`` (``s = input_scale``).
 
-    For the softmax kernel each row is divided by ``exp(max_i ω_i q − ‖q‖²/2)`` (detached): a per-query
-    factor cancels between the numerator and the denominator of ``D⁻¹ φ(Q)(φ(K)ᵀV)``, keeps every
-    entry in ``(0, m^-½]`` whatever the logit scale, and removes the ``‖q‖²`` term altogether:
-    ``φ̃(q) = m^-½ exp(ωq − max_i ω_i q)``.  ``kernel_fn=None`` means softmax.  The scale goes into
-    ``ω`` (``[m, d]``) rather than into ``q`` (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.
+    For the softmax kernel the keys' features come relative to a per-feature reference ``R``
+    (``key_reference``, ``[..., m]`` broadcast over ``L``; see :func:`key_features`), so the query side
+    carries ``exp(R_j)``: ``φ̃(q)_j = m^-½ exp(ω_j q + R_j − max_i (ω_i q + R_i))`` (max detached).  The
+    per-query factor cancels between the numerator and the denominator of ``D⁻¹ φ(Q)(φ(K)ᵀV)``; every
+    entry lies in ``(0, m^-½]`` and the feature ``j*`` that reaches the maximum meets keys whose own
+    feature ``j*`` sums to ≥ 1, so the denominator is ≥ ``m^-1`` whatever the norms of ``q`` and ``k``.
+    ``kernel_fn=None`` means softmax.  The scale goes into ``ω`` (``[m, d]``) rather than into ``q``
+    (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.
     """
     m = projection.shape[0]
     logits = q @ (projection * input_scale).transpose(0, 1)
     if kernel_fn is not None:
         return (kernel_fn(logits) + kernel_epsilon) * m**-0.5
+    if key_reference is not None:
+        logits = logits.add_(key_reference.unsqueeze(-2))
     # in place: one pass over the [L, m] tensor; m^-½ rides in the exponent
     return logits.sub_(logits.detach().amax(-1, keepdim=True) + 0.5 * math.log(m)).exp_()
+
+
+def key_log_features(
+    k: torch.Tensor, projection: torch.Tensor, keep: torch.Tensor | None = None, *, input_scale: float = 1.0
+) -> torch.Tensor:
+    """``log φ(s·k) + ½ log m = ω(s·k) − ‖s·k‖²/2`` (paper eq. 7 with ``h(k) = exp(−‖k‖²/2)``):
+    ``[..., L, d] → [..., L, m]``; keys where ``keep`` (``[..., L]`` bool) is False get ``NEG_LOG_WEIGHT``."""
+    logits = k @ (projection * input_scale).transpose(0, 1)
+    logits = logits.sub_(k.pow(2).sum(-1, keepdim=True).mul(0.5 * input_scale**2))
+    return logits if keep is None else logits.masked_fill_(~keep[..., None], NEG_LOG_WEIGHT)
 
 
 def key_features(
@@ -101,50 +117,31 @@ def key_features(
     kernel_epsilon: float = 1e-3,
     keep: torch.Tensor | None = None,
     *,
-    per_key_scale: bool,
     input_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """φ(s·k) for ``k [..., L, d]`` (``s = input_scale``, folded into ``ω``) as ``(φ̃, c)`` with
-    ``φ(s·k) = exp(c) · φ̃``: features ``[..., L, m]`` and log-weights ``c``.
+    """φ(s·k) for ``k [..., L, d]`` (``s = input_scale``, folded into ``ω``) as ``(φ̃, R)`` with
+    ``φ(s·k)_j = exp(R_j) · φ̃_j``: features ``[..., L, m]`` and a per-feature reference ``R [..., m]``.
 
     ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.
 
-    ``per_key_scale=True`` (causal attention): ``c`` is ``[..., L]``, one per key; for the softmax kernel
-    ``c_s = max_i ω_i k_s − ‖k_s‖²/2`` (detached) so ``φ̃ ≤ m^-½``, and the key's scale lives in ``c_s``.
-    Keeping it per key (instead of subtracting one maximum over all keys, as performer-pytorch does)
-    lets causal attention stabilise with a running maximum over *past* keys: no future key ever
-    changes a past output, bit for bit.  Padding keys get ``c = NEG_LOG_WEIGHT``.
-
-    ``per_key_scale=False`` (bidirectional attention, where every query sees every key anyway):
-    ``c`` is ``[..., 1]``, one shared maximum over the real keys (``NEG_LOG_WEIGHT`` when there is
-    none), so blocks of keys stabilised separately can still be summed exactly.
+    For the softmax kernel ``R_j = max_s (ω_j k_s − ‖k_s‖²/2)`` over the real keys (detached;
+    ``NEG_LOG_WEIGHT`` when there is none), so every ``φ̃ ≤ m^-½`` and no feature's sum over the keys
+    underflows: stabilising per feature rather than per key (or with one maximum over all keys) is what
+    keeps large query/key norms from underflowing whole rows (:func:`query_features` folds ``R`` into
+    the queries).  Generalised kernels need no stabiliser: ``R = 0``.  Blocks of keys with their own
+    ``R`` add up exactly after rescaling to the larger one.  (``m^-½`` rides in the exponent: each
+    feature's sum over the keys is ≥ ``m^-½``.)
     """
     m = projection.shape[0]
-    projection = projection * input_scale
-    logits = k @ projection.transpose(0, 1)
     if kernel_fn is not None:
-        features = (kernel_fn(logits) + kernel_epsilon) * m**-0.5
+        features = (kernel_fn(k @ (projection * input_scale).transpose(0, 1)) + kernel_epsilon) * m**-0.5
         if keep is not None:
             features = features * keep[..., None]
-        if not per_key_scale:
-            return features, features.new_zeros(*features.shape[:-2], 1)
-        log_weight = features.new_zeros(features.shape[:-1])
-        return features, log_weight if keep is None else log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
-    # the exponent of the paper's φ(k) is ωk − ‖k‖²/2 (eq. 7 with h(k) = exp(−‖k‖²/2))
-    half_sq_norm = k.pow(2).sum(-1).mul(0.5 * input_scale**2)
-    if not per_key_scale:
-        logits = logits.sub_(half_sq_norm.unsqueeze(-1))
-        if keep is not None:
-            logits = logits.masked_fill_(~keep[..., None], float("-inf"))
-        shared = logits.detach().amax((-2, -1))[..., None]
-        shared = torch.where(torch.isfinite(shared), shared, torch.full_like(shared, NEG_LOG_WEIGHT))  # no real key
-        return logits.sub_((shared + 0.5 * math.log(m))[..., None]).exp_(), shared
-    log_weight = logits.detach().amax(-1) - half_sq_norm.detach()
-    # φ̃ = exp(ωk − ‖k‖²/2 − c): numerically exp(ωk − max ωk); the ‖k‖² term stays for its gradient
-    features = logits.sub_((half_sq_norm + log_weight + 0.5 * math.log(m)).unsqueeze(-1)).exp_()
-    if keep is None:
-        return features, log_weight
-    return features * keep[..., None], log_weight.masked_fill(~keep, NEG_LOG_WEIGHT)
+        return features, features.new_zeros(*features.shape[:-2], m)
+    logits = key_log_features(k, projection, keep, input_scale=input_scale)
+    reference = logits.detach().amax(-2)
+    features = logits.sub_((reference + 0.5 * math.log(m)).unsqueeze(-2)).exp_()
+    return (features, reference) if keep is None else (features * keep[..., None], reference)
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {

@@ -5,6 +5,8 @@ Not for use in models: they materialise the ``[Lq, Lk]`` matrix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -38,3 +40,42 @@ def quadratic_linear_attention(q_feat, k_feat, value, *, causal=False, key_paddi
     scores = q_feat @ k_feat.transpose(-1, -2)
     scores = scores * _visible(q_feat.shape[-2], k_feat.shape[-2], causal, key_padding_mask, q_feat.device)
     return (scores @ value) / scores.sum(-1, keepdim=True)
+
+
+def positive_softmax_log_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """``log φ(x) = ωx − ‖x‖²/2 − ½ log m`` (paper eq. 7): ``[..., L, d] → [..., L, m]``, usable at any norm."""
+    m = projection.shape[0]
+    return x @ projection.transpose(0, 1) - x.pow(2).sum(-1, keepdim=True) / 2 - 0.5 * math.log(m)
+
+
+def log_space_linear_attention(q_log, k_log, value, *, causal=False, key_padding_mask=None):
+    """``D⁻¹ (φ(Q)φ(K)ᵀ ⊙ mask) V`` from log-features ``[..., L, m]``: each weight
+    ``φ(q)ᵀφ(k) = Σ_j exp(log φ(q)_j + log φ(k)_j)`` is formed as a log-sum-exp, so it neither
+    overflows nor underflows whatever the norms (``[Lq, Lk, m]`` memory: tests only)."""
+    scores = torch.logsumexp(q_log[..., :, None, :] + k_log[..., None, :, :], -1)
+    visible = _visible(q_log.shape[-2], k_log.shape[-2], causal, key_padding_mask, q_log.device)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ value
+
+
+def hybrid_attention(query, key, value, projection, *, window, sinks, scaling=None, causal=False, key_padding_mask=None):
+    """Hybrid FAVOR+ as written: a masked O(L²) softmax whose weights are ``exp(s·qᵀk)`` for keys in the
+    local window (causal ``i − W < j ≤ i``, bidirectional ``|i − j| < W``) or among the first ``sinks``
+    real tokens, and ``φ(q)ᵀφ(k)`` (in log space) for every other visible key.  Shapes as
+    :func:`softmax_attention` (``H == Hk``); rows that see no key come back as NaN."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    visible = _visible(q_len, k_len, causal, key_padding_mask, query.device)
+    real = torch.ones(1, k_len, dtype=torch.bool, device=query.device)
+    if key_padding_mask is not None:
+        real = key_padding_mask.to(torch.bool)
+    is_sink = (real & (real.cumsum(-1) <= sinks))[:, None, None, :]
+    distance = torch.arange(q_len, device=query.device)[:, None] - torch.arange(k_len, device=query.device)
+    near = ((distance >= 0) & (distance < window)) if causal else (distance.abs() < window)
+    exact = visible & (near | is_sink)
+    s = scaling**0.5
+    exact_logits = (query * s) @ (key * s).transpose(-1, -2)
+    q_log = positive_softmax_log_features(query * s, projection)
+    k_log = positive_softmax_log_features(key * s, projection)
+    far_logits = torch.logsumexp(q_log[..., :, None, :] + k_log[..., None, :, :], -1)
+    logits = torch.where(exact, exact_logits, far_logits).masked_fill(~visible, float("-inf"))
+    return torch.softmax(logits, -1) @ value

@@ -103,15 +103,22 @@ def favor_attention_forward(
         )
     causal = bool(module.is_causal if is_causal is None else is_causal)
     cache_layer = cache_layer_of(key)
-    group = query.shape[1] // key.shape[1]
     initial_state = None
     if cache_layer is not None:
         if not causal:
             raise ValueError("a FavorCache holds causal state; it cannot serve bidirectional attention")
-        initial_state = cache_layer.initial_state(group)
+        initial_state = cache_layer.initial_state()
         if attention_mask is not None:
             attention_mask = attention_mask[:, -key.shape[-2] :]
     settings = favor.settings
+    window, sinks = settings.local_window, settings.sink_tokens
+    if cache_layer is not None and (window or sinks):
+        raise NotImplementedError(
+            f"a FavorCache cannot serve hybrid FAVOR+ yet (local_window={window}, sink_tokens={sinks}: it would "
+            "have to keep the window's keys and values). Pass cache_implementation='dynamic' to generate() (or a "
+            "DynamicCache), run without a cache (use_cache=False), or use local_window=0 and sink_tokens=0 for "
+            "constant-memory decoding."
+        )
     output, state = favor_attention(
         query,
         key,
@@ -124,7 +131,9 @@ def favor_attention_forward(
         kernel_epsilon=settings.kernel_epsilon,
         chunk_size=settings.causal_chunk_size,
         initial_state=initial_state,
+        local_window=window,
+        sink_tokens=sinks,
     )
     if cache_layer is not None:
-        cache_layer.advance(state, group)
+        cache_layer.advance(state)
     return output.transpose(1, 2).contiguous(), None

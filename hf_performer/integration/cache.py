@@ -40,10 +40,10 @@ NEEDS_KEYS_AND_VALUES = (
 
 
 class FavorCacheLayer(CacheLayerMixin):
-    """One layer's FAVOR+ state: ``kv [B, Hk, m, Dv]``, ``k_sum [B, Hk, m]``, ``log_scale [B, Hk]``.
+    """One layer's FAVOR+ state: ``kv [B, Hk, m, Dv]``, ``k_sum [B, Hk, m]``, ``log_scale [B, Hk, m]``.
 
-    Kept per *key* head: grouped-query heads that share a key head see the same keys and values,
-    hence the same state, so storing it once per group loses nothing (3× smaller for SmolLM2).
+    Kept per *key* head, as the FAVOR+ ops compute it: grouped-query heads that share a key head see
+    the same keys and values, hence the same state (3× smaller for SmolLM2 than per query head).
     ``seen_tokens`` counts every position given so far, padding included, as a key/value cache's
     length would: transformers derives mask sizes and default positions from it.
     """
@@ -76,15 +76,13 @@ class FavorCacheLayer(CacheLayerMixin):
         setattr(tagged, _LAYER_TAG, self)
         return tagged, value_states
 
-    def initial_state(self, group: int) -> FavorState | None:
-        """The state of the tokens before this step, expanded to ``group`` query heads per key head."""
-        if self.state is None:
-            return None
-        return FavorState(*(tensor.repeat_interleave(group, dim=1) for tensor in self.state))
+    def initial_state(self) -> FavorState | None:
+        """The state of the tokens before this step (per key head, as the FAVOR+ ops take it)."""
+        return self.state
 
-    def advance(self, state: FavorState, group: int) -> None:
-        """Keep ``state`` (``[B, H, ...]``, ``H = group · Hk``) as the state after this step's tokens."""
-        self.state = FavorState(*(tensor[:, ::group].contiguous() for tensor in state))
+    def advance(self, state: FavorState) -> None:
+        """Keep ``state`` (``[B, Hk, ...]``) as the state after this step's tokens."""
+        self.state = state
         self.awaiting_attention = False
 
     @property

@@ -1,0 +1,186 @@
+"""Hybrid FAVOR+ (exact softmax in a local window and to sink tokens, FAVOR+ beyond, one normaliser)
+against the naive O(L²) reference; its limits; its settings."""
+
+import pytest
+import torch
+import transformers
+
+import hf_performer
+from hf_performer import PerformerConfig
+from hf_performer.favor import favor_attention, orthogonal_random_matrix
+from hf_performer.favor.naive import hybrid_attention, softmax_attention
+from tests.conftest import VOCAB, tiny_llama_config
+
+B, D, M, L = 2, 16, 64, 37
+SETTINGS = [(1, 0), (5, 3), (7, 2), (16, 1), (3, 50)]  # (W, S): S beyond L makes every real token a sink
+
+
+def qkv(length=L, heads=4, key_heads=2, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(B, heads, length, D, generator=generator, dtype=dtype)
+    k, v = (torch.randn(B, key_heads, length, D, generator=generator, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def projection():
+    return orthogonal_random_matrix(M, D, generator=torch.Generator().manual_seed(0))
+
+
+def padding_mask():
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :6] = False  # left padding
+    mask[1, 30:] = False  # right padding
+    return mask
+
+
+def naive(q, k, v, *, window, sinks, causal, mask):
+    group = q.shape[1] // k.shape[1]
+    expanded = [t.repeat_interleave(group, 1) for t in (k, v)]
+    out = hybrid_attention(q, *expanded, projection().double(), window=window, sinks=sinks, causal=causal, key_padding_mask=mask)
+    return out.nan_to_num()  # a query that sees no key: 0, as the op gives
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window, sinks", SETTINGS)
+def test_matches_the_naive_hybrid_with_padding_and_grouped_heads(causal, window, sinks):
+    q, k, v = qkv()
+    mask = padding_mask()
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
+    expected = naive(q, k, v, window=window, sinks=sinks, causal=causal, mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window, sinks", [(5, 3), (1, 2)])
+def test_gradients_match_the_naive_hybrid(causal, window, sinks):
+    inputs = [t.requires_grad_() for t in qkv(21)]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    mask = torch.ones(B, 21, dtype=torch.bool)
+    mask[0, 17:] = False  # right padding: every query sees a key (the reference's softmax of nothing is NaN)
+    out, _ = favor_attention(*inputs, projection(), causal=causal, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
+    expected = naive(*reference_inputs, window=window, sinks=sinks, causal=causal, mask=mask)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_covering_the_sequence_is_exact_softmax_attention(causal):
+    q, k, v = qkv(heads=2, key_heads=2)
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=L, sink_tokens=2)
+    torch.testing.assert_close(out, softmax_attention(q, k, v, causal=causal), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_zero_window_and_sinks_is_pure_favor_bit_for_bit(causal):
+    q, k, v = qkv(dtype=torch.float32)
+    pure, _ = favor_attention(q, k, v, projection(), causal=causal)
+    hybrid, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=0, sink_tokens=0)
+    assert torch.equal(pure, hybrid)
+
+
+@pytest.mark.parametrize("window, sinks", [(4, 2), (9, 0)])
+def test_future_tokens_never_change_past_outputs_bit_exact(window, sinks):
+    q, k, v = qkv(40, dtype=torch.float32)
+    out, _ = favor_attention(q, k, v, projection(), causal=True, local_window=window, sink_tokens=sinks)
+    for t in (0, 3, 17, 31):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[:, :, t + 1 :], k2[:, :, t + 1 :] = q2[:, :, t + 1 :] * 5, k2[:, :, t + 1 :] * 5
+        v2[:, :, t + 1 :] = -v2[:, :, t + 1 :]
+        out2, _ = favor_attention(q2, k2, v2, projection(), causal=True, local_window=window, sink_tokens=sinks)
+        assert torch.equal(out[:, :, : t + 1], out2[:, :, : t + 1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_contribute_nothing(causal):
+    q, k, v = qkv(12, dtype=torch.float32)
+    mask = torch.ones(B, 12, dtype=torch.bool)
+    mask[0, :4] = False
+    alone, _ = favor_attention(q[:1, :, 4:], k[:1, :, 4:], v[:1, :, 4:], projection(), causal=causal, local_window=3, sink_tokens=2)
+    padded, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=3, sink_tokens=2)
+    torch.testing.assert_close(padded[:1, :, 4:], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_large_norms_stay_convex_and_finite():
+    q, k, _ = (t * 30 for t in qkv(dtype=torch.float32))
+    q.requires_grad_()
+    ones = torch.ones(B, 2, L, D)
+    for causal in (False, True):
+        out, _ = favor_attention(q, k, ones, projection(), causal=causal, local_window=4, sink_tokens=1)
+        torch.testing.assert_close(out, torch.ones_like(out))
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        (dict(local_window=-1), "local_window"),
+        (dict(sink_tokens=-2, local_window=4), "sink_tokens"),
+        (dict(local_window=2.5), "local_window"),
+        (dict(local_window=True), "local_window"),
+        (dict(sink_tokens=4), "sink_tokens"),  # sinks without a window
+        (dict(local_window=8, kernel="relu"), "kernel"),
+    ],
+)
+def test_bad_settings_raise_naming_the_field(values, field):
+    with pytest.raises(ValueError, match=field):
+        PerformerConfig(**values)
+
+
+def test_causal_queries_may_be_the_last_positions_of_the_keys():
+    """With a key/value cache: the new queries attend to the cached keys plus themselves."""
+    q, k, v = qkv()
+    full, _ = favor_attention(q, k, v, projection(), causal=True, local_window=5, sink_tokens=2)
+    last, _ = favor_attention(q[:, :, -3:], k, v, projection(), causal=True, local_window=5, sink_tokens=2)
+    torch.testing.assert_close(last, full[:, :, -3:])
+
+
+def test_what_the_op_does_not_cover_yet_raises():
+    q, k, v = qkv(8)
+    _, state = favor_attention(q, k, v, projection(), causal=True)
+    with pytest.raises(NotImplementedError, match="FAVOR\\+ state"):
+        favor_attention(q, k, v, projection(), causal=True, local_window=4, initial_state=state)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        favor_attention(q[:, :, -1:], k, v, projection(), local_window=4)  # bidirectional cross-attention
+    with pytest.raises(ValueError, match="local_window ≥ 1"):
+        favor_attention(q, k, v, projection(), sink_tokens=2)
+
+
+def llama_pair(**settings):
+    stock = transformers.LlamaForCausalLM(tiny_llama_config()).eval()
+    return stock, hf_performer.to_performer(stock, PerformerConfig(nb_features=16, **settings)).eval()
+
+
+def test_a_model_with_a_window_covering_its_input_matches_exact_attention():
+    stock, model = llama_pair(local_window=64, sink_tokens=4)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :3] = 0
+    exact = stock(input_ids=ids, attention_mask=mask).logits
+    hybrid = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(hybrid[1], exact[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hybrid[0, 3:], exact[0, 3:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_favor_cache_refuses_hybrid_settings_for_now():
+    _, model = llama_pair(local_window=4, sink_tokens=1)
+    with pytest.raises(NotImplementedError, match="cache_implementation='dynamic'"):
+        model.generate(torch.randint(3, VOCAB, (1, 6)), max_new_tokens=2, do_sample=False)
+
+
+def test_generation_with_keys_and_values_equals_full_recomputation():
+    _, model = llama_pair(local_window=4, sink_tokens=1)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding, as in batched generation
+    generated = model.generate(
+        ids, attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="dynamic", pad_token_id=0
+    )
+    for _ in range(5):  # greedy by hand, every step recomputing the whole sequence without a cache
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        logits = model(input_ids=ids, attention_mask=mask[:, :-1], use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, ids)

@@ -22,11 +22,7 @@ from hf_performer.models.registry import FAMILIES
 from tests.conftest import VOCAB, tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 TINY_CONFIGS = {"bert": tiny_bert_config, "gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
-HEAD_CLASSES = [
-    (family, performer_class)
-    for family in FAMILIES.values()
-    for performer_class in family.auto_models.values()
-]
+HEADS = [(family, head) for family in FAMILIES.values() for head in family.heads]
 
 
 def stock_model(model_type, stock_class, **overrides):
@@ -40,11 +36,9 @@ def inputs_for(model, batch=2, length=9):
     return {"input_ids": ids}
 
 
-@pytest.mark.parametrize(
-    "family,performer_class", HEAD_CLASSES, ids=[c.__name__ for _, c in HEAD_CLASSES]
-)
-def test_every_head_class_runs_forward_and_backward(family, performer_class):
-    stock = stock_model(family.stock_model_type, performer_class.__bases__[-1])
+@pytest.mark.parametrize("family,head", HEADS, ids=[head.performer_class.__name__ for _, head in HEADS])
+def test_every_head_class_runs_forward_and_backward(family, head):
+    stock = stock_model(family.stock_model_type, head.stock_class)
     model = hf_performer.to_performer(stock, PerformerConfig(nb_features=32)).train()
     assert model.config._attn_implementation == "favor+"
     outputs = model(**inputs_for(model))
@@ -153,11 +147,11 @@ def test_saved_performer_runs_exact_attention_on_request(tmp_path):
     assert exact.config._attn_implementation == "sdpa"
 
 
-def test_registration_is_idempotent():
+def test_patching_twice_changes_nothing_more():
     attention_before = AttentionInterface._global_mapping["favor+"]
     from_pretrained_before = transformers.PreTrainedModel.__dict__["from_pretrained"]
-    hf_performer.register()
-    hf_performer.register()
+    hf_performer.patch()
+    hf_performer.patch()
     assert AttentionInterface._global_mapping["favor+"] is attention_before
     assert "favor+" in AttentionMaskInterface._global_mapping
     assert transformers.PreTrainedModel.__dict__["from_pretrained"] is from_pretrained_before

@@ -415,3 +415,35 @@ def test_compiled_full_graph_of_a_causal_model_with_left_padding_matches_eager(m
     eager = model(input_ids=ids, attention_mask=mask).logits
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits, eager)
+
+
+ROUND_TRIPS = [
+    ("bert", transformers.BertForMaskedLM),
+    ("gpt2", transformers.GPT2LMHeadModel),
+    ("llama", transformers.LlamaForCausalLM),
+]
+
+
+@pytest.mark.parametrize("model_type,stock_class", ROUND_TRIPS, ids=[c.__name__ for _, c in ROUND_TRIPS])
+def test_to_stock_of_to_performer_gives_the_stock_model_back(model_type, stock_class):
+    stock = stock_model(model_type, stock_class)
+    back = hf_performer.to_stock(hf_performer.to_performer(stock, PerformerConfig(nb_features=16)))
+    assert type(back) is stock_class and type(back.config) is type(stock.config)
+    assert back.config._attn_implementation == stock.config._attn_implementation
+    assert not any(".favor." in key for key in back.state_dict())
+    inputs = inputs_for(stock)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, stock(**inputs).logits, rtol=0, atol=0)
+
+
+def test_to_stock_leaves_the_performer_model_as_it_was():
+    performer = hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel))
+    before = {key: value.clone() for key, value in performer.state_dict().items()}
+    hf_performer.to_stock(performer)
+    assert performer.config._attn_implementation == "favor+" and len(performer.favor_projections()) == 2
+    assert all(torch.equal(before[key], value) for key, value in performer.state_dict().items())
+
+
+def test_to_stock_of_a_stock_model_is_refused():
+    with pytest.raises(ValueError, match="not a FAVOR\\+ model"):
+        hf_performer.to_stock(stock_model("bert", transformers.BertModel))

@@ -21,7 +21,8 @@ MODES = ("bidirectional", "causal")
 
 
 def add_op_shape_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--heads``, ``--head-dim``, ``--nb-features``: by default the op setting of every op benchmark (batch 1, 8 × 64, m = 256)."""
+    """``--heads``, ``--head-dim``, ``--nb-features``: by default the setting of every op benchmark
+    (batch 1, 8 heads × 64, m = 256)."""
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)

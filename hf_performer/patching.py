@@ -14,9 +14,9 @@
    ``Trainer`` counts training steps for feature redraws.
 
 :func:`unpatch` puts back what each change replaced (the same objects), so transformers is as it was
-before the first :func:`patch`.  Models already built keep working: a Performer model runs
-``"favor+"`` from its own class, which :func:`unpatch` leaves alone, but its forward needs the
-attention functions registered, so call :func:`patch` again before running one.
+before the first :func:`patch`.  Without the patch transformers does not know ``"favor+"``, so no
+FAVOR+ model runs until :func:`patch` is called again; :func:`~hf_performer.to_stock` turns one into
+the stock model, which does.
 
 The ``trust_remote_code`` export (:mod:`hf_performer.export.remote_code`) never ships this module:
 a checkpoint's code registers its attention functions and nothing else.

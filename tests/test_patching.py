@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from transformers import AutoConfig, AutoModel, BertModel, trainer
 
@@ -131,3 +132,13 @@ def test_patch_after_unpatch_loads_with_favor_again(stock_bert_dir):
 def test_unpatch_twice_leaves_the_stock_from_pretrained(unpatched):
     hf_performer.unpatch()
     assert not hasattr(transformers.PreTrainedModel.from_pretrained.__func__, "__wrapped__")
+
+
+def test_to_stock_gives_a_model_that_runs_on_unpatched_transformers():
+    performer = hf_performer.to_performer(BertModel(tiny_bert_config()).eval(), PerformerConfig(nb_features=8))
+    hf_performer.unpatch()
+    try:
+        stock = hf_performer.to_stock(performer)
+        assert stock(torch.randint(3, 99, (1, 5))).last_hidden_state.shape == (1, 5, 32)
+    finally:
+        hf_performer.patch()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.generation import GenerationMode

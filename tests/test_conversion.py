@@ -23,7 +23,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from hf_performer import PerformerConfig
+from hf_performer import PerformerConfig, performer_config_from
 from hf_performer.cli import main
 from hf_performer.export import ConversionError, convert
 from hf_performer.export import conversion as conversion_module
@@ -188,6 +188,19 @@ def test_exported_code_never_contains_the_patching_module(tmp_path, family):
     code = "\n".join((tmp_path / name).read_text() for name in files)
     for change_to_transformers in ("DEFAULT_CALLBACKS", "from_pretrained =", "_extra_content"):
         assert change_to_transformers not in code
+
+
+def test_saving_a_subclass_the_exported_code_lacks_is_refused(tmp_path):
+    from hf_performer.export.conversion import save_checkpoint
+    from hf_performer.models.bert import PerformerBertModel
+
+    class MyBert(PerformerBertModel):
+        pass
+
+    model = MyBert(performer_config_from(tiny_bert_config()))
+    with pytest.raises(ValueError, match="MyBert is not one of hf-performer's performer_bert classes"):
+        save_checkpoint(model, tmp_path, None, name="out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_maps_every_auto_class_to_the_exported_code(converted):

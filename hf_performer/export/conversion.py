@@ -311,6 +311,12 @@ def save_checkpoint(
     """
     family = family_for(model.config.model_type)
     head = family.head_for(type(model))
+    if head is None:  # the exported code holds the package's classes only
+        raise ValueError(
+            f"{type(model).__name__} is not one of hf-performer's {family.model_type} classes, so the exported "
+            "code could not load it; save an instance of one of them "
+            f"({family.base_model.performer_class.__name__}, ...)"
+        )
     model.config.auto_map = auto_map(family)
     step(f"Saving weights and random features ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     model.save_pretrained(folder)

@@ -40,6 +40,7 @@ def child(attention: str, length: int, nb_features: int, repeats: int, slow_seco
     if attention == "favor+":
         model = AutoModel.from_pretrained(path, attention="favor+", performer_config=hf_performer.PerformerConfig(nb_features=nb_features))
     else:
+        hf_performer.unpatch()  # the baseline is stock transformers, as a user without the plugin runs it
         model = AutoModel.from_pretrained(path, attn_implementation=attention)
     model.eval()
     if length > model.config.max_position_embeddings:

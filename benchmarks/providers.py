@@ -21,7 +21,8 @@ MODES = ("bidirectional", "causal")
 
 
 def add_op_shape_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--heads``, ``--head-dim``, ``--nb-features``: the op setting of issue 6 (batch 1, 8 × 64, m = 256) by default."""
+    """``--heads``, ``--head-dim``, ``--nb-features``: by default the setting of every op benchmark
+    (batch 1, 8 heads × 64, m = 256)."""
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
@@ -43,8 +44,10 @@ def add_causal_chunk_argument(parser: argparse.ArgumentParser) -> None:
 def import_favor_without_transformers() -> None:
     """Make ``import hf_performer.favor`` skip the package ``__init__`` (which imports transformers).
 
-    ``hf_performer/favor`` is torch only; the memory benchmark starts a fresh process per point, and
-    importing transformers there would cost ~10 s each time.  Call before anything imports hf_performer.
+    For import time only: ``hf_performer/favor`` is torch only, the memory benchmark starts a fresh
+    process per point, and the package ``__init__`` (transformers, the model families) adds several
+    seconds to each.  Not for keeping transformers unpatched: a benchmark that imports the package and
+    wants stock transformers calls ``hf_performer.unpatch()``.  Call before anything imports hf_performer.
     """
     if "hf_performer" not in sys.modules:
         package = types.ModuleType("hf_performer")

@@ -32,7 +32,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, TrainingArguments
 
 import hf_performer  # noqa: F401  (registers FAVOR+)
-from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
+from hf_performer.recovery.arguments import RecipeArguments, add_performer_arguments, performer_config_from_args
 from hf_performer.recovery.attention_transfer import TRAINABLE, AttentionTransferTrainer, select_trainable
 from hf_performer.recovery.checkpoints import (
     auto_class_for,
@@ -52,9 +52,8 @@ from hf_performer.recovery.training import (
 )
 
 
-@dataclass
-class TransferArguments:
-    model: str = field(metadata={"help": "Source checkpoint (folder or Hub id): stock BERT/GPT-2/Llama, or FAVOR+."})
+@dataclass(kw_only=True)
+class TransferArguments(RecipeArguments):
     data: str = field(
         metadata={"help": "Unlabelled training text: a .txt/.tsv/.csv/.json(l) file or a Hub dataset id."}
     )
@@ -65,32 +64,6 @@ class TransferArguments:
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Share of --data held out when --eval_data is not given."}
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
-    split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --data."})
-    eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
-    base_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id of the original model, for the card's base_model when --model is a local folder "
-            "(default: --model if it is a Hub id, or what a converted or recovered --model records)."
-        },
-    )
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "What the evaluation data is, for the model card (e.g. 'STS-B dev'); default: its Hub id, "
-            "or a file's folder and name (never its path)."
-        },
-    )
-    column_names: list[str] | None = field(
-        default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
-    )
-    text_columns: list[str] = field(
-        default_factory=lambda: ["text"], metadata={"help": "Columns holding text; each cell is one example."}
-    )
-    max_length: int = field(
-        default=128, metadata={"help": "Tokens per example (longer ones are truncated), or per block with --blocks."}
-    )
     blocks: bool = field(
         default=False,
         metadata={
@@ -98,7 +71,6 @@ class TransferArguments:
             "as causal LMs are trained and evaluated, instead of one example per line or cell."
         },
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training texts."})
     max_eval_samples: int | None = field(default=256, metadata={"help": "Use at most this many held-out texts."})
     train_what: str = field(
         default="attention",

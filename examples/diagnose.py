@@ -81,7 +81,7 @@ def main(argv=None) -> None:
             )
             for i in range(0, len(texts), args.batch_size)
         )
-        errors_by_model[f"{label} m={favor.favor_settings.nb_features}"] = layer_errors(favor, exact, batches)
+        errors_by_model[f"{label} m={favor.config.performer_config.nb_features}"] = layer_errors(favor, exact, batches)
     table = error_table(errors_by_model)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

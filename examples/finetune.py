@@ -49,7 +49,7 @@ from transformers import (
 )
 
 import hf_performer  # noqa: F401  (registers FAVOR+)
-from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
+from hf_performer.recovery.arguments import RecipeArguments, add_performer_arguments, performer_config_from_args
 from hf_performer.recovery.checkpoints import load_student, load_teacher, prepare_padding, save_recovered
 from hf_performer.recovery.curves import RecoveryCurve
 from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks
@@ -72,41 +72,15 @@ TASKS = {
 }
 
 
-@dataclass
-class FinetuneArguments:
+@dataclass(kw_only=True)
+class FinetuneArguments(RecipeArguments):
     task: str = field(metadata={"choices": sorted(TASKS), "help": "What the model is fine-tuned for."})
-    model: str = field(metadata={"help": "Checkpoint (folder or Hub id): stock BERT/GPT-2/Llama, or FAVOR+."})
     train_data: str = field(metadata={"help": "Training data: a .txt/.tsv/.csv/.json(l) file or a Hub dataset id."})
     eval_data: str = field(metadata={"help": "Evaluation data, in the same forms."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
-    split: str = field(default="train", metadata={"help": "Split of a Hub dataset for --train_data."})
-    eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
-    base_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id of the original model, for the card's base_model when --model is a local folder "
-            "(default: --model if it is a Hub id, or what a converted or recovered --model records)."
-        },
-    )
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "What the evaluation data is, for the model card (e.g. 'STS-B dev'); default: its Hub id, "
-            "or a file's folder and name (never its path)."
-        },
-    )
-    column_names: list[str] | None = field(
-        default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
-    )
-    text_columns: list[str] = field(
-        default_factory=lambda: ["text"], metadata={"help": "Text column(s) (a pair for sentence-embedding)."}
-    )
     label_column: str = field(default="label", metadata={"help": "Label column (classification, sentence-embedding)."})
     label_scale: float = field(
         default=5.0, metadata={"help": "sentence-embedding: labels are divided by this (STS-B: 5)."}
     )
-    max_length: int = field(default=128, metadata={"help": "Tokens per example; for causal-lm the block length."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation examples."})
     exact: bool = field(default=False, metadata={"help": "Fine-tune with exact softmax attention (the baseline)."})
     evaluate_exact: bool = field(

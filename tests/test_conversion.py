@@ -23,10 +23,12 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from hf_performer import PerformerConfig
+from hf_performer import PerformerConfig, performer_config_from
 from hf_performer.cli import main
 from hf_performer.export import ConversionError, convert
 from hf_performer.export import conversion as conversion_module
+from hf_performer.export.remote_code import write_remote_code
+from hf_performer.models.registry import FAMILIES
 from tests.conftest import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +179,28 @@ def test_exported_code_never_imports_hf_performer(converted):
                 assert not any(alias.name.startswith("hf_performer") for alias in node.names), file.name
             if isinstance(node, ast.ImportFrom):
                 assert node.level == 1 or not (node.module or "").startswith("hf_performer"), file.name
+
+
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_exported_code_never_contains_the_patching_module(tmp_path, family):
+    files = write_remote_code(family, tmp_path)
+    assert "performer_patching.py" not in files
+    code = "\n".join((tmp_path / name).read_text() for name in files)
+    for change_to_transformers in ("DEFAULT_CALLBACKS", "from_pretrained =", "_extra_content"):
+        assert change_to_transformers not in code
+
+
+def test_saving_a_subclass_the_exported_code_lacks_is_refused(tmp_path):
+    from hf_performer.export.conversion import save_checkpoint
+    from hf_performer.models.bert import PerformerBertModel
+
+    class MyBert(PerformerBertModel):
+        pass
+
+    model = MyBert(performer_config_from(tiny_bert_config()))
+    with pytest.raises(ValueError, match="MyBert is not one of hf-performer's performer_bert classes"):
+        save_checkpoint(model, tmp_path, None, name="out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_maps_every_auto_class_to_the_exported_code(converted):

@@ -22,11 +22,7 @@ from hf_performer.models.registry import FAMILIES
 from tests.conftest import VOCAB, tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 TINY_CONFIGS = {"bert": tiny_bert_config, "gpt2": tiny_gpt2_config, "llama": tiny_llama_config}
-HEAD_CLASSES = [
-    (family, performer_class)
-    for family in FAMILIES.values()
-    for performer_class in family.auto_models.values()
-]
+HEADS = [(family, head) for family in FAMILIES.values() for head in family.heads]
 
 
 def stock_model(model_type, stock_class, **overrides):
@@ -40,11 +36,9 @@ def inputs_for(model, batch=2, length=9):
     return {"input_ids": ids}
 
 
-@pytest.mark.parametrize(
-    "family,performer_class", HEAD_CLASSES, ids=[c.__name__ for _, c in HEAD_CLASSES]
-)
-def test_every_head_class_runs_forward_and_backward(family, performer_class):
-    stock = stock_model(family.stock_model_type, performer_class.__bases__[-1])
+@pytest.mark.parametrize("family,head", HEADS, ids=[head.performer_class.__name__ for _, head in HEADS])
+def test_every_head_class_runs_forward_and_backward(family, head):
+    stock = stock_model(family.stock_model_type, head.stock_class)
     model = hf_performer.to_performer(stock, PerformerConfig(nb_features=32)).train()
     assert model.config._attn_implementation == "favor+"
     outputs = model(**inputs_for(model))
@@ -153,11 +147,11 @@ def test_saved_performer_runs_exact_attention_on_request(tmp_path):
     assert exact.config._attn_implementation == "sdpa"
 
 
-def test_registration_is_idempotent():
+def test_patching_twice_changes_nothing_more():
     attention_before = AttentionInterface._global_mapping["favor+"]
     from_pretrained_before = transformers.PreTrainedModel.__dict__["from_pretrained"]
-    hf_performer.register()
-    hf_performer.register()
+    hf_performer.patch()
+    hf_performer.patch()
     assert AttentionInterface._global_mapping["favor+"] is attention_before
     assert "favor+" in AttentionMaskInterface._global_mapping
     assert transformers.PreTrainedModel.__dict__["from_pretrained"] is from_pretrained_before
@@ -415,3 +409,35 @@ def test_compiled_full_graph_of_a_causal_model_with_left_padding_matches_eager(m
     eager = model(input_ids=ids, attention_mask=mask).logits
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits, eager)
+
+
+ROUND_TRIPS = [
+    ("bert", transformers.BertForMaskedLM),
+    ("gpt2", transformers.GPT2LMHeadModel),
+    ("llama", transformers.LlamaForCausalLM),
+]
+
+
+@pytest.mark.parametrize("model_type,stock_class", ROUND_TRIPS, ids=[c.__name__ for _, c in ROUND_TRIPS])
+def test_to_stock_of_to_performer_gives_the_stock_model_back(model_type, stock_class):
+    stock = stock_model(model_type, stock_class)
+    back = hf_performer.to_stock(hf_performer.to_performer(stock, PerformerConfig(nb_features=16)))
+    assert type(back) is stock_class and type(back.config) is type(stock.config)
+    assert back.config._attn_implementation == stock.config._attn_implementation
+    assert not any(".favor." in key for key in back.state_dict())
+    inputs = inputs_for(stock)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, stock(**inputs).logits, rtol=0, atol=0)
+
+
+def test_to_stock_leaves_the_performer_model_as_it_was():
+    performer = hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel))
+    before = {key: value.clone() for key, value in performer.state_dict().items()}
+    hf_performer.to_stock(performer)
+    assert performer.config._attn_implementation == "favor+" and len(performer.favor_projections()) == 2
+    assert all(torch.equal(before[key], value) for key, value in performer.state_dict().items())
+
+
+def test_to_stock_of_a_stock_model_is_refused():
+    with pytest.raises(ValueError, match="not a FAVOR\\+ model"):
+        hf_performer.to_stock(stock_model("bert", transformers.BertModel))

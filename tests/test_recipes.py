@@ -136,7 +136,7 @@ def test_attention_transfer_writes_a_loadable_checkpoint_with_its_results(transf
     assert result["dataset_type"] == result["dataset_name"] == "data/stsb_train_256.tsv"  # not the file's path
     assert "model-index" in (transferred / "README.md").read_text()
     reloaded = AutoModel.from_pretrained(transferred)
-    assert type(reloaded).__name__ == "PerformerBertModel" and reloaded.favor_settings.nb_features == 16
+    assert type(reloaded).__name__ == "PerformerBertModel" and reloaded.config.performer_config.nb_features == 16
 
 
 def test_attention_transfer_resumes_from_its_last_checkpoint(transferred):

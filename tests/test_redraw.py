@@ -139,7 +139,7 @@ def test_trainer_with_an_optimizer_that_is_not_torch_optim_redraws(tmp_path):
 def test_redraw_callback_is_registered_once():
     from transformers import trainer
 
-    hf_performer.register()
+    hf_performer.patch()
     assert trainer.DEFAULT_CALLBACKS.count(hf_performer.PerformerRedrawCallback) == 1
 
 

@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import transformers
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -43,7 +42,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 from safetensors import SafetensorError
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from hf_performer.config import PerformerConfig, __version__
@@ -51,7 +50,7 @@ from hf_performer.export.model_card import model_card, read_eval_results
 from hf_performer.export.remote_code import auto_map, write_remote_code
 from hf_performer.integration.attention import ATTENTION_NAME
 from hf_performer.models.base import Family
-from hf_performer.models.registry import FAMILIES
+from hf_performer.models.registry import FAMILIES, family_for
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -143,24 +142,19 @@ def inspect_source(src: str) -> Source:
             f"cannot convert SRC {src!r}: model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}"
         )
     family = FAMILIES[model_type]
-    heads = {
-        performer.__bases__[-1].__name__: (auto, performer.__bases__[-1])
-        for auto, performer in family.auto_models.items()
-    }
-    base_model_class = family.auto_models[transformers.AutoModel].__bases__[-1]
-    architecture = (config.get("architectures") or [base_model_class.__name__])[0]
-    if architecture not in heads:
+    architecture = (config.get("architectures") or [family.base_model.stock_class.__name__])[0]
+    head = family.head_named(architecture)
+    if head is None:
         raise ConversionError(
             f"cannot convert SRC {src!r}: its head {architecture} has no FAVOR+ version; supported {model_type} "
-            f"heads: {', '.join(sorted(heads))}"
+            f"heads: {', '.join(family.stock_class_names())}"
         )
-    auto_class, stock_class = heads[architecture]
     return Source(
         name=src,
         local=local,
         family=family,
-        stock_class=stock_class,
-        auto_class=auto_class.__name__,
+        stock_class=head.stock_class,
+        auto_class=head.auto_class.__name__,
         has_tokenizer=any(_file(src, name) is not None for name in TOKENIZER_FILES),
         config=config,
     )
@@ -298,6 +292,50 @@ def push(out: str | os.PathLike, repo_id: str, private: bool = False) -> str:
         ) from None
 
 
+def save_checkpoint(
+    model: PreTrainedModel,
+    folder: Path,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    name: str,
+    step: Callable[[str], None] = lambda message: None,
+    **card,
+) -> None:
+    """Write a FAVOR+ ``model`` into ``folder`` as a checkpoint anyone can load: weights with the random
+    features, the model code and ``auto_map`` (``trust_remote_code=True`` without hf-performer), the
+    tokenizer when given and a README.md model card named ``name``.
+
+    ``card``: the other arguments of :func:`~hf_performer.export.model_card.model_card` (the source, its
+    evaluation results, ...); the family, head and settings come from ``model``.  ``step`` is called
+    with a line of text before each part.
+    """
+    family = family_for(model.config.model_type)
+    head = family.head_for(type(model))
+    if head is None:  # the exported code holds the package's classes only
+        raise ValueError(
+            f"{type(model).__name__} is not one of hf-performer's {family.model_type} classes, so the exported "
+            "code could not load it; save an instance of one of them "
+            f"({family.base_model.performer_class.__name__}, ...)"
+        )
+    model.config.auto_map = auto_map(family)
+    step(f"Saving weights and random features ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    model.save_pretrained(folder)
+    step("Writing the model code for trust_remote_code=True")
+    write_remote_code(family, folder)
+    if tokenizer is not None:
+        step("Saving the tokenizer")
+        tokenizer.save_pretrained(folder)
+    step("Writing the model card README.md")
+    model_card(
+        name,
+        stock_model_type=family.stock_model_type,
+        auto_class=head.auto_class.__name__,
+        settings=model.config.performer_config,
+        has_tokenizer=tokenizer is not None,
+        **card,
+    ).save(folder / "README.md")
+
+
 def _print_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -367,32 +405,24 @@ def convert(
                 f"cannot read the weights of SRC {src!r} ({type(error).__name__}: {error}); the file may be truncated "
                 "or corrupt: download or save it again"
             ) from None
-        model.config.auto_map = auto_map(source.family)
-        step(f"Saving weights and random features ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
-        model.save_pretrained(staging)
-        step("Writing the model code for trust_remote_code=True")
-        write_remote_code(source.family, staging)
-        if source.has_tokenizer:
-            step("Saving the tokenizer")
-            AutoTokenizer.from_pretrained(src).save_pretrained(staging)
-        else:
+        tokenizer = AutoTokenizer.from_pretrained(src) if source.has_tokenizer else None
+        if tokenizer is None:
             step("SRC has no tokenizer files: OUT has no tokenizer either")
         sentence_transformers_files = _copy_sentence_transformers_files(src, source.local, staging)
         if sentence_transformers_files:
             step(f"Copied the sentence-transformers modules and settings ({', '.join(sentence_transformers_files)})")
-        step("Writing the model card README.md")
-        model_card(
-            push_to_hub or out.name,
-            stock_model_type=source.family.stock_model_type,
-            auto_class=source.auto_class,
-            settings=settings,
+        save_checkpoint(
+            model,
+            staging,
+            tokenizer,
+            step=step,
+            name=push_to_hub or out.name,
             base_model=base_model or (None if source.local else src),
             source_name=Path(src).name,
-            has_tokenizer=source.has_tokenizer,
             eval_results=results,
             sentence_transformers_files=sentence_transformers_files,
             **card_metadata,
-        ).save(staging / "README.md")
+        )
         move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

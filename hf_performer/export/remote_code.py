@@ -101,7 +101,7 @@ def exported_sources(roots: list[str]) -> dict[str, str]:
 
 def entry_source(family: Family) -> str:
     """The source of :data:`ENTRY_MODULE` for one family: registrations plus its config and model classes."""
-    names = [family.config_class.__name__] + [cls.__name__ for cls in family.auto_models.values()]
+    names = [family.config_class.__name__] + [head.performer_class.__name__ for head in family.heads]
     return _ENTRY_SOURCE.format(
         version=__version__,
         attention_module=exported_name(favor_attention_forward.__module__),
@@ -113,7 +113,7 @@ def entry_source(family: Family) -> str:
 
 def auto_map(family: Family) -> dict[str, str]:
     """config.json's ``auto_map``: every Auto class of the family → its class in :data:`ENTRY_MODULE`."""
-    classes = {"AutoConfig": family.config_class} | {auto.__name__: cls for auto, cls in family.auto_models.items()}
+    classes = {"AutoConfig": family.config_class} | {h.auto_class.__name__: h.performer_class for h in family.heads}
     return {auto: f"{ENTRY_MODULE}.{cls.__name__}" for auto, cls in classes.items()}
 
 

@@ -1,16 +1,17 @@
 """What every Performer config and model class adds to its transformers base class.
 
-A family file (``bert.py``, ``gpt2.py``, ``llama.py``) combines these mixins with the stock classes
-and describes itself in a :class:`Family` entry; ``registration.py`` registers the entries.
+A family file (``bert.py``, ``gpt2.py``, ``llama.py``) declares ``Performer<Stock>`` classes as
+``class PerformerBertModel(_PerformerBert, BertModel)`` and lists them in a :class:`Family` entry
+(stock, Performer and Auto class of every head); :mod:`hf_performer.patching` registers the entries.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from torch import nn
+from transformers import AutoModel, PreTrainedModel
 from transformers.generation import GenerationMode
 
 from hf_performer.config import PerformerConfig
@@ -54,6 +55,9 @@ class PerformerConfigMixin:
         return values
 
 
+_FEATURE_KEYS = r"\.favor\.(projection|draws|steps)$"
+
+
 class PerformerModelMixin:
     """Attaches a :class:`FavorProjection` as ``.favor`` to every attention module of the model.
 
@@ -64,16 +68,20 @@ class PerformerModelMixin:
 
     attention_classes: tuple[type[nn.Module], ...] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        """A model class (a mixin followed by a stock class) also refuses ``output_attentions`` and does not
+        expect stock checkpoints to hold the features."""
+        super().__init_subclass__(**kwargs)
+        if not issubclass(cls, PreTrainedModel) or getattr(cls.forward, "__refuses_output_attentions__", False):
+            return
+        cls.forward = _refusing_output_attentions(cls.forward)
+        cls._keys_to_ignore_on_load_missing = [*(cls._keys_to_ignore_on_load_missing or []), _FEATURE_KEYS]
+
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         for module in self.modules():
             if isinstance(module, self.attention_classes):
                 module.favor = FavorProjection(self.config, _head_dim(module), module.layer_idx, _stream(module))
-
-    @property
-    def favor_settings(self) -> PerformerConfig:
-        """``config.performer_config``, the settings every layer reads."""
-        return self.config.performer_config
 
     def favor_projections(self) -> list[FavorProjection]:
         return [m for m in self.modules() if isinstance(m, FavorProjection)]
@@ -163,42 +171,48 @@ def _refusing_output_attentions(forward):
             )
         return forward(self, *args, **kwargs)
 
+    checked_forward.__refuses_output_attentions__ = True
     return checked_forward
 
 
-def performer_model_class(
-    base: type, config_class: type, attention_classes: tuple[type, ...], mixins: tuple[type, ...] = ()
-) -> type:
-    """``Performer<Base>``: ``base`` with FAVOR+, a ``config_class`` of a performer model type and any
-    family ``mixins`` (such as :class:`PerformerDecoderMixin`)."""
-    ignore_missing = list(base._keys_to_ignore_on_load_missing or []) + [r"\.favor\.(projection|draws|steps)$"]
-    return type(
-        f"Performer{base.__name__}",
-        (PerformerModelMixin, *mixins, base),
-        {
-            "config_class": config_class,
-            "attention_classes": attention_classes,
-            "_keys_to_ignore_on_load_missing": ignore_missing,
-            "forward": _refusing_output_attentions(base.forward),
-            "__module__": config_class.__module__,
-        },
-    )
+@dataclass(frozen=True)
+class Head:
+    """One model class of a family: the transformers Auto class that loads it, the stock class and its
+    FAVOR+ version (``AutoModelForMaskedLM``, ``BertForMaskedLM``, ``PerformerBertForMaskedLM``)."""
+
+    auto_class: type
+    stock_class: type
+    performer_class: type
 
 
 @dataclass(frozen=True)
 class Family:
-    """One supported architecture: its stock ``model_type``, Performer config and model classes."""
+    """One supported architecture: its stock and Performer config classes and one :class:`Head` per model class."""
 
-    stock_model_type: str
+    stock_config_class: type
     config_class: type
-    auto_models: dict = field(default_factory=dict)  # transformers Auto class → Performer model class
+    heads: tuple[Head, ...]
+
+    @property
+    def stock_model_type(self) -> str:
+        return self.stock_config_class.model_type
 
     @property
     def model_type(self) -> str:
         return self.config_class.model_type
 
-    def performer_class_for(self, stock_class: type) -> type | None:
-        for performer_class in self.auto_models.values():
-            if performer_class.__bases__[-1] is stock_class:
-                return performer_class
-        return None
+    def head_for(self, model_class: type) -> Head | None:
+        """The head whose stock or Performer class is ``model_class``."""
+        return next((h for h in self.heads if model_class in (h.stock_class, h.performer_class)), None)
+
+    def head_named(self, class_name: str) -> Head | None:
+        """The head whose stock or Performer class is called ``class_name`` (config.json's ``architectures``)."""
+        return next((h for h in self.heads if class_name in (h.stock_class.__name__, h.performer_class.__name__)), None)
+
+    @property
+    def base_model(self) -> Head:
+        """The head without a task head (``AutoModel``): what a config without ``architectures`` loads as."""
+        return next(h for h in self.heads if h.auto_class is AutoModel)
+
+    def stock_class_names(self) -> list[str]:
+        return sorted(h.stock_class.__name__ for h in self.heads)

@@ -21,42 +21,70 @@ from transformers import (
     BertLMHeadModel,
     BertModel,
 )
-from transformers.models.bert.modeling_bert import BertCrossAttention, BertSelfAttention
+from transformers.models.bert.modeling_bert import BertSelfAttention, BertCrossAttention
 
-from hf_performer.models.base import Family, PerformerConfigMixin, performer_model_class
+from hf_performer.models.base import Family, Head, PerformerConfigMixin, PerformerModelMixin
 
 
 class PerformerBertConfig(PerformerConfigMixin, BertConfig):
     model_type = "performer_bert"
 
 
-_ATTENTION = (BertSelfAttention, BertCrossAttention)
-PerformerBertModel = performer_model_class(BertModel, PerformerBertConfig, _ATTENTION)
-PerformerBertForPreTraining = performer_model_class(BertForPreTraining, PerformerBertConfig, _ATTENTION)
-PerformerBertLMHeadModel = performer_model_class(BertLMHeadModel, PerformerBertConfig, _ATTENTION)
-PerformerBertForMaskedLM = performer_model_class(BertForMaskedLM, PerformerBertConfig, _ATTENTION)
-PerformerBertForNextSentencePrediction = performer_model_class(
-    BertForNextSentencePrediction, PerformerBertConfig, _ATTENTION
-)
-PerformerBertForSequenceClassification = performer_model_class(
-    BertForSequenceClassification, PerformerBertConfig, _ATTENTION
-)
-PerformerBertForMultipleChoice = performer_model_class(BertForMultipleChoice, PerformerBertConfig, _ATTENTION)
-PerformerBertForTokenClassification = performer_model_class(BertForTokenClassification, PerformerBertConfig, _ATTENTION)
-PerformerBertForQuestionAnswering = performer_model_class(BertForQuestionAnswering, PerformerBertConfig, _ATTENTION)
+class _PerformerBert(PerformerModelMixin):
+    """What every ``PerformerBert*`` class adds to its stock class."""
+
+    config_class = PerformerBertConfig
+    attention_classes = (BertSelfAttention, BertCrossAttention)
+
+
+class PerformerBertModel(_PerformerBert, BertModel):
+    pass
+
+
+class PerformerBertForPreTraining(_PerformerBert, BertForPreTraining):
+    pass
+
+
+class PerformerBertLMHeadModel(_PerformerBert, BertLMHeadModel):
+    pass
+
+
+class PerformerBertForMaskedLM(_PerformerBert, BertForMaskedLM):
+    pass
+
+
+class PerformerBertForNextSentencePrediction(_PerformerBert, BertForNextSentencePrediction):
+    pass
+
+
+class PerformerBertForSequenceClassification(_PerformerBert, BertForSequenceClassification):
+    pass
+
+
+class PerformerBertForMultipleChoice(_PerformerBert, BertForMultipleChoice):
+    pass
+
+
+class PerformerBertForTokenClassification(_PerformerBert, BertForTokenClassification):
+    pass
+
+
+class PerformerBertForQuestionAnswering(_PerformerBert, BertForQuestionAnswering):
+    pass
+
 
 FAMILY = Family(
-    stock_model_type="bert",
+    stock_config_class=BertConfig,
     config_class=PerformerBertConfig,
-    auto_models={
-        AutoModel: PerformerBertModel,
-        AutoModelForPreTraining: PerformerBertForPreTraining,
-        AutoModelForCausalLM: PerformerBertLMHeadModel,
-        AutoModelForMaskedLM: PerformerBertForMaskedLM,
-        AutoModelForNextSentencePrediction: PerformerBertForNextSentencePrediction,
-        AutoModelForSequenceClassification: PerformerBertForSequenceClassification,
-        AutoModelForMultipleChoice: PerformerBertForMultipleChoice,
-        AutoModelForTokenClassification: PerformerBertForTokenClassification,
-        AutoModelForQuestionAnswering: PerformerBertForQuestionAnswering,
-    },
+    heads=(
+        Head(AutoModel, BertModel, PerformerBertModel),
+        Head(AutoModelForPreTraining, BertForPreTraining, PerformerBertForPreTraining),
+        Head(AutoModelForCausalLM, BertLMHeadModel, PerformerBertLMHeadModel),
+        Head(AutoModelForMaskedLM, BertForMaskedLM, PerformerBertForMaskedLM),
+        Head(AutoModelForNextSentencePrediction, BertForNextSentencePrediction, PerformerBertForNextSentencePrediction),
+        Head(AutoModelForSequenceClassification, BertForSequenceClassification, PerformerBertForSequenceClassification),
+        Head(AutoModelForMultipleChoice, BertForMultipleChoice, PerformerBertForMultipleChoice),
+        Head(AutoModelForTokenClassification, BertForTokenClassification, PerformerBertForTokenClassification),
+        Head(AutoModelForQuestionAnswering, BertForQuestionAnswering, PerformerBertForQuestionAnswering),
+    ),
 )

@@ -15,32 +15,48 @@ from transformers import (
 )
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from hf_performer.models.base import Family, PerformerConfigMixin, PerformerDecoderMixin, performer_model_class
+from hf_performer.models.base import Family, Head, PerformerConfigMixin, PerformerDecoderMixin, PerformerModelMixin
 
 
 class PerformerGPT2Config(PerformerConfigMixin, GPT2Config):
     model_type = "performer_gpt2"
 
 
-_ATTENTION = (GPT2Attention,)
-PerformerGPT2Model = performer_model_class(GPT2Model, PerformerGPT2Config, _ATTENTION)
-PerformerGPT2LMHeadModel = performer_model_class(
-    GPT2LMHeadModel, PerformerGPT2Config, _ATTENTION, mixins=(PerformerDecoderMixin,)
-)
-PerformerGPT2ForSequenceClassification = performer_model_class(
-    GPT2ForSequenceClassification, PerformerGPT2Config, _ATTENTION
-)
-PerformerGPT2ForTokenClassification = performer_model_class(GPT2ForTokenClassification, PerformerGPT2Config, _ATTENTION)
-PerformerGPT2ForQuestionAnswering = performer_model_class(GPT2ForQuestionAnswering, PerformerGPT2Config, _ATTENTION)
+class _PerformerGPT2(PerformerModelMixin):
+    """What every ``PerformerGPT2*`` class adds to its stock class."""
+
+    config_class = PerformerGPT2Config
+    attention_classes = (GPT2Attention,)
+
+
+class PerformerGPT2Model(_PerformerGPT2, GPT2Model):
+    pass
+
+
+class PerformerGPT2LMHeadModel(_PerformerGPT2, PerformerDecoderMixin, GPT2LMHeadModel):
+    pass
+
+
+class PerformerGPT2ForSequenceClassification(_PerformerGPT2, GPT2ForSequenceClassification):
+    pass
+
+
+class PerformerGPT2ForTokenClassification(_PerformerGPT2, GPT2ForTokenClassification):
+    pass
+
+
+class PerformerGPT2ForQuestionAnswering(_PerformerGPT2, GPT2ForQuestionAnswering):
+    pass
+
 
 FAMILY = Family(
-    stock_model_type="gpt2",
+    stock_config_class=GPT2Config,
     config_class=PerformerGPT2Config,
-    auto_models={
-        AutoModel: PerformerGPT2Model,
-        AutoModelForCausalLM: PerformerGPT2LMHeadModel,
-        AutoModelForSequenceClassification: PerformerGPT2ForSequenceClassification,
-        AutoModelForTokenClassification: PerformerGPT2ForTokenClassification,
-        AutoModelForQuestionAnswering: PerformerGPT2ForQuestionAnswering,
-    },
+    heads=(
+        Head(AutoModel, GPT2Model, PerformerGPT2Model),
+        Head(AutoModelForCausalLM, GPT2LMHeadModel, PerformerGPT2LMHeadModel),
+        Head(AutoModelForSequenceClassification, GPT2ForSequenceClassification, PerformerGPT2ForSequenceClassification),
+        Head(AutoModelForTokenClassification, GPT2ForTokenClassification, PerformerGPT2ForTokenClassification),
+        Head(AutoModelForQuestionAnswering, GPT2ForQuestionAnswering, PerformerGPT2ForQuestionAnswering),
+    ),
 )

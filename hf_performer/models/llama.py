@@ -15,34 +15,48 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaAttention
 
-from hf_performer.models.base import Family, PerformerConfigMixin, PerformerDecoderMixin, performer_model_class
+from hf_performer.models.base import Family, Head, PerformerConfigMixin, PerformerDecoderMixin, PerformerModelMixin
 
 
 class PerformerLlamaConfig(PerformerConfigMixin, LlamaConfig):
     model_type = "performer_llama"
 
 
-_ATTENTION = (LlamaAttention,)
-PerformerLlamaModel = performer_model_class(LlamaModel, PerformerLlamaConfig, _ATTENTION)
-PerformerLlamaForCausalLM = performer_model_class(
-    LlamaForCausalLM, PerformerLlamaConfig, _ATTENTION, mixins=(PerformerDecoderMixin,)
-)
-PerformerLlamaForSequenceClassification = performer_model_class(
-    LlamaForSequenceClassification, PerformerLlamaConfig, _ATTENTION
-)
-PerformerLlamaForTokenClassification = performer_model_class(
-    LlamaForTokenClassification, PerformerLlamaConfig, _ATTENTION
-)
-PerformerLlamaForQuestionAnswering = performer_model_class(LlamaForQuestionAnswering, PerformerLlamaConfig, _ATTENTION)
+class _PerformerLlama(PerformerModelMixin):
+    """What every ``PerformerLlama*`` class adds to its stock class."""
+
+    config_class = PerformerLlamaConfig
+    attention_classes = (LlamaAttention,)
+
+
+class PerformerLlamaModel(_PerformerLlama, LlamaModel):
+    pass
+
+
+class PerformerLlamaForCausalLM(_PerformerLlama, PerformerDecoderMixin, LlamaForCausalLM):
+    pass
+
+
+class PerformerLlamaForSequenceClassification(_PerformerLlama, LlamaForSequenceClassification):
+    pass
+
+
+class PerformerLlamaForTokenClassification(_PerformerLlama, LlamaForTokenClassification):
+    pass
+
+
+class PerformerLlamaForQuestionAnswering(_PerformerLlama, LlamaForQuestionAnswering):
+    pass
+
 
 FAMILY = Family(
-    stock_model_type="llama",
+    stock_config_class=LlamaConfig,
     config_class=PerformerLlamaConfig,
-    auto_models={
-        AutoModel: PerformerLlamaModel,
-        AutoModelForCausalLM: PerformerLlamaForCausalLM,
-        AutoModelForSequenceClassification: PerformerLlamaForSequenceClassification,
-        AutoModelForTokenClassification: PerformerLlamaForTokenClassification,
-        AutoModelForQuestionAnswering: PerformerLlamaForQuestionAnswering,
-    },
+    heads=(
+        Head(AutoModel, LlamaModel, PerformerLlamaModel),
+        Head(AutoModelForCausalLM, LlamaForCausalLM, PerformerLlamaForCausalLM),
+        Head(AutoModelForSequenceClassification, LlamaForSequenceClassification, PerformerLlamaForSequenceClassification),
+        Head(AutoModelForTokenClassification, LlamaForTokenClassification, PerformerLlamaForTokenClassification),
+        Head(AutoModelForQuestionAnswering, LlamaForQuestionAnswering, PerformerLlamaForQuestionAnswering),
+    ),
 )

@@ -1,4 +1,8 @@
-"""The table of supported architectures: stock ``model_type`` → :class:`Family`."""
+"""The table of supported architectures: stock ``model_type`` → :class:`Family`.
+
+Each family file ends with its entry: the stock and Performer config classes and, one row per model
+class, the Auto class that loads it, the stock class and the Performer class.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Command-line options of the recipes for :class:`PerformerConfig`, generated from its fields.
+"""Command-line options the recipes share: the checkpoint and its data (:class:`RecipeArguments`),
+and the ``--favor-*`` options of :class:`PerformerConfig`, generated from its fields.
 
 Each field ``x`` becomes ``--favor-x`` with the field's own help text, so a new setting appears in
 every recipe's ``--help`` without editing the recipes (the prefix keeps ``--favor-seed`` apart from
@@ -11,10 +12,51 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass, field
 
 from hf_performer.config import PerformerConfig
 
 PREFIX = "favor_"
+
+
+@dataclass(kw_only=True)
+class RecipeArguments:
+    """What every recipe reads: the checkpoint, how its data is read, and how the card names both.
+
+    A recipe subclasses it with its own data options (where the training and held-out text come from)
+    and parses it with ``transformers.HfArgumentParser`` (keyword-only, so a subclass may add required fields).
+    """
+
+    model: str = field(metadata={"help": "Checkpoint (folder or Hub id): stock BERT/GPT-2/Llama, or FAVOR+."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
+    split: str = field(default="train", metadata={"help": "Split of a Hub dataset for the training data."})
+    eval_split: str = field(default="validation", metadata={"help": "Split of a Hub dataset for --eval_data."})
+    column_names: list[str] | None = field(
+        default=None, metadata={"help": "Column names of a headerless TSV/CSV (e.g. STS-B's 7 columns)."}
+    )
+    text_columns: list[str] = field(
+        default_factory=lambda: ["text"],
+        metadata={"help": "Columns holding text (a sentence pair for finetune.py's sentence-embedding task)."},
+    )
+    max_length: int = field(
+        default=128,
+        metadata={"help": "Tokens per example (longer ones are truncated); the block length of causal-lm and --blocks."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the original model, for the card's base_model when --model is a local folder "
+            "(default: --model if it is a Hub id, or what a converted or recovered --model records)."
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the evaluation data is, for the model card (e.g. 'STS-B dev'); default: its Hub id, "
+            "or a file's folder and name (never its path)."
+        },
+    )
 
 
 def add_performer_arguments(parser: argparse.ArgumentParser, **defaults) -> None:

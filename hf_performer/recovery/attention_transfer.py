@@ -134,10 +134,10 @@ def make_features_learnable(model: nn.Module) -> list[nn.Parameter]:
     its name, so checkpoints save and load as before.  Redrawing would throw the learned ω away, so
     it is refused unless the model's ``redraw_interval`` is 0.
     """
-    if model.favor_settings.redraw_interval:
+    if model.config.performer_config.redraw_interval:
         raise ValueError(
             "learnable random features need redraw_interval=0: a redraw would replace the learned ω "
-            f"(this model redraws every {model.favor_settings.redraw_interval} steps)"
+            f"(this model redraws every {model.config.performer_config.redraw_interval} steps)"
         )
     parameters = []
     for projection in model.favor_projections():

@@ -14,8 +14,7 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_performer.config import PerformerConfig
-from hf_performer.export.model_card import model_card
-from hf_performer.export.remote_code import auto_map, write_remote_code
+from hf_performer.export.conversion import save_checkpoint
 from hf_performer.models.registry import family_for
 from hf_performer.recovery.provenance import Provenance
 
@@ -25,11 +24,10 @@ def auto_class_for(checkpoint: str):
     config = AutoConfig.from_pretrained(checkpoint)
     family = family_for(config.model_type)
     architecture = (config.architectures or [None])[0]
-    for auto, performer in family.auto_models.items():
-        if architecture in (performer.__name__, performer.__bases__[-1].__name__):
-            return auto
-    heads = sorted(p.__bases__[-1].__name__ for p in family.auto_models.values())
-    raise ValueError(f"{checkpoint}: head {architecture} has no FAVOR+ version; supported: {heads}")
+    head = family.head_named(architecture) if architecture else None
+    if head is None:
+        raise ValueError(f"{checkpoint}: head {architecture} has no FAVOR+ version; supported: {family.stock_class_names()}")
+    return head.auto_class
 
 
 def load_student(checkpoint: str, settings: PerformerConfig | dict, auto_class=None, **kwargs) -> PreTrainedModel:
@@ -63,33 +61,26 @@ def save_recovered(
     provenance: Provenance,
     eval_results: list[dict] | None = None,
 ) -> Path:
-    """Write ``model`` like ``hf-performer convert`` does: weights, remote code, tokenizer, model card,
-    plus ``recovery.json`` (``provenance``: the original model and the training stages).
+    """Write ``model`` like ``hf-performer convert`` does (:func:`~hf_performer.export.conversion.save_checkpoint`:
+    weights, remote code, tokenizer, model card), plus ``recovery.json`` (``provenance``: the original model
+    and the training stages).
 
     The card names the original model (``base_model`` when it is known on the Hub) and lists the stages;
     ``eval_results`` (the format of :mod:`hf_performer.export.model_card`) go into the card and into
     ``eval_results.json`` next to it.
     """
     out = Path(out)
-    family = family_for(model.config.model_type)
-    auto_class = next(auto for auto, cls in family.auto_models.items() if isinstance(model, cls))
-    model.config.auto_map = auto_map(family)
-    model.save_pretrained(out)
-    write_remote_code(family, out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    save_checkpoint(
+        model,
+        out,
+        tokenizer,
+        name=out.name,
+        base_model=provenance.base_model,
+        source_name=provenance.original,
+        eval_results=eval_results,
+        stages=[dataclasses.asdict(stage) for stage in provenance.stages],
+    )
     provenance.save(out)
     if eval_results:
         (out / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n", encoding="utf-8")
-    model_card(
-        out.name,
-        stock_model_type=family.stock_model_type,
-        auto_class=auto_class.__name__,
-        settings=model.favor_settings,
-        base_model=provenance.base_model,
-        source_name=provenance.original,
-        has_tokenizer=tokenizer is not None,
-        eval_results=eval_results,
-        stages=[dataclasses.asdict(stage) for stage in provenance.stages],
-    ).save(out / "README.md")
     return out

@@ -127,6 +127,13 @@ def main() -> None:
     parser.add_argument("--model-contexts", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--rounds", type=int, default=10, help="rounds of 5 steps per decoder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
+    parser.add_argument(
+        "--model-attentions",
+        nargs="+",
+        choices=("favor+", "exact"),
+        default=["favor+", "exact"],
+        help="decoders of the model part (the exact model's prefill dominates a run's time at long contexts)",
+    )
     parser.add_argument("--local-window", type=int, default=0, help="hybrid FAVOR+: exact attention to the last W tokens")
     parser.add_argument("--sink-tokens", type=int, default=0, help="hybrid FAVOR+: exact attention to the first S tokens")
     args = parser.parse_args()
@@ -164,17 +171,15 @@ def main() -> None:
         )
         if args.model_contexts:
             positions = max(8192, max(args.model_contexts) + 5 * args.rounds + 8)  # RoPE: any length works
-            models = {
-                "favor+": AutoModelForCausalLM.from_pretrained(
-                    SMOLLM2,
-                    attention="favor+",
-                    performer_config=settings,
-                    max_position_embeddings=positions,
+            loaders = {
+                "favor+": lambda: AutoModelForCausalLM.from_pretrained(
+                    SMOLLM2, attention="favor+", performer_config=settings, max_position_embeddings=positions
                 ),
-                "exact": AutoModelForCausalLM.from_pretrained(
+                "exact": lambda: AutoModelForCausalLM.from_pretrained(
                     SMOLLM2, attn_implementation="sdpa", max_position_embeddings=positions
                 ),
             }
+            models = {attention: loaders[attention]() for attention in args.model_attentions}
             measure(
                 "model",
                 {

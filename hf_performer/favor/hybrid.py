@@ -278,9 +278,9 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor) -> torch.Te
 
     # FAVOR+ part: the far state and, for L > 1, kept positions a later query has left behind
     reference = state.far.log_scale  # [B, Hk, m]
-    beyond = state.window_keep[:, None, : length - 1] & (distance[:, : length - 1] >= kept + 1)  # [B, L, L − 1]
     if length > 1:
         pair_keep = state.window_keep[:, None, : length - 1]
+        beyond = pair_keep & (distance[:, : length - 1] >= kept + 1)  # [B, L, L − 1]
         pair_log = key_log_features(state.window_key[:, :, : length - 1], projection, pair_keep, input_scale=scale)
         reference = torch.maximum(reference, pair_log.detach().amax(-2))
     q_logits = q_scaled @ projection.transpose(0, 1) + reference[:, :, None, None]

@@ -142,6 +142,20 @@ def test_left_padded_batch_fed_in_pieces_gives_the_logits_of_one_forward(model_t
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
+def test_repeated_then_selected_cache_rows_decode_like_the_rows_they_copy(attention):
+    model = tiny_performer("llama", attention)
+    ids, following = torch.randint(3, VOCAB, (2, 9)), torch.randint(3, VOCAB, (2, 1))
+    with torch.no_grad():
+        original = model(ids, past_key_values=FavorCache(), use_cache=True).past_key_values
+        copied = model(ids, past_key_values=FavorCache(), use_cache=True).past_key_values
+        copied.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        copied.batch_select_indices(torch.tensor([1, 2]))  # rows 0, 1 again
+        expected = model(following, past_key_values=original, use_cache=True).logits
+        got = model(following, past_key_values=copied, use_cache=True).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
 def test_cache_memory_does_not_grow_with_generated_tokens(attention):
     model = tiny_performer("gpt2", attention)
     after_10 = generate(model, steps=10).past_key_values

@@ -18,9 +18,12 @@ first, then timed in interleaved rounds of 5 steps each (medians over ``--rounds
 the shared machine falls on all of them alike; one torch thread by default for the same reason.
 Both wall time and this process's CPU time per step are recorded.  Writes
 ``results/decode_latency.csv`` and ``decode_latency_run.json``; ``decode_latency.md`` discusses a run.
+With ``--local-window W --sink-tokens S`` FAVOR+ is hybrid (its cache keeps the sinks, the window and the
+FAVOR+ state of the rest) and the files are ``decode_latency_w{W}_s{S}.csv`` and ``..._run.json``.
 
     python benchmarks/decode_latency.py
     python benchmarks/decode_latency.py --attention-contexts 512 2048 --model-contexts 512 --rounds 5
+    python benchmarks/decode_latency.py --local-window 64 --sink-tokens 4
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ FILL_CHUNK = 2048
 SMOLLM2 = Path(os.environ.get("HF_PERFORMER_CACHE", Path.home() / ".cache" / "hf-performer")) / "smollm2-135m"
 
 
-def attention_decoder(attention: str, context: int):
-    """A function running one decoding step of one attention layer, its cache filled to ``context``."""
+def attention_decoder(attention: str, context: int, settings: PerformerConfig):
+    """A function running one decoding step of one attention layer, its cache filled to ``context``
+    (FAVOR+ with ``settings``)."""
     generator = torch.Generator().manual_seed(0)
 
     def projected(length):
@@ -57,7 +61,7 @@ def attention_decoder(attention: str, context: int):
         key, value = (torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=generator) for _ in range(2))
         return query, key, value
 
-    config = SimpleNamespace(performer_config=PerformerConfig(nb_features=NB_FEATURES))  # a model config's part
+    config = SimpleNamespace(performer_config=settings)  # a model config's part
     module = SimpleNamespace(
         favor=FavorProjection(config, HEAD_DIM, layer_idx=0),
         is_causal=True,
@@ -123,10 +127,21 @@ def main() -> None:
     parser.add_argument("--model-contexts", type=int, nargs="*", default=[512, 2048, 8192])
     parser.add_argument("--rounds", type=int, default=10, help="rounds of 5 steps per decoder")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a loaded machine)")
+    parser.add_argument(
+        "--model-attentions",
+        nargs="+",
+        choices=("favor+", "exact"),
+        default=["favor+", "exact"],
+        help="decoders of the model part (the exact model's prefill dominates a run's time at long contexts)",
+    )
+    parser.add_argument("--local-window", type=int, default=0, help="hybrid FAVOR+: exact attention to the last W tokens")
+    parser.add_argument("--sink-tokens", type=int, default=0, help="hybrid FAVOR+: exact attention to the first S tokens")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    settings = PerformerConfig(nb_features=NB_FEATURES, local_window=args.local_window, sink_tokens=args.sink_tokens)
+    hybrid = args.local_window or args.sink_tokens
 
-    run = Run("decode_latency")
+    run = Run(f"decode_latency_w{args.local_window}_s{args.sink_tokens}" if hybrid else "decode_latency")
     rows = []
 
     def measure(part: str, decoders: dict) -> None:
@@ -149,24 +164,22 @@ def main() -> None:
         measure(
             "attention",
             {
-                (attention, context): attention_decoder(attention, context)
+                (attention, context): attention_decoder(attention, context, settings)
                 for context in args.attention_contexts
                 for attention in ("favor+", "exact")
             },
         )
         if args.model_contexts:
             positions = max(8192, max(args.model_contexts) + 5 * args.rounds + 8)  # RoPE: any length works
-            models = {
-                "favor+": AutoModelForCausalLM.from_pretrained(
-                    SMOLLM2,
-                    attention="favor+",
-                    performer_config=PerformerConfig(nb_features=NB_FEATURES),
-                    max_position_embeddings=positions,
+            loaders = {
+                "favor+": lambda: AutoModelForCausalLM.from_pretrained(
+                    SMOLLM2, attention="favor+", performer_config=settings, max_position_embeddings=positions
                 ),
-                "exact": AutoModelForCausalLM.from_pretrained(
+                "exact": lambda: AutoModelForCausalLM.from_pretrained(
                     SMOLLM2, attn_implementation="sdpa", max_position_embeddings=positions
                 ),
             }
+            models = {attention: loaders[attention]() for attention in args.model_attentions}
             measure(
                 "model",
                 {

@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 FEATURE_FIELDS = ("nb_features", "kernel", "orthogonal", "feature_scaling", "seed", "kernel_epsilon")
 """The settings a converted model's random features were drawn and are used with.  The others
-(``redraw_interval``, ``causal_chunk_size``) only schedule redraws or the computation, so they may
+(``redraw_interval``, ``causal_chunk_size``, ``local_window``, ``sink_tokens``) schedule redraws or
+the computation, or say which keys are weighted exactly instead of by the same features, so they may
 change when a converted checkpoint is loaded."""
 
 
@@ -146,8 +147,8 @@ class PerformerConfig:
                 f"this checkpoint is already FAVOR+ with {saved}, and its random features were drawn for those "
                 f"settings; it cannot switch to {asked}. To get them, convert the original (softmax) checkpoint "
                 f"with these settings (`hf-performer convert`, or `from_pretrained(original, attention='favor+', "
-                "performer_config=...)`). Only redraw_interval and causal_chunk_size may change on load: pass "
-                "just those, e.g. performer_config={'causal_chunk_size': 128}."
+                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window and sink_tokens may "
+                "change on load: pass just those, e.g. performer_config={'local_window': 64, 'sink_tokens': 4}."
             )
         return settings
 

@@ -33,6 +33,7 @@ from tests.conftest import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PerformerConfig(nb_features=16, seed=3, causal_chunk_size=2)
+HYBRID = PerformerConfig(nb_features=16, seed=3, local_window=3, sink_tokens=1)  # a window shorter than INPUT_IDS
 
 # family → (stock head class, Auto class that loads the converted checkpoint, tiny config)
 TINY = {
@@ -83,7 +84,8 @@ def _minilm_path() -> Path:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, byte_level_tokenizer) -> dict[str, dict]:
     """Every tiny family and MiniLM-L6 converted once: SRC, OUT, Auto class and in-memory FAVOR+ outputs.
-    The GPT-2 source has a tokenizer, the others have none."""
+    The GPT-2 source has a tokenizer, the others have none; ``llama_hybrid`` is Llama with a local window
+    and a sink."""
     root = tmp_path_factory.mktemp("converted")
     cases = {}
     for family, (stock_class, auto_class, _) in TINY.items():
@@ -91,9 +93,11 @@ def converted(tmp_path_factory, byte_level_tokenizer) -> dict[str, dict]:
         src = _save_tiny(family, root / f"{family}-src", tokenizer=tokenizer, card="---\nlicense: mit\n---\n# tiny\n")
         cases[family] = dict(src=src, stock_class=stock_class, auto_class=auto_class)
     cases["minilm"] = dict(src=_minilm_path(), stock_class=BertModel, auto_class=AutoModel)
+    cases["llama_hybrid"] = {**cases["llama"], "settings": HYBRID}
     for name, case in cases.items():
-        case["out"] = convert(case["src"], root / f"{name}-favor", SETTINGS, progress=_quiet)
-        in_memory = case["stock_class"].from_pretrained(case["src"], attention="favor+", performer_config=SETTINGS)
+        settings = case.get("settings", SETTINGS)
+        case["out"] = convert(case["src"], root / f"{name}-favor", settings, progress=_quiet)
+        in_memory = case["stock_class"].from_pretrained(case["src"], attention="favor+", performer_config=settings)
         case["expected"] = _outputs(in_memory)
     return cases
 
@@ -151,7 +155,7 @@ def remote_results(converted, tmp_path_factory) -> dict:
     return torch.load(work / "results.pt")
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm", "llama_hybrid"])
 def test_out_loaded_with_the_plugin_matches_the_converted_in_memory_model(converted, name):
     case = converted[name]
     reloaded = case["auto_class"].from_pretrained(case["out"])
@@ -160,7 +164,7 @@ def test_out_loaded_with_the_plugin_matches_the_converted_in_memory_model(conver
     torch.testing.assert_close(_outputs(reloaded), case["expected"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm", "llama_hybrid"])
 def test_out_loaded_with_trust_remote_code_without_hf_performer_matches(converted, remote_results, name):
     result = remote_results[name]
     assert result["class_module"].startswith("transformers_modules.")
@@ -453,6 +457,17 @@ def test_cli_converts_with_the_given_settings(tmp_path, capsys):
     assert "Wrote" in capsys.readouterr().err
 
 
+def test_cli_converts_with_a_local_window_and_sinks_shown_in_config_and_card(tmp_path):
+    src = _save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--nb-features", "8", "--local-window", "64", "--sink-tokens", "4"]) == 0
+    settings = json.loads((out / "config.json").read_text())["performer_config"]
+    assert (settings["local_window"], settings["sink_tokens"]) == (64, 4)
+    card = (out / "README.md").read_text()
+    assert "| `local_window` | `64` |" in card and "| `sink_tokens` | `4` |" in card
+    assert "exact softmax attention to the tokens within 64 positions of each query and to the first 4 tokens" in " ".join(card.split())
+
+
 def test_cli_reports_a_refused_conversion_with_status_2(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
@@ -472,6 +487,8 @@ def test_help_documents_every_option_with_its_default(capsys):
         "--causal-chunk-size",
         "--kernel-epsilon",
         "--seed",
+        "--local-window",
+        "--sink-tokens",
         "--overwrite",
         "--base-model",
         "--eval-results",
@@ -576,3 +593,11 @@ def test_failed_conversion_removes_the_parent_folders_it_created(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path / "new" / "deeper" / "out", SETTINGS, progress=_quiet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("option", ["--local-window", "--sink-tokens"])
+def test_cli_refuses_a_negative_window_or_sink_count_naming_the_field(tmp_path, capsys, option):
+    src = _save_tiny("llama", tmp_path / "src")
+    err = _cli_error(capsys, "convert", str(src), str(tmp_path / "out"), "--local-window", "4", option, "-1")
+    assert f"PerformerConfig.{option[2:].replace('-', '_')} must be an integer ≥ 0" in err
+    assert not (tmp_path / "out").exists()

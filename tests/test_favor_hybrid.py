@@ -165,12 +165,6 @@ def test_a_model_with_a_window_covering_its_input_matches_exact_attention():
     torch.testing.assert_close(hybrid[0, 3:], exact[0, 3:], rtol=1e-4, atol=1e-4)
 
 
-def test_a_favor_cache_refuses_hybrid_settings_for_now():
-    _, model = llama_pair(local_window=4, sink_tokens=1)
-    with pytest.raises(NotImplementedError, match="cache_implementation='dynamic'"):
-        model.generate(torch.randint(3, VOCAB, (1, 6)), max_new_tokens=2, do_sample=False)
-
-
 def test_generation_with_keys_and_values_equals_full_recomputation():
     _, model = llama_pair(local_window=4, sink_tokens=1)
     ids = torch.randint(3, VOCAB, (2, 7))

@@ -1,4 +1,5 @@
-"""Constant-memory generation: ``generate()`` decodes FAVOR+ GPT-2 and Llama from a ``FavorCache``."""
+"""Constant-memory generation: ``generate()`` decodes FAVOR+ GPT-2 and Llama from a ``FavorCache``, pure
+FAVOR+ or hybrid (an exact local window and sink tokens, FAVOR+ beyond)."""
 
 import warnings
 
@@ -18,11 +19,13 @@ CAUSAL_MODELS = {
     "llama": (tiny_llama_config, transformers.LlamaForCausalLM),  # grouped-query attention: 4 heads, 2 kv heads
 }
 PAD = 0
+ATTENTION = {"favor": {}, "hybrid": dict(local_window=3, sink_tokens=2)}  # a window far shorter than the sequences
 
 
-def tiny_performer(model_type):
+def tiny_performer(model_type, attention="favor"):
     config, stock_class = CAUSAL_MODELS[model_type]
-    return hf_performer.to_performer(stock_class(config()).eval(), PerformerConfig(nb_features=32))
+    settings = PerformerConfig(nb_features=32, **ATTENTION[attention])
+    return hf_performer.to_performer(stock_class(config()).eval(), settings)
 
 
 def left_padded_batch():
@@ -39,8 +42,9 @@ def generate(model, steps=32, **kwargs):
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_MODELS)
-def test_generate_decodes_from_a_favor_cache_by_default(model_type):
-    out = generate(tiny_performer(model_type), steps=2)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_generate_decodes_from_a_favor_cache_by_default(model_type, attention):
+    out = generate(tiny_performer(model_type, attention), steps=2)
     assert isinstance(out.past_key_values, FavorCache)
     assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
 
@@ -60,8 +64,9 @@ def test_a_cache_passed_to_generate_is_the_one_it_fills():
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_MODELS)
-def test_cached_greedy_decoding_matches_full_recomputation(model_type):
-    model = tiny_performer(model_type)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_cached_greedy_decoding_matches_full_recomputation(model_type, attention):
+    model = tiny_performer(model_type, attention)
     torch.manual_seed(1)
     cached = generate(model, do_sample=False, output_logits=True)
     torch.manual_seed(1)
@@ -85,8 +90,9 @@ def test_cached_sampling_draws_the_same_tokens_as_recomputation():
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_MODELS)
-def test_beam_search_reorders_the_state_and_matches_recomputation(model_type):
-    model = tiny_performer(model_type)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_beam_search_reorders_the_state_and_matches_recomputation(model_type, attention):
+    model = tiny_performer(model_type, attention)
     beams = {"num_beams": 3, "num_return_sequences": 3, "do_sample": False, "output_scores": True}
     torch.manual_seed(1)
     cached = generate(model, steps=16, **beams)
@@ -98,8 +104,9 @@ def test_beam_search_reorders_the_state_and_matches_recomputation(model_type):
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_MODELS)
-def test_hand_written_decoding_loop_with_a_favor_cache_matches_one_forward(model_type):
-    model = tiny_performer(model_type)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_hand_written_decoding_loop_with_a_favor_cache_matches_one_forward(model_type, attention):
+    model = tiny_performer(model_type, attention)
     ids = torch.randint(3, VOCAB, (2, 17))
     with torch.no_grad():
         out = model(ids[:, :9], past_key_values=FavorCache(), use_cache=True)
@@ -111,8 +118,46 @@ def test_hand_written_decoding_loop_with_a_favor_cache_matches_one_forward(model
     torch.testing.assert_close(torch.stack(step_logits, 1), full, rtol=0, atol=1e-5)
 
 
-def test_cache_memory_does_not_grow_with_generated_tokens():
-    model = tiny_performer("gpt2")
+@pytest.mark.parametrize("model_type", CAUSAL_MODELS)
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_left_padded_batch_fed_in_pieces_gives_the_logits_of_one_forward(model_type, attention):
+    """fla's check: decode a left-padded batch through the cache (a prefill, single tokens and a piece of
+    several) and compare every real position with one forward over the whole batch."""
+    model = tiny_performer(model_type, attention)
+    batch = left_padded_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache, pieces = FavorCache(), []
+    with torch.no_grad():
+        for start, end in [(0, 5), (5, 6), (6, 8), (8, 9)]:
+            out = model(
+                ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                past_key_values=cache, use_cache=True,
+            )
+            pieces.append(out.logits)
+        full = model(ids, attention_mask=mask, position_ids=positions).logits
+    stepped = torch.cat(pieces, 1)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_repeated_then_selected_cache_rows_decode_like_the_rows_they_copy(attention):
+    model = tiny_performer("llama", attention)
+    ids, following = torch.randint(3, VOCAB, (2, 9)), torch.randint(3, VOCAB, (2, 1))
+    with torch.no_grad():
+        original = model(ids, past_key_values=FavorCache(), use_cache=True).past_key_values
+        copied = model(ids, past_key_values=FavorCache(), use_cache=True).past_key_values
+        copied.batch_repeat_interleave(2)  # rows 0, 0, 1, 1
+        copied.batch_select_indices(torch.tensor([1, 2]))  # rows 0, 1 again
+        expected = model(following, past_key_values=original, use_cache=True).logits
+        got = model(following, past_key_values=copied, use_cache=True).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_cache_memory_does_not_grow_with_generated_tokens(attention):
+    model = tiny_performer("gpt2", attention)
     after_10 = generate(model, steps=10).past_key_values
     after_500 = generate(model, steps=500).past_key_values
     assert after_500.get_seq_length() == after_10.get_seq_length() + 490
@@ -197,4 +242,30 @@ def test_smollm2_cached_greedy_decoding_matches_full_recomputation(smollm2_path)
     # steps equal its one-pass output to 2e-15 in float64 and to 1e-6 (relative) in float32; the
     # full forward at causal_chunk_size=1 differs from chunk 128 by up to 7e-4 (logits up to ±38),
     # and exact attention's key/value cache differs from its full forward by up to 1e-4
+    torch.testing.assert_close(torch.stack(cached.logits, 1), recomputed, rtol=0, atol=2e-3)
+
+
+def test_smollm2_hybrid_cached_greedy_decoding_matches_full_recomputation(smollm2_path):  # noqa: F811
+    """A real checkpoint with a window (W = 16, S = 4) shorter than its ~32-token prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path, padding_side="left")
+    settings = PerformerConfig(local_window=16, sink_tokens=4)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, attention="favor+", performer_config=settings).eval()
+    prompts = [
+        "The history of the city goes back to Roman times, when a small fort guarded the crossing of the river "
+        "that still runs through its centre today, and",
+        "Once upon a time, in a village by the sea, there lived an old fisherman who every morning",
+    ]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    steps = 8
+    with torch.no_grad():
+        cached = model.generate(
+            **batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+        )
+        mask = torch.cat([batch["attention_mask"], torch.ones(2, steps, dtype=torch.long)], 1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        recomputed = model(cached.sequences, attention_mask=mask, position_ids=positions).logits[:, -steps - 1 : -1]
+    assert batch["input_ids"].shape[1] > 16 + 4  # the far part is in use
+    assert isinstance(cached.past_key_values, FavorCache)
+    assert torch.equal(recomputed.argmax(-1), cached.sequences[:, -steps:])
     torch.testing.assert_close(torch.stack(cached.logits, 1), recomputed, rtol=0, atol=2e-3)

@@ -239,7 +239,7 @@ def test_settings_that_keep_the_features_apply_when_loading_a_converted_checkpoi
     saved = PerformerConfig(nb_features=16, seed=5)
     converted = hf_performer.to_performer(stock_model("gpt2", transformers.GPT2LMHeadModel), saved)
     converted.save_pretrained(tmp_path)
-    changes = {"causal_chunk_size": 3, "redraw_interval": 7}
+    changes = {"causal_chunk_size": 3, "redraw_interval": 7, "local_window": 4, "sink_tokens": 1}
     requested = changes if as_dict else dataclasses.replace(saved, **changes)
     model = load_converted_gpt2(tmp_path, how, requested)
     assert model.config.performer_config == PerformerConfig(nb_features=16, seed=5, **changes)
@@ -441,3 +441,13 @@ def test_to_stock_leaves_the_performer_model_as_it_was():
 def test_to_stock_of_a_stock_model_is_refused():
     with pytest.raises(ValueError, match="not a FAVOR\\+ model"):
         hf_performer.to_stock(stock_model("bert", transformers.BertModel))
+
+
+@pytest.mark.parametrize("settings", [dict(local_window=4), dict(local_window=4, sink_tokens=1)])
+def test_a_window_on_cross_attention_is_refused_naming_the_field(settings):
+    """Cross-attention's queries and keys come from different sequences: there is no window to keep."""
+    config = dict(is_decoder=True, add_cross_attention=True)
+    model = hf_performer.to_performer(stock_model("bert", BertModel, **config), PerformerConfig(nb_features=8, **settings))
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match="local_window=4.*cross-attention"):
+        model(ids, encoder_hidden_states=torch.randn(1, 6, 32))

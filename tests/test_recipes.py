@@ -364,8 +364,9 @@ def test_diagnose_writes_its_table_and_plot(tiny_bert, tmp_path):
 def test_load_student_applies_settings_that_keep_the_features_of_a_converted_checkpoint(tmp_path):
     stock = LlamaForCausalLM(tiny_llama_config())
     hf_performer.to_performer(stock, hf_performer.PerformerConfig(nb_features=16)).save_pretrained(tmp_path)
-    student = load_student(str(tmp_path), hf_performer.PerformerConfig(nb_features=16, causal_chunk_size=4))
-    assert student.config.performer_config == hf_performer.PerformerConfig(nb_features=16, causal_chunk_size=4)
+    requested = hf_performer.PerformerConfig(nb_features=16, causal_chunk_size=4, local_window=8, sink_tokens=2)
+    student = load_student(str(tmp_path), requested)
+    assert student.config.performer_config == requested
 
 
 def test_load_student_refuses_settings_a_converted_checkpoint_was_not_drawn_with(tmp_path):

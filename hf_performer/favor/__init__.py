@@ -16,10 +16,11 @@ from hf_performer.favor.features import (
     query_features,
     register_kernel,
 )
-from hf_performer.favor.hybrid import hybrid_favor_attention
+from hf_performer.favor.hybrid import HybridState, hybrid_favor_attention, recurrent_hybrid_favor
 
 __all__ = [
     "FavorState",
+    "HybridState",
     "KERNELS",
     "bidirectional_favor",
     "causal_favor",
@@ -31,5 +32,6 @@ __all__ = [
     "orthogonal_random_matrix",
     "query_features",
     "recurrent_favor_step",
+    "recurrent_hybrid_favor",
     "register_kernel",
 ]

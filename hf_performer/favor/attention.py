@@ -453,8 +453,8 @@ def favor_attention(
         local_window, sink_tokens: hybrid FAVOR+ (``W``, ``S``): exact softmax weights for the keys
             within ``W`` tokens and the first ``S`` real tokens, FAVOR+ for the others, one normaliser.
             ``0, 0`` (the default) is pure FAVOR+.  Self-attention (causal queries may be the last
-            ``Lq ≤ Lk`` positions: a key/value cache), without ``initial_state`` (a FAVOR+ state would
-            have to keep the window's keys: not implemented yet), with the softmax kernel;
+            ``Lq ≤ Lk`` positions: a key/value cache), without ``initial_state`` (decoding from a state
+            is :func:`~hf_performer.favor.hybrid.recurrent_hybrid_favor`), with the softmax kernel;
             ``sink_tokens`` needs ``local_window ≥ 1``.
 
     Returns:
@@ -489,8 +489,9 @@ def _hybrid(query, key, value, projection, window, sinks, scaling, causal, key_p
 
     if initial_state is not None:
         raise NotImplementedError(
-            f"hybrid FAVOR+ (local_window={window}, sink_tokens={sinks}) cannot continue from a FAVOR+ state yet: it "
-            "needs the window's keys. Pass all keys (a key/value cache) or run the whole sequence at once."
+            f"hybrid FAVOR+ (local_window={window}, sink_tokens={sinks}) cannot continue from a FAVOR+ state: it "
+            "needs the window's and the sinks' keys. Decode with hf_performer.favor.hybrid.recurrent_hybrid_favor and "
+            "its HybridState, or pass all keys (a key/value cache)."
         )
     if kernel_fn is not None:
         raise ValueError("local_window and sink_tokens need the softmax kernel (kernel='softmax')")

@@ -3,7 +3,8 @@
 Models call ``favor_attention_forward`` wherever they would call SDPA, with the projected
 ``query [B, H, Lq, D]``, ``key``/``value`` ``[B, Hk, Lk, D]`` (after RoPE, after any key/value cache).
 With a :class:`~hf_performer.integration.cache.FavorCache` the keys are only this step's, and the
-past comes in as the cache layer's FAVOR+ state.
+past comes in as the cache layer's state: a FAVOR+ state, or with a local window or sinks a
+:class:`~hf_performer.favor.hybrid.HybridState` (sinks, window and the FAVOR+ state of the rest).
 The mask function makes transformers hand us a ``[B, Lk]`` key padding mask instead of a 4-D bias:
 without it, transformers' mask preprocessing returns ``None`` for unknown implementations and
 padding would be silently attended to.
@@ -17,6 +18,7 @@ from transformers.utils import logging
 
 from hf_performer.favor.attention import favor_attention
 from hf_performer.favor.features import KERNELS
+from hf_performer.favor.hybrid import HybridState, recurrent_hybrid_favor
 from hf_performer.integration.cache import cache_layer_of
 
 logger = logging.get_logger(__name__)
@@ -73,9 +75,10 @@ def favor_attention_forward(
     - ``scaling`` is honoured (GPT-2 may scale by the inverse layer index).
     - Causal iff ``is_causal`` (when given) or ``module.is_causal``; queries are the last positions of
       the keys, so cross-attention (``Lq ≠ Lk``) and key/value caches work.
-    - Keys from a ``FavorCache`` layer: attention continues from the layer's state and the new state
-      is stored back; the ``[B, past + Lk]`` padding mask is cut to this step's ``Lk`` keys (the
+    - Keys from a ``FavorCache`` layer: attention continues from the layer's state (FAVOR+, or hybrid
+      with ``local_window`` / ``sink_tokens``) and the new state is stored back; the ``[B, past + Lk]`` padding mask is cut to this step's ``Lk`` keys (the
       padding of earlier steps is already absent from the state).
+    - ``local_window`` / ``sink_tokens`` on cross-attention raise: a window needs one sequence.
     - Attention dropout is not applied: FAVOR+ never forms the attention matrix it would drop from
       (a one-time warning says so when training with ``dropout > 0``).
     - No attention weights are returned (``None`` where eager returns them), for the same reason;
@@ -112,28 +115,47 @@ def favor_attention_forward(
             attention_mask = attention_mask[:, -key.shape[-2] :]
     settings = favor.settings
     window, sinks = settings.local_window, settings.sink_tokens
-    if cache_layer is not None and (window or sinks):
-        raise NotImplementedError(
-            f"a FavorCache cannot serve hybrid FAVOR+ yet (local_window={window}, sink_tokens={sinks}: it would "
-            "have to keep the window's keys and values). Pass cache_implementation='dynamic' to generate() (or a "
-            "DynamicCache), run without a cache (use_cache=False), or use local_window=0 and sink_tokens=0 for "
-            "constant-memory decoding."
+    hybrid = bool(window or sinks)
+    if hybrid and favor.stream:
+        raise ValueError(
+            f"PerformerConfig.local_window={window} / sink_tokens={sinks} describe positions within one sequence, "
+            f"but {type(module).__name__} is cross-attention (its queries and keys come from different sequences). "
+            "Use local_window=0 and sink_tokens=0 for models with cross-attention (encoder-decoder, "
+            "add_cross_attention=True)."
         )
-    output, state = favor_attention(
-        query,
-        key,
-        value,
-        favor.projection,
-        scaling=scaling,
-        causal=causal,
-        key_padding_mask=attention_mask,
-        kernel_fn=KERNELS[settings.kernel],
-        kernel_epsilon=settings.kernel_epsilon,
-        chunk_size=settings.causal_chunk_size,
-        initial_state=initial_state,
-        local_window=window,
-        sink_tokens=sinks,
-    )
+    if initial_state is not None and isinstance(initial_state, HybridState) != hybrid:
+        raise ValueError(
+            f"this FavorCache was filled with other local_window / sink_tokens settings than the current "
+            f"local_window={window}, sink_tokens={sinks}; start a new FavorCache after changing them"
+        )
+    if cache_layer is not None and hybrid:
+        output, state = recurrent_hybrid_favor(
+            query,
+            key,
+            value,
+            favor.projection,
+            initial_state,
+            local_window=window,
+            sink_tokens=sinks,
+            scaling=scaling,
+            key_padding_mask=attention_mask,
+        )
+    else:
+        output, state = favor_attention(
+            query,
+            key,
+            value,
+            favor.projection,
+            scaling=scaling,
+            causal=causal,
+            key_padding_mask=attention_mask,
+            kernel_fn=KERNELS[settings.kernel],
+            kernel_epsilon=settings.kernel_epsilon,
+            chunk_size=settings.causal_chunk_size,
+            initial_state=initial_state,
+            local_window=window,
+            sink_tokens=sinks,
+        )
     if cache_layer is not None:
         cache_layer.advance(state)
     return output.transpose(1, 2).contiguous(), None

@@ -4,6 +4,9 @@ Causal FAVOR+ is a recurrent network: per layer and head, the past enters attent
 ``S = Σ φ(k) vᵀ`` (``m × Dv``) and ``z = Σ φ(k)`` (``m``), the :class:`FavorState`.  A
 :class:`FavorCacheLayer` keeps that state and the number of tokens seen, so its size does not grow
 with the context and one decoding step costs O(m·Dv) per head whatever the context length.
+Hybrid FAVOR+ (``local_window`` W, ``sink_tokens`` S) keeps a :class:`HybridState` instead: the S sink
+keys/values, the last W − 1 keys/values and the FAVOR+ state of the tokens that left the window,
+still constant in size; a step costs O((W + S + m)·d) per head.
 
 The hand-off with transformers: GPT-2 and Llama attention modules call
 ``past_key_values.update(key, value, layer_idx)`` and pass what it returns to the attention
@@ -22,6 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
 
 from hf_performer.favor.attention import FavorState
+from hf_performer.favor.hybrid import HybridState
 
 _LAYER_TAG = "favor_cache_layer"
 
@@ -40,7 +44,8 @@ NEEDS_KEYS_AND_VALUES = (
 
 
 class FavorCacheLayer(CacheLayerMixin):
-    """One layer's FAVOR+ state: ``kv [B, Hk, m, Dv]``, ``k_sum [B, Hk, m]``, ``log_scale [B, Hk, m]``.
+    """One layer's FAVOR+ state: ``kv [B, Hk, m, Dv]``, ``k_sum [B, Hk, m]``, ``log_scale [B, Hk, m]``
+    (a :class:`FavorState`), or with hybrid FAVOR+ a :class:`HybridState` holding such a state.
 
     Kept per *key* head, as the FAVOR+ ops compute it: grouped-query heads that share a key head see
     the same keys and values, hence the same state (3× smaller for SmolLM2 than per query head).
@@ -53,7 +58,7 @@ class FavorCacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.state: FavorState | None = None
+        self.state: FavorState | HybridState | None = None
         self.seen_tokens = 0
         self.awaiting_attention = False
 
@@ -76,11 +81,11 @@ class FavorCacheLayer(CacheLayerMixin):
         setattr(tagged, _LAYER_TAG, self)
         return tagged, value_states
 
-    def initial_state(self) -> FavorState | None:
+    def initial_state(self) -> FavorState | HybridState | None:
         """The state of the tokens before this step (per key head, as the FAVOR+ ops take it)."""
         return self.state
 
-    def advance(self, state: FavorState) -> None:
+    def advance(self, state: FavorState | HybridState) -> None:
         """Keep ``state`` (``[B, Hk, ...]``) as the state after this step's tokens."""
         self.state = state
         self.awaiting_attention = False
@@ -88,7 +93,9 @@ class FavorCacheLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         """Bytes held by this layer (independent of the number of tokens seen)."""
-        return 0 if self.state is None else sum(tensor.nbytes for tensor in self.state)
+        if self.state is None:
+            return 0
+        return self.state.nbytes if isinstance(self.state, HybridState) else sum(t.nbytes for t in self.state)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
@@ -103,7 +110,9 @@ class FavorCacheLayer(CacheLayerMixin):
         self.state, self.seen_tokens, self.awaiting_attention = None, 0, False
 
     def _select(self, select) -> None:
-        if self.state is not None:
+        if isinstance(self.state, HybridState):
+            self.state = self.state.map(select)
+        elif self.state is not None:
             self.state = FavorState(*(select(tensor) for tensor in self.state))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

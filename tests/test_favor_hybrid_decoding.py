@@ -1,0 +1,86 @@
+"""Hybrid FAVOR+ decoding (:func:`recurrent_hybrid_favor`): token by token, or in any split, it equals one
+causal pass and the naive reference, and its state does not grow."""
+
+import pytest
+import torch
+
+from hf_performer.favor import favor_attention, orthogonal_random_matrix
+from hf_performer.favor.hybrid import recurrent_hybrid_favor
+from hf_performer.favor.naive import hybrid_attention
+
+B, D, M, L = 2, 16, 64, 29
+SETTINGS = [(1, 0), (4, 2), (6, 0), (3, 40)]  # (W, S): S beyond L makes every real token a sink
+
+
+def qkv(length=L, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(B, 4, length, D, generator=generator, dtype=dtype)  # 4 query heads share 2 key heads
+    k, v = (torch.randn(B, 2, length, D, generator=generator, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def projection():
+    return orthogonal_random_matrix(M, D, generator=torch.Generator().manual_seed(0))
+
+
+def left_padding(length=L):
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[0, :5] = False
+    return mask
+
+
+def decode(q, k, v, splits, *, window, sinks, mask=None):
+    """Outputs of feeding the sequence in pieces ending at ``splits``, and the final state."""
+    state, outputs, start = None, [], 0
+    for end in [*splits, q.shape[-2]]:
+        piece = slice(start, end)
+        out, state = recurrent_hybrid_favor(
+            q[:, :, piece], k[:, :, piece], v[:, :, piece], projection(), state, local_window=window, sink_tokens=sinks,
+            key_padding_mask=None if mask is None else mask[:, piece],
+        )
+        outputs.append(out)
+        start = end
+    return torch.cat(outputs, -2), state
+
+
+@pytest.mark.parametrize("window, sinks", SETTINGS)
+def test_token_by_token_decoding_equals_one_causal_pass_with_left_padding(window, sinks):
+    q, k, v = qkv()
+    mask = left_padding()
+    full, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
+    stepped, _ = decode(q, k, v, [3, *range(4, L)], window=window, sinks=sinks, mask=mask)
+    torch.testing.assert_close(stepped[1], full[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped[0, :, 5:], full[0, :, 5:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window, sinks", SETTINGS)
+def test_decoding_in_uneven_pieces_matches_the_naive_hybrid(window, sinks):
+    q, k, v = qkv()
+    out, _ = decode(q, k, v, [2, 9, 10, 20], window=window, sinks=sinks)
+    expected = hybrid_attention(
+        q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks, causal=True
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window, sinks", [(4, 2), (6, 0)])
+def test_a_prefill_leaves_the_state_that_token_by_token_decoding_leaves(window, sinks):
+    q, k, v = qkv()
+    mask = left_padding()
+    _, prefilled = decode(q, k, v, [], window=window, sinks=sinks, mask=mask)
+    _, stepped = decode(q, k, v, list(range(1, L)), window=window, sinks=sinks, mask=mask)
+    for got, want in zip((*prefilled.far, *prefilled[1:]), (*stepped.far, *stepped[1:])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_state_has_the_same_size_after_any_number_of_tokens():
+    q, k, v = qkv(200, dtype=torch.float32)
+    _, after_10 = decode(q[:, :, :10], k[:, :, :10], v[:, :, :10], [], window=8, sinks=4)
+    _, after_200 = decode(q, k, v, [150, 180], window=8, sinks=4)
+    assert after_10.nbytes == after_200.nbytes
+
+
+def test_queries_must_be_those_of_the_new_keys():
+    q, k, v = qkv(6)
+    with pytest.raises(ValueError, match="queries of the new keys"):
+        recurrent_hybrid_favor(q[:, :, -1:], k, v, projection(), local_window=3)

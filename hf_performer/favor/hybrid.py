@@ -30,33 +30,37 @@ from hf_performer.favor.features import NEG_LOG_WEIGHT, key_log_features
 
 
 def _flat_blocks(tensor: torch.Tensor, window: int) -> torch.Tensor:
-    """``[B, Hk, n·W, X]`` → ``[B·Hk·n + 2, W, X]``: the blocks of every head one after another, with a
-    zero block before the first and after the last, so that the block ``b ± 1`` of every block is a view
-    (:func:`_neighbour`) rather than a copy.  At a head's ends that view holds the next head's block
-    (or the zero block): the masks, which know each head's ends, drop those pairs."""
-    return F.pad(tensor.reshape(-1, window, tensor.shape[-1]), (0, 0, 0, 0, 1, 1))
+    """``[B, Hk, n·W, X]`` → ``[(B·Hk·n + 2)·W, X]``: the blocks of every head one after another, with a
+    zero block before the first and after the last, for :func:`_spans`."""
+    flat = tensor.reshape(-1, tensor.shape[-1])
+    zeros = flat.new_zeros(window, flat.shape[-1])
+    return torch.cat([zeros, flat, zeros])
 
 
-def _neighbour(blocks: torch.Tensor, offset: int) -> torch.Tensor:
-    """Of :func:`_flat_blocks`' ``[R + 2, W, X]``: ``[R, W, X]``, block ``b + offset`` at index ``b``."""
-    return blocks[1 + offset : blocks.shape[0] - 1 + offset]
+def _spans(flat: torch.Tensor, window: int, blocks: int, rows: int) -> torch.Tensor:
+    """Of :func:`_flat_blocks`: ``[R, X, blocks·W]``, the keys of blocks ``b − 1 … b + blocks − 2`` for every
+    block ``b``, transposed, as a view (``unfold``; neighbouring spans overlap in memory, nothing is copied).
+    At a head's ends a span holds the next head's block or the zero block; the masks drop those pairs."""
+    return flat.unfold(0, blocks * window, window)[:rows]
 
 
-def _neighbour_masks(keep, sink, n: int, window: int, offset: int, causal: bool):
-    """Which pairs of query block ``b`` and key block ``b + offset`` are weighted exactly, and which carry a
-    feature product (``φ(q)ᵀφ(k)``) of their own: ``[B, 1, n, 1, W, W]`` bool each (query, then key).
+def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, causal: bool):
+    """Which pairs of query block ``b`` and the keys of its span (blocks ``b − 1, b`` causal; ``b − 1, b,
+    b + 1`` bidirectional) are weighted exactly, and which carry a feature product ``φ(q)ᵀφ(k)`` of their
+    own: ``[B, 1, n, 1, W, span]`` bool each (query, then key).
 
-    Exact: real keys the query sees within the window, and sinks.  Feature products: causal, the pairs of
-    block ``b − 1`` beyond the window (older keys come through the state); bidirectional, the pairs within
-    the window, whose feature products are subtracted from the FAVOR+ summary of all keys (beyond the
-    window every pair is FAVOR+, inside it none is).  Keys outside the sequence are never real."""
+    Exact: real keys the query sees within the window, and sinks.  Feature products: causal, the pairs
+    beyond the window (only in block ``b − 1``; older keys come through the state); bidirectional, the
+    pairs within the window, whose feature products are subtracted from the FAVOR+ summary of all keys
+    (beyond the window every pair is FAVOR+, inside it none is).  Keys outside the sequence are never real."""
     w = window
-    distance = torch.arange(w, device=keep.device)[:, None] - torch.arange(w, device=keep.device) - offset * w  # i − j
+    span = (2 if causal else 3) * w
+    distance = torch.arange(w, device=keep.device)[:, None] + w - torch.arange(span, device=keep.device)  # i − j
     seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
     band = distance.abs() < w
-    shifted = [F.pad(t.view(t.shape[0], n, w), (0, 0, 1, 1))[:, 1 + offset : 1 + offset + n, None, :] for t in (keep, sink)]
-    real = shifted[0] & seen  # [B, n, W, W]
-    exact = real & (band | shifted[1])
+    real, is_sink = (F.pad(t[:, 0], (w, w)).unfold(1, span, w)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
+    real = real & seen  # [B, n, W, span]
+    exact = real & (band | is_sink)
     paired = real & (~band if causal else band)
     return exact[:, None, :, None], paired[:, None, :, None]
 
@@ -79,14 +83,14 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         keep = F.pad(keep, (0, pad), value=False)
     sink = keep & (keep.cumsum(-1) <= sinks)  # [B, 1, L']: the first S real tokens
     far_keep = keep & ~sink
-    rows, heads = b * key_heads * n, b * key_heads
+    rows, heads, span = b * key_heads * n, b * key_heads, 2 if causal else 3
 
     # FAVOR+ key features relative to a per-feature reference every query of the block may use:
     # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
-    key_blocks = _flat_blocks(key * scale, w)  # [R + 2, W, D]
-    keep_blocks = _flat_blocks(far_keep.expand(b, key_heads, -1)[..., None], w)[..., 0]  # [R + 2, W]
-    log_feat = key_log_features(key_blocks, projection, keep_blocks)  # [R + 2, W, m]
-    block_max = log_feat[1:-1].detach().amax(-2).view(heads, n, m)
+    key_flat = _flat_blocks(key * scale, w)  # [(R + 2)·W, D]
+    far_flat = _flat_blocks(far_keep.expand(b, key_heads, -1)[..., None], w)[:, 0]
+    log_feat = key_log_features(key_flat, projection, far_flat)  # [(R + 2)·W, m]
+    block_max = log_feat[w:-w].detach().view(heads, n, w, m).amax(-2)  # [B·Hk, n, m]
     if causal:
         after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
         key_ref = after
@@ -94,9 +98,10 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     else:
         reference = block_max.amax(1, keepdim=True).expand_as(block_max)
         key_ref = reference
-    key_ref = F.pad(key_ref.reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
-    k_feat = (log_feat - key_ref).exp_() * keep_blocks[..., None]  # [R + 2, W, m]
-    values = _flat_blocks(_with_ones(value), w)  # [R + 2, W, Dv + 1]
+    # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
+    key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
+    k_feat = log_feat.view(rows + 2, w, m).sub_(key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
+    values = _flat_blocks(_with_ones(value), w)  # [(R + 2)·W, Dv + 1]
 
     # query side: features relative to the same reference, then their own maximum T
     q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(rows, group * w, d) * scale
@@ -106,28 +111,25 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
     favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
 
+    inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
     if causal:  # keys of blocks ≤ b − 2, relative to the reference of blocks ≤ b − 1
-        summaries = (k_feat[1:-1].transpose(-1, -2) @ values[1:-1]).view(heads, n, m, dv + 1)
+        summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(heads, n, m, dv + 1)
         decay = torch.exp(reference - after)[..., None]
         states = _DecayedScan.apply(torch.zeros_like(summaries[None, :, 0]), summaries[None], decay[None])[0]
         lag = torch.cat([torch.full_like(reference[:, :1], NEG_LOG_WEIGHT), reference[:, :-1]], 1)
         far = torch.cat([states[:, :1], states[:, : n - 1]], 1) * torch.exp(lag - reference)[..., None]
         favor_num = q_feat @ far.view(rows, m, dv + 1)
     else:  # all keys; the pairs inside the window are subtracted below, pair by pair
-        total = k_feat[1:-1].view(heads, n * w, m).transpose(-1, -2) @ values[1:-1].view(heads, n * w, dv + 1)
+        total = inner_k.transpose(-1, -2) @ inner_v  # [B·Hk, m, Dv + 1]
         favor_num = (q_feat.view(heads, n * group * w, m) @ total).view(rows, group * w, dv + 1)
 
-    # neighbouring blocks, pair by pair: block b + o for query block b (block b itself lies inside the window)
-    parts = []
-    for offset in (-1, 0) if causal else (-1, 0, 1):
-        exact, paired = _neighbour_masks(keep, sink, n, w, offset, causal)
-        logits = q_rows @ _neighbour(key_blocks, offset).transpose(-1, -2)  # [R, G·W, W]
-        logits.view(b, key_heads, n, group, w, w).masked_fill_(~exact, float("-inf"))
-        pairs = None
-        if offset or not causal:
-            pairs = q_feat @ _neighbour(k_feat, offset).transpose(-1, -2)
-            pairs.view(b, key_heads, n, group, w, w).mul_(paired)
-        parts.append((logits, pairs, _neighbour(values, offset)))
+    # the span of neighbouring blocks, pair by pair: exact weights, and feature products where the masks say
+    exact, paired = _span_masks(keep, sink, n, w, causal)
+    logits = q_rows @ _spans(key_flat, w, span, rows)  # [R, G·W, span·W]
+    logits.view(b, key_heads, n, group, w, -1).masked_fill_(~exact, float("-inf"))
+    pairs = q_feat @ _spans(k_feat, w, span, rows)
+    pairs.view(b, key_heads, n, group, w, -1).mul_(paired)
+    parts = [(logits, pairs, _spans(values, w, span, rows).transpose(-1, -2))]
 
     if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * w)
@@ -152,9 +154,10 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         if pairs is not None:  # causal: FAVOR+ pairs beyond the window; bidirectional: minus those inside it
             weights = torch.addcmul(weights, pairs, favor_scale, value=1 if causal else -1)
         if part_values.shape[0] == rows:
-            numerator = numerator + weights @ part_values
+            numerator = torch.baddbmm(numerator, weights, part_values)
         else:  # sinks: one set of keys for all blocks of a head
-            numerator = numerator + (weights.view(heads, n * group * w, -1) @ part_values).view(rows, group * w, dv + 1)
+            numerator = torch.baddbmm(numerator.view(heads, n * group * w, -1), weights.view(heads, n * group * w, -1),
+                                      part_values).view(rows, group * w, dv + 1)
     out = _divide(numerator[..., :dv], numerator[..., dv])  # [R, G·W, Dv]
     return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
 

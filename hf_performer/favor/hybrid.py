@@ -46,13 +46,11 @@ def _spans(flat: torch.Tensor, window: int, blocks: int, rows: int) -> torch.Ten
 
 def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, causal: bool):
     """Which pairs of query block ``b`` and the keys of its span (blocks ``b − 1, b`` causal; ``b − 1, b,
-    b + 1`` bidirectional) are weighted exactly, and which carry a feature product ``φ(q)ᵀφ(k)`` of their
-    own: ``[B, 1, n, 1, W, span]`` bool each (query, then key).
-
-    Exact: real keys the query sees within the window, and sinks.  Feature products: causal, the pairs
-    beyond the window (only in block ``b − 1``; older keys come through the state); bidirectional, the
-    pairs within the window, whose feature products are subtracted from the FAVOR+ summary of all keys
-    (beyond the window every pair is FAVOR+, inside it none is).  Keys outside the sequence are never real."""
+    b + 1`` bidirectional) are weighted exactly (``[B, 1, n, 1, W, span]`` bool, query then key), and which
+    of the pairs whose key's features the FAVOR+ summary of query block ``b`` holds (causal: block ``b − 1``;
+    bidirectional: the whole span) lie inside the window, so that their feature product is taken back out
+    (``[B, 1, n, 1, W, W or span]``).  Exact: real keys the query sees within the window, and sinks.  Keys
+    outside the sequence are never real."""
     w = window
     span = (2 if causal else 3) * w
     distance = torch.arange(w, device=keep.device)[:, None] + w - torch.arange(span, device=keep.device)  # i − j
@@ -61,7 +59,7 @@ def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, cau
     real, is_sink = (F.pad(t[:, 0], (w, w)).unfold(1, span, w)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
     real = real & seen  # [B, n, W, span]
     exact = real & (band | is_sink)
-    paired = real & (~band if causal else band)
+    paired = (real & band)[..., : w if causal else span]
     return exact[:, None, :, None], paired[:, None, :, None]
 
 
@@ -112,13 +110,12 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
 
     inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
-    if causal:  # keys of blocks ≤ b − 2, relative to the reference of blocks ≤ b − 1
-        summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(heads, n, m, dv + 1)
-        decay = torch.exp(reference - after)[..., None]
-        states = _DecayedScan.apply(torch.zeros_like(summaries[None, :, 0]), summaries[None], decay[None])[0]
-        lag = torch.cat([torch.full_like(reference[:, :1], NEG_LOG_WEIGHT), reference[:, :-1]], 1)
-        far = torch.cat([states[:, :1], states[:, : n - 1]], 1) * torch.exp(lag - reference)[..., None]
-        favor_num = q_feat @ far.view(rows, m, dv + 1)
+    if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
+        # block b − 1 inside the window are subtracted below, pair by pair
+        summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(1, heads, n, m, -1)
+        decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
+        states = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
+        favor_num = q_feat @ states.view(rows, m, dv + 1)
     else:  # all keys; the pairs inside the window are subtracted below, pair by pair
         total = inner_k.transpose(-1, -2) @ inner_v  # [B·Hk, m, Dv + 1]
         favor_num = (q_feat.view(heads, n * group * w, m) @ total).view(rows, group * w, dv + 1)
@@ -127,7 +124,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     exact, paired = _span_masks(keep, sink, n, w, causal)
     logits = q_rows @ _spans(key_flat, w, span, rows)  # [R, G·W, span·W]
     logits.view(b, key_heads, n, group, w, -1).masked_fill_(~exact, float("-inf"))
-    pairs = q_feat @ _spans(k_feat, w, span, rows)
+    pairs = q_feat @ _spans(k_feat, w, 1 if causal else span, rows)
     pairs.view(b, key_heads, n, group, w, -1).mul_(paired)
     parts = [(logits, pairs, _spans(values, w, span, rows).transpose(-1, -2))]
 
@@ -151,9 +148,13 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     numerator = favor_num * favor_scale
     for logits, pairs, part_values in parts:
         weights = logits.sub_(reference_all).exp_()
-        if pairs is not None:  # causal: FAVOR+ pairs beyond the window; bidirectional: minus those inside it
-            weights = torch.addcmul(weights, pairs, favor_scale, value=1 if causal else -1)
-        if part_values.shape[0] == rows:
+        if pairs is not None:  # the pairs inside the window: exact weight, minus their share of the FAVOR+ summary
+            paired = pairs.shape[-1]
+            near = torch.addcmul(weights[..., :paired], pairs, favor_scale, value=-1)
+            numerator = torch.baddbmm(numerator, near, part_values[:, :paired])
+            if paired < weights.shape[-1]:  # causal: block b, not in the summary
+                numerator = torch.baddbmm(numerator, weights[..., paired:], part_values[:, paired:])
+        elif part_values.shape[0] == rows:
             numerator = torch.baddbmm(numerator, weights, part_values)
         else:  # sinks: one set of keys for all blocks of a head
             numerator = torch.baddbmm(numerator.view(heads, n * group * w, -1), weights.view(heads, n * group * w, -1),

@@ -8,14 +8,19 @@ key it may see contributes ``φ(q_i)ᵀφ(k_j)``, the FAVOR+ estimate of the sam
 weight add into one denominator, so the result is one attention distribution: with ``W ≥ L`` it is
 exact softmax attention, and ``W = S = 0`` is pure FAVOR+ (:func:`favor_attention` does not come here).
 
-Computation, in blocks of ``W`` tokens (``n = L / W`` blocks, all at once): query block ``b`` meets its
-neighbouring key blocks (``b − 1, b`` causal; ``b − 1, b, b + 1`` bidirectional) pair by pair, each
-pair weighted exactly or by features as its distance says; the keys of every other block reach it
-through FAVOR+ summaries (a prefix scan causally, prefix + suffix sums bidirectionally); sinks beyond
-the neighbouring blocks are gathered once (``S`` keys).  Cost O(L·(W + S + m)·d) time, O(L·(W + m))
-memory.  The exact part is kept relative to its largest logit, the FAVOR+ part relative to its own
-stabiliser (``T − ‖s·q‖²/2 − log m``, see below); each query adds both after rescaling them to the
-larger reference, so neither overflows and neither is lost.
+Computation, in blocks of ``W`` tokens (``n = L / W`` blocks of every head, all at once): the FAVOR+ part
+of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
+of the keys before block ``b`` causally (a scan over blocks) — so it costs O(L·m·d) as pure FAVOR+ does.
+Exactly weighted keys lie in the span of neighbouring blocks (``b − 1, b`` causal; ``b − 1, b, b + 1``
+bidirectional; ``unfold`` views, nothing copied) plus the ``S`` sinks gathered once: one ``[W, span]``
+logit product per block, O(L·W·d).  The pairs that summary holds but that lie inside the window
+(bidirectional: the window's pairs of the span; causal: those of block ``b − 1``) have their
+feature product ``φ(q)ᵀφ(k)`` (``[W, W]`` or ``[W, 3W]`` per block) taken back out of the FAVOR+ part.
+Cost O(L·(W + S + m)·d) time, O(L·(W + m)) memory.  The exact part is kept relative to its largest
+logit, the FAVOR+ part relative to its own stabiliser (``T − ‖s·q‖²/2 − log m``, see below); each query
+adds both after rescaling them to the larger reference, so neither overflows and neither is lost.  Taking
+the window's feature products back out of a summary rounds like the summary itself: ~1e-7 of the FAVOR+
+mass of those keys.
 """
 
 from __future__ import annotations
@@ -120,13 +125,14 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         total = inner_k.transpose(-1, -2) @ inner_v  # [B·Hk, m, Dv + 1]
         favor_num = (q_feat.view(heads, n * group * w, m) @ total).view(rows, group * w, dv + 1)
 
-    # the span of neighbouring blocks, pair by pair: exact weights, and feature products where the masks say
+    # the span of neighbouring blocks, pair by pair: exact weights, and the feature products to take back out
     exact, paired = _span_masks(keep, sink, n, w, causal)
     logits = q_rows @ _spans(key_flat, w, span, rows)  # [R, G·W, span·W]
     logits.view(b, key_heads, n, group, w, -1).masked_fill_(~exact, float("-inf"))
-    pairs = q_feat @ _spans(k_feat, w, 1 if causal else span, rows)
+    pairs = q_feat @ _spans(k_feat, w, 1 if causal else span, rows)  # [R, G·W, W or span·W]
     pairs.view(b, key_heads, n, group, w, -1).mul_(paired)
-    parts = [(logits, pairs, _spans(values, w, span, rows).transpose(-1, -2))]
+    span_values = _spans(values, w, span, rows).transpose(-1, -2)  # [R, span·W, Dv + 1]
+    exact_ref = logits.detach().amax(-1, keepdim=True)
 
     if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * w)
@@ -137,28 +143,24 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         if not causal:
             outside = outside | (order[:, :, None, :] >= block_start + 2 * w)
         sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside)[:, :, :, None, None, :]  # [B, 1, n, 1, 1, S]
-        logits = q_rows.view(heads, n * group * w, d) @ sink_key.view(heads, sinks, d).transpose(-1, -2)
-        logits.view(b, key_heads, n, group, w, sinks).masked_fill_(~sink_visible, float("-inf"))
+        sink_logits = q_rows.view(heads, n * group * w, d) @ sink_key.view(heads, sinks, d).transpose(-1, -2)
+        sink_logits.view(b, key_heads, n, group, w, sinks).masked_fill_(~sink_visible, float("-inf"))
         sink_values = _with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))
-        parts.append((logits.view(rows, group * w, sinks), None, sink_values.view(heads, sinks, dv + 1)))
+        exact_ref = torch.maximum(exact_ref, sink_logits.detach().amax(-1).view(rows, group * w, 1))
 
-    exact_ref = torch.stack([logits.detach().amax(-1, keepdim=True) for logits, _, _ in parts]).amax(0)
     reference_all = torch.maximum(exact_ref.clamp_min(NEG_LOG_WEIGHT), favor_ref.detach())
     favor_scale = torch.exp(favor_ref - reference_all)  # [R, G·W, 1]
+    weights = logits.sub_(reference_all).exp_()
+    # the pairs whose keys the FAVOR+ part holds and that lie inside the window: exact weight, minus their FAVOR+ share
+    held = pairs.shape[-1]
     numerator = favor_num * favor_scale
-    for logits, pairs, part_values in parts:
-        weights = logits.sub_(reference_all).exp_()
-        if pairs is not None:  # the pairs inside the window: exact weight, minus their share of the FAVOR+ summary
-            paired = pairs.shape[-1]
-            near = torch.addcmul(weights[..., :paired], pairs, favor_scale, value=-1)
-            numerator = torch.baddbmm(numerator, near, part_values[:, :paired])
-            if paired < weights.shape[-1]:  # causal: block b, not in the summary
-                numerator = torch.baddbmm(numerator, weights[..., paired:], part_values[:, paired:])
-        elif part_values.shape[0] == rows:
-            numerator = torch.baddbmm(numerator, weights, part_values)
-        else:  # sinks: one set of keys for all blocks of a head
-            numerator = torch.baddbmm(numerator.view(heads, n * group * w, -1), weights.view(heads, n * group * w, -1),
-                                      part_values).view(rows, group * w, dv + 1)
+    numerator = torch.baddbmm(numerator, torch.addcmul(weights[..., :held], pairs, favor_scale, value=-1), span_values[:, :held])
+    if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ part
+        numerator = torch.baddbmm(numerator, weights[..., held:], span_values[:, held:])
+    if sinks:  # one set of keys for all the blocks of a head
+        sink_weights = sink_logits.view(rows, group * w, sinks).sub_(reference_all).exp_()
+        numerator = torch.baddbmm(numerator.view(heads, n * group * w, -1), sink_weights.view(heads, n * group * w, sinks),
+                                  sink_values.view(heads, sinks, dv + 1)).view(rows, group * w, dv + 1)
     out = _divide(numerator[..., :dv], numerator[..., dv])  # [R, G·W, Dv]
     return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
 

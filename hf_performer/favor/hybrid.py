@@ -26,11 +26,12 @@ mass of those keys.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from hf_performer.favor.attention import _DecayedScan, _divide, _inputs, _Inputs, _ungroup, _with_ones
+from hf_performer.favor.attention import BLOCK_ELEMENTS, _DecayedScan, _divide, _inputs, _Inputs, _ungroup, _with_ones
 from hf_performer.favor.features import NEG_LOG_WEIGHT, key_log_features
 
 
@@ -106,34 +107,22 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     k_feat = log_feat.view(rows + 2, w, m).sub_(key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
     values = _flat_blocks(_with_ones(value), w)  # [(R + 2)·W, Dv + 1]
 
-    # query side: features relative to the same reference, then their own maximum T
-    q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(rows, group * w, d) * scale
-    q_logits = (q_rows @ projection.transpose(0, 1)).add_(reference.reshape(rows, 1, m))
-    top = q_logits.detach().amax(-1, keepdim=True)
-    q_feat = q_logits.sub_(top).exp_()  # [R, G·W, m]
-    # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
-    favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
-
     inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
     if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
-        # block b − 1 inside the window are subtracted below, pair by pair
+        # block b − 1 inside the window are taken back out by the query side, pair by pair
         summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(1, heads, n, m, -1)
         decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
-        states = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
-        favor_num = q_feat @ states.view(rows, m, dv + 1)
-    else:  # all keys; the pairs inside the window are subtracted below, pair by pair
-        total = inner_k.transpose(-1, -2) @ inner_v  # [B·Hk, m, Dv + 1]
-        favor_num = (q_feat.view(heads, n * group * w, m) @ total).view(rows, group * w, dv + 1)
+        summary = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
+        summary = summary.view(heads, n, m, dv + 1)
+    else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
+        summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
-    # the span of neighbouring blocks, pair by pair: exact weights, and the feature products to take back out
-    exact, paired = _span_masks(keep, sink, n, w, causal)
-    logits = q_rows @ _spans(key_flat, w, span, rows)  # [R, G·W, span·W]
-    logits.view(b, key_heads, n, group, w, -1).masked_fill_(~exact, float("-inf"))
-    pairs = q_feat @ _spans(k_feat, w, 1 if causal else span, rows)  # [R, G·W, W or span·W]
-    pairs.view(b, key_heads, n, group, w, -1).mul_(paired)
-    span_values = _spans(values, w, span, rows).transpose(-1, -2)  # [R, span·W, Dv + 1]
-    exact_ref = logits.detach().amax(-1, keepdim=True)
-
+    exact, paired = (t.expand(b, key_heads, *t.shape[2:]).reshape(heads, n, *t.shape[3:]) for t in _span_masks(keep, sink, n, w, causal))
+    keys = _Keys(
+        _spans(key_flat, w, span, rows).view(heads, n, d, -1), _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
+        _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), exact, paired, summary,
+        reference.reshape(heads, n, 1, m), None, None, None,
+    )
     if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * w)
         order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks]  # sink positions first
@@ -142,27 +131,87 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         outside = order[:, :, None, :] < block_start - w  # [B, 1, n, S]
         if not causal:
             outside = outside | (order[:, :, None, :] >= block_start + 2 * w)
-        sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside)[:, :, :, None, None, :]  # [B, 1, n, 1, 1, S]
-        sink_logits = q_rows.view(heads, n * group * w, d) @ sink_key.view(heads, sinks, d).transpose(-1, -2)
-        sink_logits.view(b, key_heads, n, group, w, sinks).masked_fill_(~sink_visible, float("-inf"))
+        sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside).expand(b, key_heads, n, sinks).reshape(heads, n, 1, 1, sinks)
         sink_values = _with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))
-        exact_ref = torch.maximum(exact_ref, sink_logits.detach().amax(-1).view(rows, group * w, 1))
+        keys = keys._replace(sink_key=sink_key.view(heads, sinks, d), sink_visible=sink_visible,
+                             sink_values=sink_values.view(heads, sinks, dv + 1))
+
+    # query side, a few blocks at a time so that their [G·W, m] features and [G·W, span] weights stay in cache
+    q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
+    chunk = max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
+    outputs = []
+    if chunk >= n:  # whole heads at a time
+        for h in range(0, heads, chunk // n):
+            heads_here = slice(h, min(h + chunk // n, heads))
+            outputs.append(_read_out(q_rows[heads_here], projection, keys, heads_here, slice(0, n), causal))
+    else:
+        for h in range(heads):
+            for start in range(0, n, chunk):
+                outputs.append(_read_out(q_rows[h : h + 1, start : start + chunk], projection, keys, slice(h, h + 1),
+                                         slice(start, start + chunk), causal))
+    out = outputs[0] if len(outputs) == 1 else torch.cat([o.flatten(0, 1) for o in outputs]).view(heads, n, group * w, dv)
+    return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
+
+
+class _Keys(NamedTuple):
+    """What the query side reads, per key head (``H = B·Hk``) and query block (``n``): views, nothing copied."""
+
+    key_spans: torch.Tensor  # [H, n, D, span]: the scaled keys of the block's span, transposed
+    feature_spans: torch.Tensor  # [H, n, m, W or span]: their features, as far as the FAVOR+ summary holds them
+    value_spans: torch.Tensor  # [H, n, span, Dv + 1]
+    exact: torch.Tensor  # [H, n, 1, W, span] bool: see _span_masks
+    paired: torch.Tensor  # [H, n, 1, W, W or span] bool
+    summary: torch.Tensor  # [H, n or 1, m, Dv + 1]: the FAVOR+ summary the block reads
+    reference: torch.Tensor  # [H, n, 1, m]: the keys' per-feature reference
+    sink_key: torch.Tensor | None  # [H, S, D], scaled
+    sink_visible: torch.Tensor | None  # [H, n, 1, 1, S] bool: sinks beyond the span
+    sink_values: torch.Tensor | None  # [H, S, Dv + 1]
+
+
+def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads: slice, blocks: slice, causal: bool) -> torch.Tensor:
+    """Hybrid attention of the scaled queries ``q_rows [h, c, G·W, D]`` of key heads ``heads`` and query
+    blocks ``blocks`` → ``[h, c, G·W, Dv]``."""
+    h, c, group_w, d = q_rows.shape
+    m = projection.shape[0]
+    dv = keys.value_spans.shape[-1] - 1
+
+    # features relative to the keys' reference, then their own maximum T
+    q_logits = (q_rows @ projection.transpose(0, 1)).add_(keys.reference[heads, blocks])
+    top = q_logits.detach().amax(-1, keepdim=True)
+    q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
+    # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
+    favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+    summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
+    favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
+
+    # the span of neighbouring blocks, pair by pair: exact weights, and the feature products to take back out
+    logits = q_rows @ keys.key_spans[heads, blocks]  # [h, c, G·W, span]
+    group = group_w // keys.exact.shape[-2]
+    logits.view(h, c, group, -1, logits.shape[-1]).masked_fill_(~keys.exact[heads, blocks], float("-inf"))
+    pairs = q_feat @ keys.feature_spans[heads, blocks]
+    pairs.view(h, c, group, -1, pairs.shape[-1]).mul_(keys.paired[heads, blocks])
+    exact_ref = logits.detach().amax(-1, keepdim=True)
+    if keys.sink_key is not None:
+        sinks = keys.sink_key.shape[1]
+        sink_logits = (q_rows.reshape(h, c * group_w, d) @ keys.sink_key[heads].transpose(-1, -2)).view(h, c, group_w, sinks)
+        sink_logits.masked_fill_(~keys.sink_visible[heads, blocks][:, :, 0], float("-inf"))
+        exact_ref = torch.maximum(exact_ref, sink_logits.detach().amax(-1, keepdim=True))
 
     reference_all = torch.maximum(exact_ref.clamp_min(NEG_LOG_WEIGHT), favor_ref.detach())
-    favor_scale = torch.exp(favor_ref - reference_all)  # [R, G·W, 1]
-    weights = logits.sub_(reference_all).exp_()
-    # the pairs whose keys the FAVOR+ part holds and that lie inside the window: exact weight, minus their FAVOR+ share
+    favor_scale = torch.exp(favor_ref - reference_all)  # [h, c, G·W, 1]
+    weights = logits.sub_(reference_all).exp_().view(h * c, group_w, -1)
+    # the pairs whose keys the FAVOR+ summary holds and that lie inside the window: exact weight, minus their FAVOR+ share
     held = pairs.shape[-1]
-    numerator = favor_num * favor_scale
-    numerator = torch.baddbmm(numerator, torch.addcmul(weights[..., :held], pairs, favor_scale, value=-1), span_values[:, :held])
-    if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ part
+    span_values = keys.value_spans[heads, blocks].reshape(h * c, -1, dv + 1)
+    near = torch.addcmul(weights[..., :held], pairs.view(h * c, group_w, held), favor_scale.view(h * c, group_w, 1), value=-1)
+    numerator = torch.baddbmm((favor_num * favor_scale).view(h * c, group_w, dv + 1), near, span_values[:, :held])
+    if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ summary
         numerator = torch.baddbmm(numerator, weights[..., held:], span_values[:, held:])
-    if sinks:  # one set of keys for all the blocks of a head
-        sink_weights = sink_logits.view(rows, group * w, sinks).sub_(reference_all).exp_()
-        numerator = torch.baddbmm(numerator.view(heads, n * group * w, -1), sink_weights.view(heads, n * group * w, sinks),
-                                  sink_values.view(heads, sinks, dv + 1)).view(rows, group * w, dv + 1)
-    out = _divide(numerator[..., :dv], numerator[..., dv])  # [R, G·W, Dv]
-    return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
+    if keys.sink_key is not None:  # one set of keys for all the blocks of a head
+        sink_weights = sink_logits.sub_(reference_all).exp_().view(h, c * group_w, sinks)
+        numerator = torch.baddbmm(numerator.view(h, c * group_w, dv + 1), sink_weights, keys.sink_values[heads])
+    numerator = numerator.view(h, c, group_w, dv + 1)
+    return _divide(numerator[..., :dv], numerator[..., dv])
 
 
 def hybrid_favor_attention(

@@ -105,7 +105,9 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
     key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
     k_feat = log_feat.view(rows + 2, w, m).sub_(key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
-    values = _flat_blocks(_with_ones(value), w)  # [(R + 2)·W, Dv + 1]
+    # [(R + 2)·W, Dv + 1]: [V, 1] with a block of ones before and after (in place of _flat_blocks' zeros: one
+    # pass, and the masks give those keys weight 0 anyway)
+    values = F.pad(value.reshape(-1, dv), (0, 1, w, w), value=1.0)
 
     inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
     if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
@@ -176,7 +178,7 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     dv = keys.value_spans.shape[-1] - 1
 
     # features relative to the keys' reference, then their own maximum T
-    q_logits = (q_rows @ projection.transpose(0, 1)).add_(keys.reference[heads, blocks])
+    q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m).add_(keys.reference[heads, blocks])
     top = q_logits.detach().amax(-1, keepdim=True)
     q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
     # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part

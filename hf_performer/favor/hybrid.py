@@ -104,7 +104,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         key_ref = reference
     # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
     key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
-    k_feat = log_feat.view(rows + 2, w, m).sub_(key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
+    k_feat = (log_feat.view(rows + 2, w, m) - key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
     # [(R + 2)·W, Dv + 1]: [V, 1] with a block of ones before and after (in place of _flat_blocks' zeros: one
     # pass, and the masks give those keys weight 0 anyway)
     values = F.pad(value.reshape(-1, dv), (0, 1, w, w), value=1.0)
@@ -119,7 +119,10 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
         summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
-    exact, paired = (t.expand(b, key_heads, *t.shape[2:]).reshape(heads, n, *t.shape[3:]) for t in _span_masks(keep, sink, n, w, causal))
+    # [B·Hk, n, G·W, ·]: the shape of the weights, so masks apply in place to them and not to a view of them
+    # (an in-place change of a view costs a copy of the whole tensor in backward)
+    exact, paired = (t.expand(b, key_heads, n, group, w, t.shape[-1]).reshape(heads, n, group * w, -1)
+                     for t in _span_masks(keep, sink, n, w, causal))
     keys = _Keys(
         _spans(key_flat, w, span, rows).view(heads, n, d, -1), _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
         _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), exact, paired, summary,
@@ -138,9 +141,12 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         keys = keys._replace(sink_key=sink_key.view(heads, sinks, d), sink_visible=sink_visible,
                              sink_values=sink_values.view(heads, sinks, dv + 1))
 
-    # query side, a few blocks at a time so that their [G·W, m] features and [G·W, span] weights stay in cache
+    # query side, a few blocks at a time so that their [G·W, m] features and [G·W, span] weights stay in cache;
+    # in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of the
+    # shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
     q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
-    chunk = max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
+    recording = torch.is_grad_enabled() and (q_rows.requires_grad or k_feat.requires_grad or values.requires_grad)
+    chunk = heads * n if recording else max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
     outputs = []
     if chunk >= n:  # whole heads at a time
         for h in range(0, heads, chunk // n):
@@ -161,8 +167,8 @@ class _Keys(NamedTuple):
     key_spans: torch.Tensor  # [H, n, D, span]: the scaled keys of the block's span, transposed
     feature_spans: torch.Tensor  # [H, n, m, W or span]: their features, as far as the FAVOR+ summary holds them
     value_spans: torch.Tensor  # [H, n, span, Dv + 1]
-    exact: torch.Tensor  # [H, n, 1, W, span] bool: see _span_masks
-    paired: torch.Tensor  # [H, n, 1, W, W or span] bool
+    exact: torch.Tensor  # [H, n, G·W, span] bool: see _span_masks
+    paired: torch.Tensor  # [H, n, G·W, W or span] bool
     summary: torch.Tensor  # [H, n or 1, m, Dv + 1]: the FAVOR+ summary the block reads
     reference: torch.Tensor  # [H, n, 1, m]: the keys' per-feature reference
     sink_key: torch.Tensor | None  # [H, S, D], scaled
@@ -178,7 +184,7 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     dv = keys.value_spans.shape[-1] - 1
 
     # features relative to the keys' reference, then their own maximum T
-    q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m).add_(keys.reference[heads, blocks])
+    q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m) + keys.reference[heads, blocks]
     top = q_logits.detach().amax(-1, keepdim=True)
     q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
     # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
@@ -187,11 +193,10 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
 
     # the span of neighbouring blocks, pair by pair: exact weights, and the feature products to take back out
-    logits = q_rows @ keys.key_spans[heads, blocks]  # [h, c, G·W, span]
-    group = group_w // keys.exact.shape[-2]
-    logits.view(h, c, group, -1, logits.shape[-1]).masked_fill_(~keys.exact[heads, blocks], float("-inf"))
-    pairs = q_feat @ keys.feature_spans[heads, blocks]
-    pairs.view(h, c, group, -1, pairs.shape[-1]).mul_(keys.paired[heads, blocks])
+    logits = torch.bmm(q_rows.reshape(h * c, group_w, d), keys.key_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
+    logits = logits.masked_fill(~keys.exact[heads, blocks], float("-inf"))  # [h, c, G·W, span]
+    pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
+    pairs = pairs * keys.paired[heads, blocks]
     exact_ref = logits.detach().amax(-1, keepdim=True)
     if keys.sink_key is not None:
         sinks = keys.sink_key.shape[1]

@@ -1,4 +1,4 @@
-"""Attention-op speed: hf-performer FAVOR+ vs SDPA vs performer-pytorch, measured side by side.
+"""Attention-op speed: hf-performer FAVOR+ (pure and hybrid) vs SDPA vs performer-pytorch, measured side by side.
 
 One process, same threads, same inputs (fp32, batch 1, 8 heads, head dim 64, nb_features 256 by
 default).  For each length, the matmul peak is measured first, then every (mode, pass, provider)
@@ -10,6 +10,12 @@ lengths, extrapolation fit), ``op_speed.png`` and ``op_flop_rate.png``.
     python benchmarks/op_speed.py                     # the full sweep, 256 … 16384 tokens
     python benchmarks/op_speed.py --lengths 512 1024  # a quick check
     python benchmarks/op_speed.py --threads 1 --name op_speed_1thread   # one thread: see RESULTS.md
+    python benchmarks/op_speed.py --providers hf-performer hf-performer-hybrid sdpa performer-pytorch \
+        --passes forward --lengths 1024 2048 4096 8192 16384 --name op_speed_hybrid   # the hybrid (issue 13)
+
+The hybrid (``hf-performer-hybrid``: exact softmax within ``--local-window`` tokens and to the first
+``--sink-tokens``, FAVOR+ beyond) is measured only when asked for; its crossover lengths vs SDPA go to
+the run file next to pure FAVOR+'s.
 
 performer-pytorch's CPU causal path splits every input into 128 chunks and builds an ``[L/128, m, d]``
 tensor per chunk (all kept for backward: GBs at 2048 tokens), so its causal forward+backward only runs
@@ -31,7 +37,8 @@ from flop_counts import favor_forward_flops, matmul_peak_gflops
 from measurement import RESULTS, Run, seconds_per_call
 from plotting import style_length_axes
 from providers import (
-    MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_op_shape_arguments, attention_call, attention_op, random_qkv,
+    HYBRID, MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_hybrid_arguments, add_op_shape_arguments, attention_call,
+    attention_op, random_qkv,
 )
 
 
@@ -64,7 +71,7 @@ def plot(rows, path_times, path_rate) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True)
     for (i, mode), (j, pass_) in ((a, b) for a in enumerate(MODES) for b in enumerate(PASSES)):
         ax = axes[i][j]
-        for provider, color in zip(PROVIDERS, ("C0", "C1", "C2")):
+        for provider, color in zip(PROVIDERS + (HYBRID,), ("C0", "C1", "C2", "C3")):
             for measured, style in (("yes", "o-"), ("no", "x--")):
                 cells = [r for r in rows if (r["mode"], r["pass"], r["provider"], r["measured"]) == (mode, pass_, provider, measured)]
                 if cells:
@@ -99,13 +106,17 @@ def main() -> None:
     add_causal_chunk_argument(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (default: 3)")
     parser.add_argument("--slow-seconds", type=float, default=5.0, help="a warm-up slower than this is the measurement")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + (HYBRID,),
+                        help=f"(default: {' '.join(PROVIDERS)}; hf-performer is always measured)")
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES, help="(default: both)")
+    add_hybrid_arguments(parser)
     parser.add_argument("--performer-pytorch-causal-max", type=int, default=16384)
     parser.add_argument("--performer-pytorch-causal-backward-max", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--name", default="op_speed", help="results/<name>.csv, .png (default: op_speed)")
     args = parser.parse_args()
     args.lengths.sort()
+    args.providers = ["hf-performer"] + [p for p in args.providers if p != "hf-performer"]  # the ratios' reference
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -115,12 +126,13 @@ def main() -> None:
         peak = matmul_peak_gflops()
         q, k, v = random_qkv(length, args.heads, args.head_dim)
         for mode in MODES:
-            for pass_ in PASSES:
+            for pass_ in args.passes:
                 cells = {}
                 for provider in args.providers:
                     if provider == "performer-pytorch" and length > performer_pytorch_cap(args, mode, pass_):
                         continue
-                    op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size)
+                    op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size,
+                                      args.local_window, args.sink_tokens)
                     cells[provider] = seconds_per_call(attention_call(op, q, k, v, pass_), args.repeats, args.slow_seconds)
                 flops = args.heads * favor_forward_flops(
                     length, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size
@@ -139,7 +151,7 @@ def main() -> None:
     fits = {}
     if "performer-pytorch" in args.providers:
         for mode in MODES:
-            for pass_ in PASSES:
+            for pass_ in args.passes:
                 measured = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, "performer-pytorch")]
                 missing = [length for length in args.lengths if length > performer_pytorch_cap(args, mode, pass_)]
                 fit_points = [r for r in measured if r["length"] >= 1024]
@@ -151,20 +163,28 @@ def main() -> None:
                 rows += [dict(mode=mode, length=length, provider="performer-pytorch", measured="no", **{"pass": pass_},
                               seconds=intercept + slope * length if slope > 0 else last) for length in missing]
 
-    crossovers = {}
+    crossovers, hybrid_crossovers = {}, {}
     for row in rows:
         ours = next(r for r in rows if (r["mode"], r["pass"], r["length"], r["provider"]) == (row["mode"], row["pass"], row["length"], "hf-performer"))
         row["time_over_hf_performer"] = row["seconds"] / ours["seconds"]
     if "sdpa" in args.providers:
         for mode in MODES:
-            for pass_ in PASSES:
+            for pass_ in args.passes:
                 cells = sorted((r["length"], r["time_over_hf_performer"]) for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, "sdpa"))
                 crossovers[f"{mode} {pass_}"] = crossover_length([c[0] for c in cells], [c[1] for c in cells])
+                if HYBRID in args.providers:
+                    seconds = {(r["length"], r["provider"]): r["seconds"] for r in rows if (r["mode"], r["pass"]) == (mode, pass_)}
+                    hybrid_crossovers[f"{mode} {pass_}"] = crossover_length(
+                        [c[0] for c in cells], [seconds[c[0], "sdpa"] / seconds[c[0], HYBRID] for c in cells])
         print("crossover length vs SDPA (FAVOR+ faster from):", crossovers)
+        if hybrid_crossovers:
+            print(f"crossover length vs SDPA ({HYBRID} faster from):", hybrid_crossovers)
 
     order = ["mode", "pass", "length", "provider", "seconds", "time_over_hf_performer", "measured", "favor_gflops", "matmul_peak_gflops"]
     rows = [{key: (f"{row[key]:.5g}" if isinstance(row.get(key), float) else row.get(key, "")) for key in order} for row in rows]
-    run.finish(rows, crossover_length_vs_sdpa=crossovers, performer_pytorch_extrapolation=fits,
+    hybrid = dict(hybrid_crossover_length_vs_sdpa=hybrid_crossovers,
+                  hybrid=dict(local_window=args.local_window, sink_tokens=args.sink_tokens)) if HYBRID in args.providers else {}
+    run.finish(rows, crossover_length_vs_sdpa=crossovers, performer_pytorch_extrapolation=fits, **hybrid,
                shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features,
                           causal_chunk_size=args.causal_chunk_size, dtype="float32"))
     plot([{k: (float(v) if k in ("seconds", "favor_gflops", "matmul_peak_gflops") and v != "" else v) for k, v in r.items()} for r in rows],

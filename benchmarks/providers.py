@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 PROVIDERS = ("hf-performer", "sdpa", "performer-pytorch")
+HYBRID = "hf-performer-hybrid"
+"""Hybrid FAVOR+ (issue 13): exact softmax in a local window and to sink tokens, FAVOR+ beyond
+(``--local-window``, ``--sink-tokens``); op_speed measures it next to the others."""
 PASSES = ("forward", "forward+backward")
 MODES = ("bidirectional", "causal")
 
@@ -41,6 +44,12 @@ def add_causal_chunk_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--causal-chunk-size", type=int, default=default, help=f"(default: {default}, PerformerConfig's)")
 
 
+def add_hybrid_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--local-window``, ``--sink-tokens``: the hybrid provider's ``W`` and ``S`` (issue 13's speed goal: 64 and 4)."""
+    parser.add_argument("--local-window", type=int, default=64, help=f"{HYBRID}'s W (default: 64)")
+    parser.add_argument("--sink-tokens", type=int, default=4, help=f"{HYBRID}'s S (default: 4)")
+
+
 def import_favor_without_transformers() -> None:
     """Make ``import hf_performer.favor`` skip the package ``__init__`` (which imports transformers).
 
@@ -55,21 +64,25 @@ def import_favor_without_transformers() -> None:
         sys.modules["hf_performer"] = package
 
 
-def attention_op(name: str, head_dim: int, nb_features: int, causal: bool, causal_chunk_size: int) -> Callable:
+def attention_op(
+    name: str, head_dim: int, nb_features: int, causal: bool, causal_chunk_size: int, local_window: int = 64, sink_tokens: int = 4
+) -> Callable:
     """``fn(q, k, v) → [B, H, L, D]`` for one provider (performer-pytorch draws its own features and
-    always cuts causal inputs into its own 128 chunks; ``causal_chunk_size`` is hf-performer's)."""
-    if name == "hf-performer":
+    always cuts causal inputs into its own 128 chunks; ``causal_chunk_size`` is hf-performer's;
+    ``local_window`` and ``sink_tokens`` the hybrid's)."""
+    if name in ("hf-performer", HYBRID):
         from hf_performer.favor import favor_attention, orthogonal_random_matrix
 
         projection = orthogonal_random_matrix(nb_features, head_dim, generator=torch.Generator().manual_seed(0))
-        return lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=causal_chunk_size)[0]
+        hybrid = dict(local_window=local_window, sink_tokens=sink_tokens) if name == HYBRID else {}
+        return lambda q, k, v: favor_attention(q, k, v, projection, causal=causal, chunk_size=causal_chunk_size, **hybrid)[0]
     if name == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if name == "performer-pytorch":
         from performer_pytorch import FastAttention  # the `bench` extra; never needed by the package
 
         return FastAttention(dim_heads=head_dim, nb_features=nb_features, causal=causal)
-    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS + (HYBRID,)}")
 
 
 def attention_call(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pass_: str) -> Callable[[], None]:

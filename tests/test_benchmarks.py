@@ -77,6 +77,19 @@ def test_op_speed_times_every_provider_and_reports_rates_and_crossovers(op_speed
     assert (results / "op_speed.png").stat().st_size > 0 and (results / "op_flop_rate.png").stat().st_size > 0
 
 
+def test_op_speed_measures_the_hybrid_side_by_side_and_reports_its_crossovers(tmp_path):
+    results = tmp_path / "results"
+    run_benchmark(results, "op_speed", "--lengths", "128", "--repeats", "1", "--providers", "sdpa", "hf-performer-hybrid",
+                  "--passes", "forward", "--local-window", "16", "--sink-tokens", "2")
+    rows = read_csv(results / "op_speed.csv")
+    assert {(r["mode"], r["pass"], r["provider"]) for r in rows} == {
+        (mode, "forward", provider) for mode in ("bidirectional", "causal") for provider in ("hf-performer", "sdpa", "hf-performer-hybrid")
+    }
+    record = json.loads((results / "op_speed_run.json").read_text())
+    assert set(record["hybrid_crossover_length_vs_sdpa"]) == {"bidirectional forward", "causal forward"}
+    assert record["hybrid"] == {"local_window": 16, "sink_tokens": 2}
+
+
 def test_op_speed_counts_causal_flops_with_the_chunk_size_the_op_ran(op_speed_results):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from flop_counts import favor_forward_flops

@@ -8,14 +8,19 @@ key it may see contributes ``φ(q_i)ᵀφ(k_j)``, the FAVOR+ estimate of the sam
 weight add into one denominator, so the result is one attention distribution: with ``W ≥ L`` it is
 exact softmax attention, and ``W = S = 0`` is pure FAVOR+ (:func:`favor_attention` does not come here).
 
-Computation, in blocks of ``W`` tokens (``n = L / W`` blocks, all at once): query block ``b`` meets its
-neighbouring key blocks (``b − 1, b`` causal; ``b − 1, b, b + 1`` bidirectional) pair by pair, each
-pair weighted exactly or by features as its distance says; the keys of every other block reach it
-through FAVOR+ summaries (a prefix scan causally, prefix + suffix sums bidirectionally); sinks beyond
-the neighbouring blocks are gathered once (``S`` keys).  Cost O(L·(W + S + m)·d) time, O(L·(W + m))
-memory.  The exact part is kept relative to its largest logit, the FAVOR+ part relative to its own
-stabiliser (``T − ‖s·q‖²/2 − log m``, see below); each query adds both after rescaling them to the
-larger reference, so neither overflows and neither is lost.
+Computation, in blocks of ``W`` tokens (``n = L / W`` blocks of every head, all at once): the FAVOR+ part
+of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
+of the keys before block ``b`` causally (a scan over blocks) — so it costs O(L·m·d) as pure FAVOR+ does.
+Exactly weighted keys lie in the span of neighbouring blocks (``b − 1, b`` causal; ``b − 1, b, b + 1``
+bidirectional; ``unfold`` views, nothing copied) plus the ``S`` sinks gathered once: one ``[W, span]``
+logit product per block, O(L·W·d).  The pairs that summary holds but that lie inside the window
+(bidirectional: the window's pairs of the span; causal: those of block ``b − 1``) have their
+feature product ``φ(q)ᵀφ(k)`` (``[W, W]`` or ``[W, 3W]`` per block) taken back out of the FAVOR+ part.
+Cost O(L·(W + S + m)·d) time, O(L·(W + m)) memory.  The exact part is kept relative to its largest
+logit, the FAVOR+ part relative to its own stabiliser (``T − ‖s·q‖²/2 − log m``, see below); each query
+adds both after rescaling them to the larger reference, so neither overflows and neither is lost.  Taking
+the window's feature products back out of a summary rounds like the summary itself: ~1e-7 of the FAVOR+
+mass of those keys.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_performer.favor.attention import (
+    BLOCK_ELEMENTS,
     FavorState,
     _DecayedScan,
     _divide,
@@ -39,27 +45,48 @@ from hf_performer.favor.attention import (
 from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, key_log_features
 
 
-def _blocks(tensor: torch.Tensor, n: int, window: int, dim: int) -> torch.Tensor:
-    """``[..., n·W, ...]`` along ``dim`` → ``[..., n, W, ...]``."""
-    return tensor.unflatten(dim, (n, window))
+def _flat_blocks(tensor: torch.Tensor, window: int) -> torch.Tensor:
+    """``[B, Hk, n·W, X]`` → ``[(B·Hk·n + 2)·W, X]``: the blocks of every head one after another, with a
+    zero block before the first and after the last, for :func:`_spans`."""
+    flat = tensor.reshape(-1, tensor.shape[-1])
+    zeros = flat.new_zeros(window, flat.shape[-1])
+    return torch.cat([zeros, flat, zeros])
 
 
-def _shifted(blocks: torch.Tensor, offset: int, dim: int) -> torch.Tensor:
-    """``blocks`` (blocks along ``dim``) with block ``b + offset`` at index ``b``, zeros beyond the ends."""
-    if offset == 0:
-        return blocks
-    n = blocks.shape[dim]
-    zeros = blocks.new_zeros(*blocks.shape[:dim], abs(offset), *blocks.shape[dim + 1 :])
-    if offset < 0:
-        return torch.cat([zeros, blocks.narrow(dim, 0, n + offset)], dim)
-    return torch.cat([blocks.narrow(dim, offset, n - offset), zeros], dim)
+def _spans(flat: torch.Tensor, window: int, blocks: int, rows: int) -> torch.Tensor:
+    """Of :func:`_flat_blocks`: ``[R, X, blocks·W]``, the keys of blocks ``b − 1 … b + blocks − 2`` for every
+    block ``b``, transposed, as a view (``unfold``; neighbouring spans overlap in memory, nothing is copied).
+    At a head's ends a span holds the next head's block or the zero block; the masks drop those pairs."""
+    return flat.unfold(0, blocks * window, window)[:rows]
+
+
+def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, causal: bool):
+    """Which pairs of query block ``b`` and the keys of its span (blocks ``b − 1, b`` causal; ``b − 1, b,
+    b + 1`` bidirectional) are weighted exactly (``[B, 1, n, 1, W, span]`` bool, query then key), and which
+    of the pairs whose key's features the FAVOR+ summary of query block ``b`` holds (causal: block ``b − 1``;
+    bidirectional: the whole span) lie inside the window, so that their feature product is taken back out
+    (``[B, 1, n, 1, W, W or span]``).  Exact: real keys the query sees within the window, and sinks.  Keys
+    outside the sequence are never real."""
+    w = window
+    span = (2 if causal else 3) * w
+    distance = torch.arange(w, device=keep.device)[:, None] + w - torch.arange(span, device=keep.device)  # i − j
+    seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
+    band = distance.abs() < w
+    real, is_sink = (F.pad(t[:, 0], (w, w)).unfold(1, span, w)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
+    real = real & seen  # [B, n, W, span]
+    exact = real & (band | is_sink)
+    paired = (real & band)[..., : w if causal else span]
+    return exact[:, None, :, None], paired[:, None, :, None]
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.Tensor:
     """Hybrid attention of the validated inputs ``x`` (``query [B, Hk, G, L, D]``, keys and values
-    ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``."""
+    ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``.
+
+    Blocks of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads of a key
+    head share its key blocks (``[R, G·W, ·]`` queries)."""
     query, key, value, projection, keep, scale, _ = x
-    b, key_heads, group, length, _ = query.shape
+    b, key_heads, group, length, d = query.shape
     dv, m, w = value.shape[-1], projection.shape[0], window
     n = math.ceil(length / w)
     pad = n * w - length
@@ -70,77 +97,138 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         keep = F.pad(keep, (0, pad), value=False)
     sink = keep & (keep.cumsum(-1) <= sinks)  # [B, 1, L']: the first S real tokens
     far_keep = keep & ~sink
+    rows, heads, span = b * key_heads * n, b * key_heads, 2 if causal else 3
 
     # FAVOR+ key features relative to a per-feature reference every query of the block may use:
     # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
-    log_feat = _blocks(key_log_features(key, projection, far_keep, input_scale=scale), n, w, 2)  # [B, Hk, n, W, m]
-    block_max = log_feat.detach().amax(-2)  # [B, Hk, n, m]
+    key_flat = _flat_blocks(key * scale, w)  # [(R + 2)·W, D]
+    far_flat = _flat_blocks(far_keep.expand(b, key_heads, -1)[..., None], w)[:, 0]
+    log_feat = key_log_features(key_flat, projection, far_flat)  # [(R + 2)·W, m]
+    block_max = log_feat[w:-w].detach().view(heads, n, w, m).amax(-2)  # [B·Hk, n, m]
     if causal:
-        after = torch.cummax(block_max, 2).values  # reference of the keys of blocks ≤ c
-        k_feat = (log_feat - after[:, :, :, None]).exp_()
-        reference = torch.cat([torch.full_like(after[:, :, :1], NEG_LOG_WEIGHT), after[:, :, :-1]], 2)  # blocks ≤ b − 1
+        after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
+        key_ref = after
+        reference = torch.cat([torch.full_like(after[:, :1], NEG_LOG_WEIGHT), after[:, :-1]], 1)  # blocks ≤ b − 1
     else:
-        reference = block_max.amax(2, keepdim=True).expand_as(block_max)
-        k_feat = (log_feat - reference[:, :, :, None]).exp_()
-    k_feat = k_feat * _blocks(far_keep, n, w, 2)[..., None]
-    values = _blocks(_with_ones(value), n, w, 2)  # [B, Hk, n, W, Dv + 1]
-    summaries = k_feat.transpose(-1, -2) @ values  # [B, Hk, n, m, Dv + 1]
-    if causal:  # keys of blocks ≤ b − 2, relative to the reference of blocks ≤ b − 1
-        decay = torch.exp(reference - after)[..., None]
-        states = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries, decay)  # Σ blocks < c
-        lag = torch.cat([torch.full_like(reference[:, :, :1], NEG_LOG_WEIGHT), reference[:, :, :-1]], 2)
-        far = torch.cat([states[:, :, :1], states[:, :, : n - 1]], 2) * torch.exp(lag - reference)[..., None]
-    else:  # every block but b − 1, b, b + 1; rounding of the difference stays ~1e-7 of the row's FAVOR+ mass
-        near = summaries + _shifted(summaries, -1, 2) + _shifted(summaries, 1, 2)
-        far = summaries.sum(2, keepdim=True) - near
+        reference = block_max.amax(1, keepdim=True).expand_as(block_max)
+        key_ref = reference
+    # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
+    key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
+    k_feat = (log_feat.view(rows + 2, w, m) - key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
+    # [(R + 2)·W, Dv + 1]: [V, 1] with a block of ones before and after (in place of _flat_blocks' zeros: one
+    # pass, and the masks give those keys weight 0 anyway)
+    values = F.pad(value.reshape(-1, dv), (0, 1, w, w), value=1.0)
 
-    # query side: features relative to the same reference, then their own maximum T
-    q_blocks = _blocks(query, n, w, 3)  # [B, Hk, G, n, W, D]
-    q_logits = q_blocks @ (projection * scale).transpose(0, 1) + reference[:, :, None, :, None, :]
-    top = q_logits.detach().amax(-1, keepdim=True)
-    q_feat = q_logits.sub_(top).exp_()
-    # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
-    favor_ref = top - (scale**2 / 2) * q_blocks.pow(2).sum(-1, keepdim=True) - math.log(m)
-    q_scaled = q_blocks * scale
-    favor_num = q_feat @ far[:, :, None]
-    exact_logits, exact_values = [], []
+    inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
+    if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
+        # block b − 1 inside the window are taken back out by the query side, pair by pair
+        summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(1, heads, n, m, -1)
+        decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
+        summary = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
+        summary = summary.view(heads, n, m, dv + 1)
+    else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
+        summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
-    # neighbouring blocks, pair by pair: block b + o for query block b; block b itself lies inside the window
-    inside = torch.arange(w, device=key.device)[:, None] - torch.arange(w, device=key.device)  # x − y, [W, W]
-    keep_blocks, sink_blocks = _blocks(keep, n, w, 2), _blocks(sink, n, w, 2)  # [B, 1, n, W]
-    for offset in (-1, 0) if causal else (-1, 0, 1):
-        distance = inside - offset * w  # i − j
-        seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
-        real = _shifted(keep_blocks, offset, 2)[:, :, :, None, :] & seen  # [B, 1, n, W, W]
-        exact = real & ((distance.abs() < w) | _shifted(sink_blocks, offset, 2)[:, :, :, None, :])
-        shifted_values = _shifted(values, offset, 2)[:, :, None]
-        logits = q_scaled @ _shifted(key.unflatten(2, (n, w)) * scale, offset, 2).transpose(-1, -2)[:, :, None]
-        exact_logits.append(logits.masked_fill_(~exact[:, :, None], float("-inf")))
-        exact_values.append(shifted_values)
-        if offset:  # pairs of the window's neighbours that lie beyond it
-            pair_feat = q_feat @ _shifted(k_feat, offset, 2).transpose(-1, -2)[:, :, None]
-            favor_num = favor_num + pair_feat.mul_((real & ~exact)[:, :, None]) @ shifted_values
-
+    # [B·Hk, n, G·W, ·]: the shape of the weights, so masks apply in place to them and not to a view of them
+    # (an in-place change of a view costs a copy of the whole tensor in backward)
+    exact, paired = (t.expand(b, key_heads, n, group, w, t.shape[-1]).reshape(heads, n, group * w, -1)
+                     for t in _span_masks(keep, sink, n, w, causal))
+    keys = _Keys(
+        _spans(key_flat, w, span, rows).view(heads, n, d, -1), _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
+        _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), exact, paired, summary,
+        reference.reshape(heads, n, 1, m), None, None, None,
+    )
     if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * w)
         order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks]  # sink positions first
-        sink_key = key.gather(2, order[..., None].expand(b, key_heads, sinks, key.shape[-1])) * scale
+        sink_key = key.gather(2, order[..., None].expand(b, key_heads, sinks, d)) * scale  # [B, Hk, S, D]
         block_start = (torch.arange(n, device=key.device) * w)[:, None]  # [n, 1]
         outside = order[:, :, None, :] < block_start - w  # [B, 1, n, S]
         if not causal:
             outside = outside | (order[:, :, None, :] >= block_start + 2 * w)
-        sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside)[:, :, None, :, None, :]
-        logits = q_scaled @ sink_key[:, :, None, None].transpose(-1, -2)
-        exact_logits.append(logits.masked_fill_(~sink_visible, float("-inf")))
-        exact_values.append(_with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))[:, :, None, None])
+        sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside).expand(b, key_heads, n, sinks).reshape(heads, n, 1, 1, sinks)
+        sink_values = _with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))
+        keys = keys._replace(sink_key=sink_key.view(heads, sinks, d), sink_visible=sink_visible,
+                             sink_values=sink_values.view(heads, sinks, dv + 1))
 
-    exact_ref = torch.stack([z.detach().amax(-1, keepdim=True) for z in exact_logits]).amax(0)
+    # query side, a few blocks at a time so that their [G·W, m] features and [G·W, span] weights stay in cache;
+    # in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of the
+    # shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
+    q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
+    recording = torch.is_grad_enabled() and (q_rows.requires_grad or k_feat.requires_grad or values.requires_grad)
+    chunk = heads * n if recording else max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
+    outputs = []
+    if chunk >= n:  # whole heads at a time
+        for h in range(0, heads, chunk // n):
+            heads_here = slice(h, min(h + chunk // n, heads))
+            outputs.append(_read_out(q_rows[heads_here], projection, keys, heads_here, slice(0, n), causal))
+    else:
+        for h in range(heads):
+            for start in range(0, n, chunk):
+                outputs.append(_read_out(q_rows[h : h + 1, start : start + chunk], projection, keys, slice(h, h + 1),
+                                         slice(start, start + chunk), causal))
+    out = outputs[0] if len(outputs) == 1 else torch.cat([o.flatten(0, 1) for o in outputs]).view(heads, n, group * w, dv)
+    return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
+
+
+class _Keys(NamedTuple):
+    """What the query side reads, per key head (``H = B·Hk``) and query block (``n``): views, nothing copied."""
+
+    key_spans: torch.Tensor  # [H, n, D, span]: the scaled keys of the block's span, transposed
+    feature_spans: torch.Tensor  # [H, n, m, W or span]: their features, as far as the FAVOR+ summary holds them
+    value_spans: torch.Tensor  # [H, n, span, Dv + 1]
+    exact: torch.Tensor  # [H, n, G·W, span] bool: see _span_masks
+    paired: torch.Tensor  # [H, n, G·W, W or span] bool
+    summary: torch.Tensor  # [H, n or 1, m, Dv + 1]: the FAVOR+ summary the block reads
+    reference: torch.Tensor  # [H, n, 1, m]: the keys' per-feature reference
+    sink_key: torch.Tensor | None  # [H, S, D], scaled
+    sink_visible: torch.Tensor | None  # [H, n, 1, 1, S] bool: sinks beyond the span
+    sink_values: torch.Tensor | None  # [H, S, Dv + 1]
+
+
+def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads: slice, blocks: slice, causal: bool) -> torch.Tensor:
+    """Hybrid attention of the scaled queries ``q_rows [h, c, G·W, D]`` of key heads ``heads`` and query
+    blocks ``blocks`` → ``[h, c, G·W, Dv]``."""
+    h, c, group_w, d = q_rows.shape
+    m = projection.shape[0]
+    dv = keys.value_spans.shape[-1] - 1
+
+    # features relative to the keys' reference, then their own maximum T
+    q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m) + keys.reference[heads, blocks]
+    top = q_logits.detach().amax(-1, keepdim=True)
+    q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
+    # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
+    favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+    summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
+    favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
+
+    # the span of neighbouring blocks, pair by pair: exact weights, and the feature products to take back out
+    logits = torch.bmm(q_rows.reshape(h * c, group_w, d), keys.key_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
+    logits = logits.masked_fill(~keys.exact[heads, blocks], float("-inf"))  # [h, c, G·W, span]
+    pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
+    pairs = pairs * keys.paired[heads, blocks]
+    exact_ref = logits.detach().amax(-1, keepdim=True)
+    if keys.sink_key is not None:
+        sinks = keys.sink_key.shape[1]
+        sink_logits = (q_rows.reshape(h, c * group_w, d) @ keys.sink_key[heads].transpose(-1, -2)).view(h, c, group_w, sinks)
+        sink_logits.masked_fill_(~keys.sink_visible[heads, blocks][:, :, 0], float("-inf"))
+        exact_ref = torch.maximum(exact_ref, sink_logits.detach().amax(-1, keepdim=True))
+
     reference_all = torch.maximum(exact_ref.clamp_min(NEG_LOG_WEIGHT), favor_ref.detach())
-    numerator = favor_num * torch.exp(favor_ref - reference_all)
-    for logits, part_values in zip(exact_logits, exact_values):
-        numerator = numerator + logits.sub_(reference_all).exp_() @ part_values
-    out = _divide(numerator[..., :dv], numerator[..., dv])  # [B, Hk, G, n, W, Dv]
-    return out.flatten(3, 4)[..., :length, :]
+    favor_scale = torch.exp(favor_ref - reference_all)  # [h, c, G·W, 1]
+    weights = logits.sub_(reference_all).exp_().view(h * c, group_w, -1)
+    # the pairs whose keys the FAVOR+ summary holds and that lie inside the window: exact weight, minus their FAVOR+ share
+    held = pairs.shape[-1]
+    span_values = keys.value_spans[heads, blocks].reshape(h * c, -1, dv + 1)
+    near = torch.addcmul(weights[..., :held], pairs.view(h * c, group_w, held), favor_scale.view(h * c, group_w, 1), value=-1)
+    numerator = torch.baddbmm((favor_num * favor_scale).view(h * c, group_w, dv + 1), near, span_values[:, :held])
+    if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ summary
+        numerator = torch.baddbmm(numerator, weights[..., held:], span_values[:, held:])
+    if keys.sink_key is not None:  # one set of keys for all the blocks of a head
+        sink_weights = sink_logits.sub_(reference_all).exp_().view(h, c * group_w, sinks)
+        numerator = torch.baddbmm(numerator.view(h, c * group_w, dv + 1), sink_weights, keys.sink_values[heads])
+    numerator = numerator.view(h, c, group_w, dv + 1)
+    return _divide(numerator[..., :dv], numerator[..., dv])
 
 
 def hybrid_favor_attention(

@@ -56,6 +56,10 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.temperature, self.alpha = temperature, alpha
+        # Both terms are means over the micro-batch's tokens; with the model's own num_items_in_batch
+        # normalisation the cross-entropy alone would be pre-scaled for gradient accumulation and the
+        # KL not, so let Trainer divide the mixed loss by the accumulation steps instead.
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cross_entropy, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)

@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         training.resume_from_checkpoint = resume_checkpoint(training.output_dir, training.resume_from_checkpoint)
     training.remove_unused_columns = False
     if recipe.distill_from and recipe.task != "causal-lm":
-        raise ValueError(f"--distill_from distils next-token distributions: it needs --task causal-lm, not {recipe.task}")
+        raise ValueError(
+            f"--distill_from distils next-token distributions: it needs --task causal-lm, not {recipe.task}"
+        )
     auto_class, _, key, hub_task = TASKS[recipe.task]
     training.metric_for_best_model = key
     extra = {}

@@ -25,7 +25,8 @@ def attention_projection_names(model: PreTrainedModel) -> list[str]:
     names = []
     for prefix, module in model.named_modules():
         if isinstance(module, performer_class.attention_classes):
-            names += [f"{prefix}.{name}" for name, child in module.named_modules() if isinstance(child, (nn.Linear, Conv1D))]
+            linear = [name for name, child in module.named_modules() if isinstance(child, (nn.Linear, Conv1D))]
+            names += [f"{prefix}.{name}" for name in linear]
     return names
 
 

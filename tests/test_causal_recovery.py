@@ -56,7 +56,7 @@ def test_attention_transfer_of_a_hybrid_student_trains_its_features(tiny_llama, 
     points = curve_points(out)
     assert points[-1]["loss"] < points[0]["loss"]
     learned = AutoModelForCausalLM.from_pretrained(out)
-    assert (learned.favor_settings.local_window, learned.favor_settings.sink_tokens) == (8, 2)
+    assert (learned.config.performer_config.local_window, learned.config.performer_config.sink_tokens) == (8, 2)
     before = hybrid_student(tiny_llama).favor_projections()[0].projection
     assert not torch.equal(learned.favor_projections()[0].projection, before)
 

@@ -21,7 +21,7 @@ def attention_projection_names(model: PreTrainedModel) -> list[str]:
     """Full names of the linear layers inside the model's attention modules (``model.layers.0.self_attn.q_proj``):
     the default LoRA targets.  Full names, not suffixes: GPT-2's MLP has a ``c_proj`` too.  The attention
     modules are the classes FAVOR+ replaces in the model's family, so an exact model answers the same."""
-    performer_class = next(iter(family_for(model.config.model_type).auto_models.values()))
+    performer_class = family_for(model.config.model_type).base_model.performer_class
     names = []
     for prefix, module in model.named_modules():
         if isinstance(module, performer_class.attention_classes):
@@ -39,7 +39,7 @@ def with_lora(model: PreTrainedModel, r: int, alpha: float | None = None, target
         raise ImportError('LoRA needs peft: pip install "hf-performer[peft]"') from error
     if r < 1:
         raise ValueError(f"the LoRA rank must be ≥ 1, got {r}")
-    settings = getattr(model, "favor_settings", None)
+    settings = getattr(model.config, "performer_config", None)  # None for the exact model
     config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,

@@ -231,6 +231,14 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     return _divide(numerator[..., :dv], numerator[..., dv])
 
 
+def _check_hybrid_settings(local_window: int, sink_tokens: int) -> None:
+    """The window includes the current token (``W ≥ 1``); sinks are a count (``S ≥ 0``)."""
+    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
+        raise ValueError(f"local_window must be an integer ≥ 1 for hybrid attention, got {local_window!r}")
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an integer ≥ 0, got {sink_tokens!r}")
+
+
 def hybrid_favor_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -249,10 +257,7 @@ def hybrid_favor_attention(
     ``local_window ≥ 1`` (``W``; the current token counts, so ``W = 1`` is the token itself) and
     ``sink_tokens ≥ 0``.  Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
     """
-    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
-        raise ValueError(f"local_window must be an integer ≥ 1 for hybrid attention, got {local_window!r}")
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be an integer ≥ 0, got {sink_tokens!r}")
+    _check_hybrid_settings(local_window, sink_tokens)
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"hybrid attention (local_window={local_window}) needs as many queries as keys (self-attention), got "
@@ -411,8 +416,7 @@ def recurrent_hybrid_favor(
     go through in pieces of ``W``, each O(L·(W + S + m)·d): one decoding step costs the same whatever
     the context.  Any split of a sequence into calls gives the same outputs and state (up to float
     rounding).  Reference: :func:`~hf_performer.favor.naive.hybrid_attention` (causal)."""
-    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
-        raise ValueError(f"local_window must be an integer ≥ 1 for hybrid attention, got {local_window!r}")
+    _check_hybrid_settings(local_window, sink_tokens)
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"recurrent hybrid attention takes the queries of the new keys, got {query.shape[-2]} queries and "

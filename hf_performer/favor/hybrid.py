@@ -425,10 +425,7 @@ def recurrent_hybrid_favor(
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     keep = torch.ones_like(x.key[:, 0, :, 0], dtype=torch.bool) if x.keep is None else x.keep[:, 0]
     if initial_state is None:
-        out = hybrid_favor_attention(
-            query, key, value, projection, local_window=local_window, sink_tokens=sink_tokens, scaling=scaling,
-            causal=True, key_padding_mask=key_padding_mask,
-        )
+        out = _ungroup(hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens), x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
         return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale)
     state, outputs = initial_state, []

@@ -60,3 +60,13 @@ def byte_level_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("byte-level-tokenizer")
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def assert_same_input_gradients(out, expected, inputs, reference_inputs) -> None:
+    """Backpropagate one random output gradient through ``out`` and ``expected`` and compare the gradients
+    of the matching ``inputs`` and ``reference_inputs`` (fast op vs naive reference)."""
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5)

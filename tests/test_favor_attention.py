@@ -12,6 +12,7 @@ from hf_performer.favor import (
     recurrent_favor_step,
 )
 from hf_performer.favor.naive import positive_softmax_features, quadratic_linear_attention, softmax_attention
+from tests.conftest import assert_same_input_gradients
 
 B, H, D, M = 2, 3, 16, 64
 
@@ -56,11 +57,7 @@ def test_gradients_match_quadratic_reference(causal, block_size):
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     out, _ = favor_attention(*inputs, omega, causal=causal, chunk_size=8, block_size=block_size)
     expected = reference(*reference_inputs, omega, causal=causal)
-    grad_out = torch.randn_like(expected)
-    out.backward(grad_out)
-    expected.backward(grad_out)
-    for got, want in zip(inputs, reference_inputs):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
 @pytest.mark.parametrize("causal", [False, True])

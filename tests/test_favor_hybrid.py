@@ -9,7 +9,7 @@ import hf_performer
 from hf_performer import PerformerConfig
 from hf_performer.favor import favor_attention, orthogonal_random_matrix
 from hf_performer.favor.naive import hybrid_attention, softmax_attention
-from tests.conftest import VOCAB, tiny_llama_config
+from tests.conftest import VOCAB, assert_same_input_gradients, tiny_llama_config
 
 B, D, M, L = 2, 16, 64, 37
 SETTINGS = [(1, 0), (5, 3), (7, 2), (16, 1), (3, 50)]  # (W, S): S beyond L makes every real token a sink
@@ -59,11 +59,7 @@ def test_gradients_match_the_naive_hybrid(causal, window, sinks):
     mask[0, 17:] = False  # right padding: every query sees a key (the reference's softmax of nothing is NaN)
     out, _ = favor_attention(*inputs, projection(), causal=causal, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
     expected = naive(*reference_inputs, window=window, sinks=sinks, causal=causal, mask=mask)
-    grad_out = torch.randn_like(expected)
-    out.backward(grad_out)
-    expected.backward(grad_out)
-    for got, want in zip(inputs, reference_inputs):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
 @pytest.mark.parametrize("causal", [False, True])

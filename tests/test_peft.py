@@ -38,17 +38,22 @@ def train_lora(model, steps=3):
     return model.eval()
 
 
-def test_lora_adapter_saving_the_favor_modules_reloads_bit_exactly(base_dir, tmp_path):
-    lora = peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["favor"], r=4, fan_in_fan_out=True)
-    trained = train_lora(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora))
+def reload_onto_a_fresh_base(trained, base_dir, adapter_dir):
+    """Save ``trained``'s adapter, load it the PEFT way onto a fresh base, check the logits are bit-identical."""
     ids = torch.randint(3, VOCAB, (2, 10))
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
-    trained.save_pretrained(tmp_path / "adapter")
-
-    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    trained.save_pretrained(adapter_dir)
+    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(input_ids=ids).logits, expected)
+    return reloaded
+
+
+def test_lora_adapter_saving_the_favor_modules_reloads_bit_exactly(base_dir, tmp_path):
+    lora = peft.LoraConfig(target_modules=["c_attn"], modules_to_save=["favor"], r=4, fan_in_fan_out=True)
+    trained = train_lora(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora))
+    reloaded = reload_onto_a_fresh_base(trained, base_dir, tmp_path / "adapter")
     used = [m.favor.draws for m in reloaded.modules() if hasattr(m, "favor")]  # the adapter's copies
     assert [int(draws) for draws in used] == [3, 3]
 
@@ -65,13 +70,7 @@ def test_lora_without_redraws_needs_no_favor_modules(tmp_path):
     base_dir = save_base(tmp_path / "base", redraw_interval=0)
     lora = peft.LoraConfig(target_modules=["c_attn"], r=4, fan_in_fan_out=True)
     trained = train_lora(peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora))
-    ids = torch.randint(3, VOCAB, (2, 10))
-    with torch.no_grad():
-        expected = trained(input_ids=ids).logits
-    trained.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
-    with torch.no_grad():
-        assert torch.equal(reloaded.eval()(input_ids=ids).logits, expected)
+    reload_onto_a_fresh_base(trained, base_dir, tmp_path / "adapter")
 
 
 def test_trainer_redraws_the_features_the_adapter_saves(base_dir, tmp_path):

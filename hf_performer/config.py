@@ -11,15 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hf_performer.favor.features import FEATURE_SCALINGS, KERNELS
+from hf_performer.favor.hybrid import FAR_PARTS
 
 __version__ = "0.1.0"
 
 
 FEATURE_FIELDS = ("nb_features", "kernel", "orthogonal", "feature_scaling", "seed", "kernel_epsilon")
 """The settings a converted model's random features were drawn and are used with.  The others
-(``redraw_interval``, ``causal_chunk_size``, ``local_window``, ``sink_tokens``) schedule redraws or
-the computation, or say which keys are weighted exactly instead of by the same features, so they may
-change when a converted checkpoint is loaded."""
+(``redraw_interval``, ``causal_chunk_size``, ``local_window``, ``sink_tokens``, ``far_part``) schedule
+redraws or the computation, or say which keys are weighted exactly instead of by the same features, so
+they may change when a converted checkpoint is loaded."""
 
 
 @dataclass
@@ -78,6 +79,14 @@ class PerformerConfig:
             "sinks'); needs local_window ≥ 1. 0: none."
         },
     )
+    far_part: str = field(
+        default="favor",
+        metadata={
+            "help": "Hybrid FAVOR+: what weights the keys beyond the window and the sinks: 'favor' (FAVOR+ features) "
+            "or 'none' (they are dropped: window + sinks only, the ablation that shows what FAVOR+ adds); needs "
+            "local_window ≥ 1.",
+        },
+    )
 
     def __post_init__(self):
         _check_int(self, "nb_features", 1)
@@ -90,6 +99,13 @@ class PerformerConfig:
             raise ValueError(
                 f"PerformerConfig.sink_tokens={self.sink_tokens} needs PerformerConfig.local_window ≥ 1 (the current "
                 "token at least); set local_window too, or sink_tokens=0"
+            )
+        if self.far_part not in FAR_PARTS:
+            raise ValueError(f"PerformerConfig.far_part must be one of {FAR_PARTS}, got {self.far_part!r}")
+        if self.far_part != "favor" and not self.local_window:
+            raise ValueError(
+                f"PerformerConfig.far_part={self.far_part!r} drops every key beyond the local window, but "
+                "local_window=0 leaves no window; set local_window ≥ 1 too, or far_part='favor'"
             )
         if (self.local_window or self.sink_tokens) and self.kernel != "softmax":
             raise ValueError(
@@ -147,8 +163,8 @@ class PerformerConfig:
                 f"this checkpoint is already FAVOR+ with {saved}, and its random features were drawn for those "
                 f"settings; it cannot switch to {asked}. To get them, convert the original (softmax) checkpoint "
                 f"with these settings (`hf-performer convert`, or `from_pretrained(original, attention='favor+', "
-                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window and sink_tokens may "
-                "change on load: pass just those, e.g. performer_config={'local_window': 64, 'sink_tokens': 4}."
+                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window, sink_tokens and far_part "
+                "may change on load: pass just those, e.g. performer_config={'local_window': 64, 'sink_tokens': 4}."
             )
         return settings
 

@@ -468,6 +468,16 @@ def test_cli_converts_with_a_local_window_and_sinks_shown_in_config_and_card(tmp
     assert "exact softmax attention to the tokens within 64 positions of each query and to the first 4 tokens" in " ".join(card.split())
 
 
+def test_cli_converts_window_only_attention_and_says_so_in_the_card(tmp_path):
+    src = _save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--nb-features", "8", "--local-window", "16", "--far-part", "none"]) == 0
+    assert json.loads((out / "config.json").read_text())["performer_config"]["far_part"] == "none"
+    assert "no attention to any other token (`far_part: none`, window-only attention)" in " ".join(
+        (out / "README.md").read_text().split()
+    )
+
+
 def test_cli_reports_a_refused_conversion_with_status_2(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err

@@ -33,32 +33,37 @@ def padding_mask():
     return mask
 
 
-def naive(q, k, v, *, window, sinks, causal, mask):
+def naive(q, k, v, *, window, sinks, causal, mask, far_part="favor"):
     group = q.shape[1] // k.shape[1]
     expanded = [t.repeat_interleave(group, 1) for t in (k, v)]
-    out = hybrid_attention(q, *expanded, projection().double(), window=window, sinks=sinks, causal=causal, key_padding_mask=mask)
+    out = hybrid_attention(q, *expanded, projection().double(), window=window, sinks=sinks, far=far_part == "favor",
+                           causal=causal, key_padding_mask=mask)
     return out.nan_to_num()  # a query that sees no key: 0, as the op gives
 
 
+@pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window, sinks", SETTINGS)
-def test_matches_the_naive_hybrid_with_padding_and_grouped_heads(causal, window, sinks):
+def test_matches_the_naive_hybrid_with_padding_and_grouped_heads(causal, window, sinks, far_part):
     q, k, v = qkv()
     mask = padding_mask()
-    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
-    expected = naive(q, k, v, window=window, sinks=sinks, causal=causal, mask=mask)
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=window,
+                             sink_tokens=sinks, far_part=far_part)
+    expected = naive(q, k, v, window=window, sinks=sinks, causal=causal, mask=mask, far_part=far_part)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window, sinks", [(5, 3), (1, 2)])
-def test_gradients_match_the_naive_hybrid(causal, window, sinks):
+def test_gradients_match_the_naive_hybrid(causal, window, sinks, far_part):
     inputs = [t.requires_grad_() for t in qkv(21)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     mask = torch.ones(B, 21, dtype=torch.bool)
     mask[0, 17:] = False  # right padding: every query sees a key (the reference's softmax of nothing is NaN)
-    out, _ = favor_attention(*inputs, projection(), causal=causal, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
-    expected = naive(*reference_inputs, window=window, sinks=sinks, causal=causal, mask=mask)
+    out, _ = favor_attention(*inputs, projection(), causal=causal, key_padding_mask=mask, local_window=window,
+                             sink_tokens=sinks, far_part=far_part)
+    expected = naive(*reference_inputs, window=window, sinks=sinks, causal=causal, mask=mask, far_part=far_part)
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
@@ -119,6 +124,8 @@ def test_large_norms_stay_convex_and_finite():
         (dict(local_window=True), "local_window"),
         (dict(sink_tokens=4), "sink_tokens"),  # sinks without a window
         (dict(local_window=8, kernel="relu"), "kernel"),
+        (dict(local_window=8, far_part="exact"), "far_part"),
+        (dict(far_part="none"), "far_part"),  # nothing left to attend to without a window
     ],
 )
 def test_bad_settings_raise_naming_the_field(values, field):
@@ -161,8 +168,9 @@ def test_a_model_with_a_window_covering_its_input_matches_exact_attention():
     torch.testing.assert_close(hybrid[0, 3:], exact[0, 3:], rtol=1e-4, atol=1e-4)
 
 
-def test_generation_with_keys_and_values_equals_full_recomputation():
-    _, model = llama_pair(local_window=4, sink_tokens=1)
+@pytest.mark.parametrize("far_part", ["favor", "none"])
+def test_generation_with_keys_and_values_equals_full_recomputation(far_part):
+    _, model = llama_pair(local_window=4, sink_tokens=1, far_part=far_part)
     ids = torch.randint(3, VOCAB, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0  # left padding, as in batched generation

@@ -29,14 +29,14 @@ def left_padding(length=L):
     return mask
 
 
-def decode(q, k, v, splits, *, window, sinks, mask=None):
+def decode(q, k, v, splits, *, window, sinks, mask=None, far_part="favor"):
     """Outputs of feeding the sequence in pieces ending at ``splits``, and the final state."""
     state, outputs, start = None, [], 0
     for end in [*splits, q.shape[-2]]:
         piece = slice(start, end)
         out, state = recurrent_hybrid_favor(
             q[:, :, piece], k[:, :, piece], v[:, :, piece], projection(), state, local_window=window, sink_tokens=sinks,
-            key_padding_mask=None if mask is None else mask[:, piece],
+            far_part=far_part, key_padding_mask=None if mask is None else mask[:, piece],
         )
         outputs.append(out)
         start = end
@@ -53,12 +53,14 @@ def test_token_by_token_decoding_equals_one_causal_pass_with_left_padding(window
     torch.testing.assert_close(stepped[0, :, 5:], full[0, :, 5:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("window, sinks", SETTINGS)
-def test_decoding_in_uneven_pieces_matches_the_naive_hybrid(window, sinks):
+def test_decoding_in_uneven_pieces_matches_the_naive_hybrid(window, sinks, far_part):
     q, k, v = qkv()
-    out, _ = decode(q, k, v, [2, 9, 10, 20], window=window, sinks=sinks)
+    out, _ = decode(q, k, v, [2, 9, 10, 20], window=window, sinks=sinks, far_part=far_part)
     expected = hybrid_attention(
-        q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks, causal=True
+        q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks,
+        far=far_part == "favor", causal=True,
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 

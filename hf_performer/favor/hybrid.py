@@ -44,6 +44,10 @@ from hf_performer.favor.attention import (
 )
 from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, key_log_features
 
+FAR_PARTS = ("favor", "none")
+"""What weights the keys beyond the window and the sinks: FAVOR+, or nothing ("none": window-only
+attention, the ablation that shows what the FAVOR+ part adds)."""
+
 
 def _flat_blocks(tensor: torch.Tensor, window: int) -> torch.Tensor:
     """``[B, Hk, n·W, X]`` → ``[(B·Hk·n + 2)·W, X]``: the blocks of every head one after another, with a
@@ -79,9 +83,10 @@ def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, cau
     return exact[:, None, :, None], paired[:, None, :, None]
 
 
-def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.Tensor:
+def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor") -> torch.Tensor:
     """Hybrid attention of the validated inputs ``x`` (``query [B, Hk, G, L, D]``, keys and values
-    ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``.
+    ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``;
+    ``far_part="none"`` drops the FAVOR+ part (window + sinks only: no features are computed).
 
     Blocks of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads of a key
     head share its key blocks (``[R, G·W, ·]`` queries)."""
@@ -96,47 +101,49 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
         query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
         keep = F.pad(keep, (0, pad), value=False)
     sink = keep & (keep.cumsum(-1) <= sinks)  # [B, 1, L']: the first S real tokens
-    far_keep = keep & ~sink
     rows, heads, span = b * key_heads * n, b * key_heads, 2 if causal else 3
 
-    # FAVOR+ key features relative to a per-feature reference every query of the block may use:
-    # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
     key_flat = _flat_blocks(key * scale, w)  # [(R + 2)·W, D]
-    far_flat = _flat_blocks(far_keep.expand(b, key_heads, -1)[..., None], w)[:, 0]
-    log_feat = key_log_features(key_flat, projection, far_flat)  # [(R + 2)·W, m]
-    block_max = log_feat[w:-w].detach().view(heads, n, w, m).amax(-2)  # [B·Hk, n, m]
-    if causal:
-        after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
-        key_ref = after
-        reference = torch.cat([torch.full_like(after[:, :1], NEG_LOG_WEIGHT), after[:, :-1]], 1)  # blocks ≤ b − 1
-    else:
-        reference = block_max.amax(1, keepdim=True).expand_as(block_max)
-        key_ref = reference
-    # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
-    key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
-    k_feat = (log_feat.view(rows + 2, w, m) - key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
     # [(R + 2)·W, Dv + 1]: [V, 1] with a block of ones before and after (in place of _flat_blocks' zeros: one
     # pass, and the masks give those keys weight 0 anyway)
     values = F.pad(value.reshape(-1, dv), (0, 1, w, w), value=1.0)
+    k_feat = summary = reference = None
+    if far_part == "favor":
+        # FAVOR+ key features relative to a per-feature reference every query of the block may use:
+        # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
+        far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], w)[:, 0]
+        log_feat = key_log_features(key_flat, projection, far_flat)  # [(R + 2)·W, m]
+        block_max = log_feat[w:-w].detach().view(heads, n, w, m).amax(-2)  # [B·Hk, n, m]
+        if causal:
+            after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
+            key_ref = after
+            reference = torch.cat([torch.full_like(after[:, :1], NEG_LOG_WEIGHT), after[:, :-1]], 1)  # blocks ≤ b − 1
+        else:
+            reference = block_max.amax(1, keepdim=True).expand_as(block_max)
+            key_ref = reference
+        # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
+        key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
+        k_feat = (log_feat.view(rows + 2, w, m) - key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
 
-    inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
-    if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
-        # block b − 1 inside the window are taken back out by the query side, pair by pair
-        summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(1, heads, n, m, -1)
-        decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
-        summary = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
-        summary = summary.view(heads, n, m, dv + 1)
-    else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
-        summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
+        inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
+        if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
+            # block b − 1 inside the window are taken back out by the query side, pair by pair
+            summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(1, heads, n, m, -1)
+            decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
+            summary = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
+            summary = summary.view(heads, n, m, dv + 1)
+        else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
+            summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
     # [B·Hk, n, G·W, ·]: the shape of the weights, so masks apply in place to them and not to a view of them
     # (an in-place change of a view costs a copy of the whole tensor in backward)
     exact, paired = (t.expand(b, key_heads, n, group, w, t.shape[-1]).reshape(heads, n, group * w, -1)
                      for t in _span_masks(keep, sink, n, w, causal))
     keys = _Keys(
-        _spans(key_flat, w, span, rows).view(heads, n, d, -1), _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
+        _spans(key_flat, w, span, rows).view(heads, n, d, -1),
+        None if k_feat is None else _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
         _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), exact, paired, summary,
-        reference.reshape(heads, n, 1, m), None, None, None,
+        None if reference is None else reference.reshape(heads, n, 1, m), None, None, None,
     )
     if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * w)
@@ -155,7 +162,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int) -> torch.
     # in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of the
     # shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
     q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
-    recording = torch.is_grad_enabled() and (q_rows.requires_grad or k_feat.requires_grad or values.requires_grad)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, key_flat, values, projection))
     chunk = heads * n if recording else max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
     outputs = []
     if chunk >= n:  # whole heads at a time
@@ -175,12 +182,13 @@ class _Keys(NamedTuple):
     """What the query side reads, per key head (``H = B·Hk``) and query block (``n``): views, nothing copied."""
 
     key_spans: torch.Tensor  # [H, n, D, span]: the scaled keys of the block's span, transposed
-    feature_spans: torch.Tensor  # [H, n, m, W or span]: their features, as far as the FAVOR+ summary holds them
+    feature_spans: torch.Tensor | None  # [H, n, m, W or span]: their features, as far as the FAVOR+ summary
+    # holds them (None, as summary and reference, without a FAVOR+ part)
     value_spans: torch.Tensor  # [H, n, span, Dv + 1]
     exact: torch.Tensor  # [H, n, G·W, span] bool: see _span_masks
     paired: torch.Tensor  # [H, n, G·W, W or span] bool
-    summary: torch.Tensor  # [H, n or 1, m, Dv + 1]: the FAVOR+ summary the block reads
-    reference: torch.Tensor  # [H, n, 1, m]: the keys' per-feature reference
+    summary: torch.Tensor | None  # [H, n or 1, m, Dv + 1]: the FAVOR+ summary the block reads
+    reference: torch.Tensor | None  # [H, n, 1, m]: the keys' per-feature reference
     sink_key: torch.Tensor | None  # [H, S, D], scaled
     sink_visible: torch.Tensor | None  # [H, n, 1, 1, S] bool: sinks beyond the span
     sink_values: torch.Tensor | None  # [H, S, Dv + 1]
@@ -192,21 +200,23 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     h, c, group_w, d = q_rows.shape
     m = projection.shape[0]
     dv = keys.value_spans.shape[-1] - 1
+    far = keys.summary is not None
 
-    # features relative to the keys' reference, then their own maximum T
-    q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m) + keys.reference[heads, blocks]
-    top = q_logits.detach().amax(-1, keepdim=True)
-    q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
-    # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
-    favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
-    summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
-    favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
+    if far:  # features relative to the keys' reference, then their own maximum T
+        q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m) + keys.reference[heads, blocks]
+        top = q_logits.detach().amax(-1, keepdim=True)
+        q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
+        # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
+        favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+        summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
+        favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
+        # the feature products of the span's pairs inside the window, to take back out of the FAVOR+ part
+        pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
+        pairs = pairs * keys.paired[heads, blocks]
 
-    # the span of neighbouring blocks, pair by pair: exact weights, and the feature products to take back out
+    # the span of neighbouring blocks, pair by pair: exact weights
     logits = torch.bmm(q_rows.reshape(h * c, group_w, d), keys.key_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
     logits = logits.masked_fill(~keys.exact[heads, blocks], float("-inf"))  # [h, c, G·W, span]
-    pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
-    pairs = pairs * keys.paired[heads, blocks]
     exact_ref = logits.detach().amax(-1, keepdim=True)
     if keys.sink_key is not None:
         sinks = keys.sink_key.shape[1]
@@ -214,16 +224,21 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
         sink_logits.masked_fill_(~keys.sink_visible[heads, blocks][:, :, 0], float("-inf"))
         exact_ref = torch.maximum(exact_ref, sink_logits.detach().amax(-1, keepdim=True))
 
-    reference_all = torch.maximum(exact_ref.clamp_min(NEG_LOG_WEIGHT), favor_ref.detach())
-    favor_scale = torch.exp(favor_ref - reference_all)  # [h, c, G·W, 1]
+    reference_all = exact_ref.clamp_min(NEG_LOG_WEIGHT)
+    if far:
+        reference_all = torch.maximum(reference_all, favor_ref.detach())
     weights = logits.sub_(reference_all).exp_().view(h * c, group_w, -1)
-    # the pairs whose keys the FAVOR+ summary holds and that lie inside the window: exact weight, minus their FAVOR+ share
-    held = pairs.shape[-1]
     span_values = keys.value_spans[heads, blocks].reshape(h * c, -1, dv + 1)
-    near = torch.addcmul(weights[..., :held], pairs.view(h * c, group_w, held), favor_scale.view(h * c, group_w, 1), value=-1)
-    numerator = torch.baddbmm((favor_num * favor_scale).view(h * c, group_w, dv + 1), near, span_values[:, :held])
-    if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ summary
-        numerator = torch.baddbmm(numerator, weights[..., held:], span_values[:, held:])
+    if far:
+        favor_scale = torch.exp(favor_ref - reference_all)  # [h, c, G·W, 1]
+        # the pairs whose keys the FAVOR+ summary holds and that lie inside the window: exact weight, minus their FAVOR+ share
+        held = pairs.shape[-1]
+        near = torch.addcmul(weights[..., :held], pairs.view(h * c, group_w, held), favor_scale.view(h * c, group_w, 1), value=-1)
+        numerator = torch.baddbmm((favor_num * favor_scale).view(h * c, group_w, dv + 1), near, span_values[:, :held])
+        if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ summary
+            numerator = torch.baddbmm(numerator, weights[..., held:], span_values[:, held:])
+    else:
+        numerator = torch.bmm(weights, span_values)
     if keys.sink_key is not None:  # one set of keys for all the blocks of a head
         sink_weights = sink_logits.sub_(reference_all).exp_().view(h, c * group_w, sinks)
         numerator = torch.baddbmm(numerator.view(h, c * group_w, dv + 1), sink_weights, keys.sink_values[heads])
@@ -231,12 +246,15 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     return _divide(numerator[..., :dv], numerator[..., dv])
 
 
-def _check_hybrid_settings(local_window: int, sink_tokens: int) -> None:
-    """The window includes the current token (``W ≥ 1``); sinks are a count (``S ≥ 0``)."""
+def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str) -> None:
+    """The window includes the current token (``W ≥ 1``); sinks are a count (``S ≥ 0``); the keys beyond
+    them are weighted by FAVOR+ or dropped (``far_part`` ``"favor"`` or ``"none"``)."""
     if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
         raise ValueError(f"local_window must be an integer ≥ 1 for hybrid attention, got {local_window!r}")
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an integer ≥ 0, got {sink_tokens!r}")
+    if far_part not in FAR_PARTS:
+        raise ValueError(f"far_part must be one of {FAR_PARTS}, got {far_part!r}")
 
 
 def hybrid_favor_attention(
@@ -247,6 +265,7 @@ def hybrid_favor_attention(
     *,
     local_window: int,
     sink_tokens: int = 0,
+    far_part: str = "favor",
     scaling: float | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
@@ -255,16 +274,17 @@ def hybrid_favor_attention(
     → ``[B, H, L, Dv]`` (see the module docstring); ``key_padding_mask [B, L]``, ``True`` for real tokens.
 
     ``local_window ≥ 1`` (``W``; the current token counts, so ``W = 1`` is the token itself) and
-    ``sink_tokens ≥ 0``.  Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
+    ``sink_tokens ≥ 0``; ``far_part="none"`` drops the keys beyond them instead of weighting them by
+    FAVOR+ (window-only attention, the ablation).  Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
     """
-    _check_hybrid_settings(local_window, sink_tokens)
+    _check_hybrid_settings(local_window, sink_tokens, far_part)
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"hybrid attention (local_window={local_window}) needs as many queries as keys (self-attention), got "
             f"{query.shape[-2]} queries and {key.shape[-2]} keys"
         )
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
-    return _ungroup(hybrid_favor(x, causal=causal, window=local_window, sinks=sink_tokens), x.dtype)
+    return _ungroup(hybrid_favor(x, causal=causal, window=local_window, sinks=sink_tokens, far_part=far_part), x.dtype)
 
 
 class HybridState(NamedTuple):
@@ -315,12 +335,13 @@ class HybridState(NamedTuple):
         return sum(tensor.nbytes for tensor in (*self.far, *self[1:]))
 
 
-def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, projection, scale) -> HybridState:
+def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, projection, scale,
+             far: bool) -> HybridState:
     """``state`` after the tokens ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]`` (``keep [B, L]``: real ones).
 
     The first ``S`` real tokens go to the sinks; the last ``W − 1`` positions become the window; the
-    tokens pushed out of the window (real, not sinks) fold into the FAVOR+ state, as one block, which
-    equals folding them one by one up to float rounding."""
+    tokens pushed out of the window (real, not sinks) fold into the FAVOR+ state (``far``; otherwise
+    they are dropped), as one block, which equals folding them one by one up to float rounding."""
     sinks, kept = state.sink_key.shape[2], state.window_key.shape[2]
     rank = state.real_seen[:, None] + keep.cumsum(-1)  # 1-based rank of each real token
     is_sink = keep & (rank <= sinks)
@@ -333,27 +354,28 @@ def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: t
     keys, values = torch.cat([state.window_key, key], 2), torch.cat([state.window_value, value], 2)
     far_keep = torch.cat([state.window_keep, keep & ~is_sink], 1)
     leaving = keys.shape[2] - kept
-    far = state.far
-    if leaving:
-        far = fold_keys(
-            far,
+    far_state = state.far
+    if leaving and far:
+        far_state = fold_keys(
+            far_state,
             *key_features(keys[:, :, :leaving], projection, keep=far_keep[:, None, :leaving], input_scale=scale),
             values[:, :, :leaving],
         )
     return HybridState(
-        far, sink_key, sink_value, keys[:, :, leaving:], values[:, :, leaving:], far_keep[:, leaving:],
+        far_state, sink_key, sink_value, keys[:, :, leaving:], values[:, :, leaving:], far_keep[:, leaving:],
         state.real_seen + keep.sum(-1),
     )
 
 
-def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor) -> torch.Tensor:
+def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool) -> torch.Tensor:
     """Hybrid attention of ``L ≤ W`` new tokens (queries ``[B, Hk, G, L, D]`` = keys) after ``state``
     → ``[B, Hk, G, L, Dv]`` float32.
 
     Exact weights for the sinks seen before, the window (the ``W − 1`` kept positions and the new
     tokens up to the query) and FAVOR+ for the far state; with ``L > 1`` the kept positions that are
     beyond a later query's window meet it through their features (pair by pair: at most ``L − 1``).
-    One normaliser, each part relative to its own reference as in :func:`hybrid_favor`."""
+    One normaliser, each part relative to its own reference as in :func:`hybrid_favor`.  Without ``far``
+    only the exact part counts."""
     query, key, value, projection, _, scale, _ = x
     length, m, kept = query.shape[-2], projection.shape[0], state.window_key.shape[2]
     q_scaled = query * scale
@@ -369,30 +391,32 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor) -> torch.Te
     exact = torch.cat([sink_seen, in_window], -1)[:, None, None]  # [B, 1, 1, L, S + W − 1 + L]
     logits = (q_scaled @ keys.transpose(-1, -2)[:, :, None]).masked_fill_(~exact, float("-inf"))
 
-    # FAVOR+ part: the far state and, for L > 1, kept positions a later query has left behind
-    reference = state.far.log_scale  # [B, Hk, m]
-    if length > 1:
-        pair_keep = state.window_keep[:, None, : length - 1]
-        beyond = pair_keep & (distance[:, : length - 1] >= kept + 1)  # [B, L, L − 1]
-        pair_log = key_log_features(state.window_key[:, :, : length - 1], projection, pair_keep, input_scale=scale)
-        reference = torch.maximum(reference, pair_log.detach().amax(-2))
-    q_logits = q_scaled @ projection.transpose(0, 1) + reference[:, :, None, None]
-    top = q_logits.detach().amax(-1, keepdim=True)
-    q_feat = (q_logits - top).exp()
-    # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref) with the features relative to `reference` and m^-½ each
-    favor_ref = top - q_scaled.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
-    far = torch.cat([state.far.kv, state.far.k_sum[..., None]], -1) * torch.exp(
-        state.far.log_scale - reference + 0.5 * math.log(m)
-    )[..., None]
-    favor_num = q_feat @ far[:, :, None]
-    if length > 1:
-        pair_feat = (pair_log - reference[:, :, None]).exp()
-        weights = (q_feat @ pair_feat.transpose(-1, -2)[:, :, None]) * beyond[:, None, None]
-        favor_num = favor_num + weights @ _with_ones(state.window_value[:, :, : length - 1])[:, :, None]
-
     exact_ref = logits.detach().amax(-1, keepdim=True).clamp_min(NEG_LOG_WEIGHT)
-    reference_all = torch.maximum(exact_ref, favor_ref.detach())
-    numerator = favor_num * torch.exp(favor_ref - reference_all) + (logits - reference_all).exp() @ values[:, :, None]
+    if not far:
+        numerator = (logits - exact_ref).exp() @ values[:, :, None]
+    else:
+        # FAVOR+ part: the far state and, for L > 1, kept positions a later query has left behind
+        reference = state.far.log_scale  # [B, Hk, m]
+        if length > 1:
+            pair_keep = state.window_keep[:, None, : length - 1]
+            beyond = pair_keep & (distance[:, : length - 1] >= kept + 1)  # [B, L, L − 1]
+            pair_log = key_log_features(state.window_key[:, :, : length - 1], projection, pair_keep, input_scale=scale)
+            reference = torch.maximum(reference, pair_log.detach().amax(-2))
+        q_logits = q_scaled @ projection.transpose(0, 1) + reference[:, :, None, None]
+        top = q_logits.detach().amax(-1, keepdim=True)
+        q_feat = (q_logits - top).exp()
+        # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref) with the features relative to `reference` and m^-½ each
+        favor_ref = top - q_scaled.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+        summary = torch.cat([state.far.kv, state.far.k_sum[..., None]], -1) * torch.exp(
+            state.far.log_scale - reference + 0.5 * math.log(m)
+        )[..., None]
+        favor_num = q_feat @ summary[:, :, None]
+        if length > 1:
+            pair_feat = (pair_log - reference[:, :, None]).exp()
+            weights = (q_feat @ pair_feat.transpose(-1, -2)[:, :, None]) * beyond[:, None, None]
+            favor_num = favor_num + weights @ _with_ones(state.window_value[:, :, : length - 1])[:, :, None]
+        reference_all = torch.maximum(exact_ref, favor_ref.detach())
+        numerator = favor_num * torch.exp(favor_ref - reference_all) + (logits - reference_all).exp() @ values[:, :, None]
     return _divide(numerator[..., :-1], numerator[..., -1])
 
 
@@ -405,6 +429,7 @@ def recurrent_hybrid_favor(
     *,
     local_window: int,
     sink_tokens: int = 0,
+    far_part: str = "favor",
     scaling: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
@@ -415,8 +440,10 @@ def recurrent_hybrid_favor(
     Without a state (a prefill) the outputs are :func:`hybrid_favor_attention`'s; after one, the tokens
     go through in pieces of ``W``, each O(L·(W + S + m)·d): one decoding step costs the same whatever
     the context.  Any split of a sequence into calls gives the same outputs and state (up to float
-    rounding).  Reference: :func:`~hf_performer.favor.naive.hybrid_attention` (causal)."""
-    _check_hybrid_settings(local_window, sink_tokens)
+    rounding).  With ``far_part="none"`` the far state stays empty and unread.  Reference:
+    :func:`~hf_performer.favor.naive.hybrid_attention` (causal)."""
+    _check_hybrid_settings(local_window, sink_tokens, far_part)
+    far = far_part == "favor"
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"recurrent hybrid attention takes the queries of the new keys, got {query.shape[-2]} queries and "
@@ -425,13 +452,13 @@ def recurrent_hybrid_favor(
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     keep = torch.ones_like(x.key[:, 0, :, 0], dtype=torch.bool) if x.keep is None else x.keep[:, 0]
     if initial_state is None:
-        out = _ungroup(hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens), x.dtype)
+        out = _ungroup(hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens, far_part=far_part), x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
-        return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale)
+        return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale, far)
     state, outputs = initial_state, []
     for start in range(0, key.shape[-2], local_window):
         piece = slice(start, start + local_window)
         part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
-        outputs.append(_hybrid_step(part, state, keep[:, piece]))
-        state = _advance(state, part.key, part.value, keep[:, piece], x.projection, x.input_scale)
+        outputs.append(_hybrid_step(part, state, keep[:, piece], far))
+        state = _advance(state, part.key, part.value, keep[:, piece], x.projection, x.input_scale, far)
     return _ungroup(torch.cat(outputs, -2), x.dtype), state

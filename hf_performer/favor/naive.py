@@ -57,10 +57,12 @@ def log_space_linear_attention(q_log, k_log, value, *, causal=False, key_padding
     return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ value
 
 
-def hybrid_attention(query, key, value, projection, *, window, sinks, scaling=None, causal=False, key_padding_mask=None):
+def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, scaling=None, causal=False,
+                     key_padding_mask=None):
     """Hybrid FAVOR+ as written: a masked O(L²) softmax whose weights are ``exp(s·qᵀk)`` for keys in the
     local window (causal ``i − W < j ≤ i``, bidirectional ``|i − j| < W``) or among the first ``sinks``
-    real tokens, and ``φ(q)ᵀφ(k)`` (in log space) for every other visible key.  Shapes as
+    real tokens, and ``φ(q)ᵀφ(k)`` (in log space) for every other visible key (``far=False``: 0, the
+    window-only ablation).  Shapes as
     :func:`softmax_attention` (``H == Hk``); rows that see no key come back as NaN."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, k_len = query.shape[-2], key.shape[-2]
@@ -77,5 +79,5 @@ def hybrid_attention(query, key, value, projection, *, window, sinks, scaling=No
     q_log = positive_softmax_log_features(query * s, projection)
     k_log = positive_softmax_log_features(key * s, projection)
     far_logits = torch.logsumexp(q_log[..., :, None, :] + k_log[..., None, :, :], -1)
-    logits = torch.where(exact, exact_logits, far_logits).masked_fill(~visible, float("-inf"))
+    logits = torch.where(exact, exact_logits, far_logits if far else float("-inf")).masked_fill(~visible, float("-inf"))
     return torch.softmax(logits, -1) @ value

@@ -137,6 +137,7 @@ def favor_attention_forward(
             initial_state,
             local_window=window,
             sink_tokens=sinks,
+            far_part=settings.far_part,
             scaling=scaling,
             key_padding_mask=attention_mask,
         )
@@ -155,6 +156,7 @@ def favor_attention_forward(
             initial_state=initial_state,
             local_window=window,
             sink_tokens=sinks,
+            far_part=settings.far_part,
         )
     if cache_layer is not None:
         cache_layer.advance(state)

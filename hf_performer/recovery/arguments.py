@@ -65,8 +65,8 @@ def add_performer_arguments(parser: argparse.ArgumentParser, **defaults) -> None
     ``defaults`` overrides field defaults for this recipe (e.g. ``redraw_interval=0``).
     """
     group = parser.add_argument_group(
-        "FAVOR+ settings (a FAVOR+ --model keeps the settings it was converted with; only "
-        "--favor-redraw-interval and --favor-causal-chunk-size may change them)"
+        "FAVOR+ settings (a FAVOR+ --model keeps the features it was converted with; only --favor-redraw-interval, "
+        "--favor-causal-chunk-size, --favor-local-window, --favor-sink-tokens and --favor-far-part may change)"
     )
     for field in dataclasses.fields(PerformerConfig):
         kind = {bool: _boolean}.get(type(field.default), type(field.default))

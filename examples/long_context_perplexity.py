@@ -1,0 +1,76 @@
+"""Does a model read beyond its window?  Perplexity of the same tokens with short and with long context.
+
+For each ``--models NAME=CHECKPOINT`` (a stock causal LM loads with exact attention, a FAVOR+ checkpoint
+with the attention it was saved with), the text (a file read as one stream, or a Hub dataset id) is cut into spans of ``--span`` tokens and the last ``--scored``
+tokens of each are predicted from at most each of ``--contexts`` tokens
+(:func:`hf_performer.recovery.long_context.tail_perplexity`).  Prints one Markdown table with each
+model's perplexity at each context and its ratio to the first model's (the reference), and writes it to
+``--out``.
+
+    python examples/long_context_perplexity.py --text examples/data/wikitext2_valid_300.txt \\
+        --models exact=SMOLLM2_FOLDER hybrid=out/w64_s4_favor/finetune [--span 2048] [--scored 511] \\
+        [--contexts 512 2048] [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_performer  # noqa: F401  (registers FAVOR+)
+from hf_performer.recovery.data import load_split
+from hf_performer.recovery.long_context import tail_perplexity
+
+
+def named(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {text!r}")
+    return name, path
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", required=True, help="A .txt file (one stream) or a Hub dataset id.")
+    parser.add_argument("--dataset_config", default=None, help="Configuration of a Hub dataset.")
+    parser.add_argument("--split", default="test", help="Split of a Hub dataset.")
+    parser.add_argument("--models", type=named, nargs="+", required=True, help="NAME=CHECKPOINT; the first is the reference.")
+    parser.add_argument("--span", type=int, default=2048, help="Tokens per span (the longest context).")
+    parser.add_argument("--scored", type=int, default=511, help="Tokens scored at the end of each span.")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="Context lengths (> --scored).")
+    parser.add_argument("--out", type=Path, default=None, help="Write the Markdown table here too.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    texts = load_split(args.text, split=args.split, dataset_config=args.dataset_config, sample_by="document")
+    tokenizer = AutoTokenizer.from_pretrained(args.models[0][1])
+    ids = torch.tensor(tokenizer("\n".join(texts["text"]), add_special_tokens=False)["input_ids"])
+    rows, reference = [], None
+    for name, checkpoint in args.models:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        start = time.perf_counter()
+        scores = [tail_perplexity(model, ids, span=args.span, scored=args.scored, context=c) for c in args.contexts]
+        values = [ppl for ppl, _ in scores]
+        reference = reference or values
+        print(f"{name}: " + ", ".join(f"context {c}: {v:.2f}" for c, v in zip(args.contexts, values))
+              + f" ({scores[0][1]} tokens, {time.perf_counter() - start:.0f} s)", flush=True)
+        rows.append(f"| {name} | " + " | ".join(f"{v:.2f} | {v / r:.3f}" for v, r in zip(values, reference)) + " |")
+        del model
+    header = "| model | " + " | ".join(f"context {c} | × {args.models[0][0]}" for c in args.contexts) + " |"
+    table = "\n".join([header, "|---" * (1 + 2 * len(args.contexts)) + "|", *rows])
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,32 @@ def test_gradients_match_quadratic_reference(causal, block_size):
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
+@pytest.mark.parametrize("block_size", [None, 5])
+def test_bidirectional_gradients_of_every_input_and_the_features_with_grouped_heads_and_padding(block_size):
+    """The bidirectional op recomputes features in its own backward: query, key, value and ω (learned
+    features) get the quadratic reference's gradients; padded keys get zero, and a batch row whose keys
+    are all padding gets zero gradients instead of NaN."""
+    q, k, v = qkv(13, heads=4, key_heads=2)
+    omega = projection().double()
+    mask = torch.ones(B, 13, dtype=torch.bool)
+    mask[0, 9:] = False
+    inputs = [t.requires_grad_() for t in (q, k, v, omega)]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = bidirectional_favor(*inputs, key_padding_mask=mask, block_size=block_size)
+    k_ref, v_ref = (t.repeat_interleave(2, 1) for t in reference_inputs[1:3])
+    expected = reference(reference_inputs[0], k_ref, v_ref, reference_inputs[3], causal=False, key_padding_mask=mask)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
+    assert k.grad[0, :, 9:].abs().max() == 0 and v.grad[0, :, 9:].abs().max() == 0
+
+    empty = torch.zeros(B, 13, dtype=torch.bool)
+    empty[1] = True
+    for t in inputs:
+        t.grad = None
+    bidirectional_favor(*inputs, key_padding_mask=empty, block_size=block_size).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
+    assert q.grad[0].abs().max() == 0
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_error_against_softmax_falls_as_nb_features_grows(causal):
     q, k, v = qkv(64, scale=0.5)
@@ -293,3 +319,21 @@ def test_each_entry_point_matches_its_reference_with_grouped_heads():
     assert state.kv.shape == (B, 2, M, D) and state.log_scale.shape == (B, 2, M)  # per key head, per feature
     step, _ = recurrent_favor_step(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:], omega, state)
     torch.testing.assert_close(step, full[:, :, 13:], rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_backward_keeps_no_features():
+    """What the op saves for backward: its inputs, the output and the [m, Dv + 1] summary, never the
+    [L, m] features of the queries or keys (they are recomputed block by block)."""
+    q, k, v = (t.float().requires_grad_() for t in qkv(96))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = bidirectional_favor(q, k, v, projection(), block_size=32)
+    summary_and_reference = B * H * M * (D + 2)
+    assert sum(saved) <= 4 * q.numel() + M * D + summary_and_reference  # q, k, v, out, ω
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

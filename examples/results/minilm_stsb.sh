@@ -3,7 +3,8 @@
 # after attention transfer, after attention transfer + fine-tuning.  The CPU time of each stage is printed
 # (bash `time`: user+sys of the process).
 # Usage: bash examples/results/minilm_stsb.sh OUT_DIR [STAGE ...]
-#   stages: zero_shot transfer finetune (the recipe, default); finetune_only exact_finetune (comparisons)
+#   stages: zero_shot transfer finetune (the recipe, default); finetune_only exact_finetune (comparisons);
+#   hybrid_finetune (hybrid FAVOR+, W=16 S=4 m=256: fine-tuning alone, the window already holds these sentences)
 # Data: the STS Benchmark train.tsv and dev.tsv of GLUE's original release (headerless, 7 columns), read from
 # DATA=folder. The default ../shared/data/stsb is this project's development copy (GitHub
 # mieseung/Cutoff_with_Attribution @ 0ef7460e, glue_data/STS-B/original/), not part of the repository: elsewhere
@@ -60,6 +61,14 @@ exact_finetune() {
     $PAIRS --max_steps 120 --per_device_train_batch_size 32 --learning_rate 5e-5 --warmup_steps 12 \
     --eval_strategy steps --eval_steps 60 --save_steps 60 --logging_steps 10 \
     --output_dir "$OUT/exact_finetune" $COMMON
+}
+
+hybrid_finetune() {
+  echo "== hybrid FAVOR+ (local window 16, 4 sinks, m=256) converted and fine-tuned: no attention transfer"
+  time python examples/finetune.py --task sentence-embedding --model "$M" --favor-nb-features 256 \
+    --favor-local-window 16 --favor-sink-tokens 4 $PAIRS --max_steps 60 --per_device_train_batch_size 32 \
+    --learning_rate 5e-5 --warmup_steps 6 --eval_strategy steps --eval_steps 60 --save_steps 60 --logging_steps 10 \
+    --evaluate_exact false --output_dir "$OUT/hybrid_w16_s4_finetune" $COMMON
 }
 
 for stage in $STAGES; do $stage; done

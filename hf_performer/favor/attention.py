@@ -115,9 +115,11 @@ def block_length(rows: int, nb_features: int, multiple: int = 1) -> int:
     return max(multiple, tokens // multiple * multiple)
 
 
-BLOCK_ELEMENTS = 1 << 20
-"""Feature elements per block: 4 MiB of float32, well inside this machine's 32 MiB L3 (512 tokens at 8 heads,
-m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024)."""
+BLOCK_ELEMENTS = 1 << 18
+"""Feature elements per block: 1 MiB of float32 (128 tokens at 8 heads, m = 256).  Blocks of 4 MiB (512 tokens)
+were the fastest before the bidirectional pass reused one buffer for every block; with the buffer, 1 MiB blocks
+keep the forward pass's peak memory at or below SDPA's (issue 14: 5.2 vs 5.75 MiB at 2,048 tokens, 33.5 vs 34.3 MiB
+at 16,384) for a few percent of its time (``benchmarks/block_size.py``)."""
 
 MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
@@ -176,32 +178,131 @@ def bidirectional_favor(
     Block by block: each block of keys contributes its summary ``φ̃(K_b)ᵀ[V_b, 1]``
     (``[B, Hk, m, Dv + 1]``) relative to its own per-feature reference ``R_b``; the summaries add up
     exactly after rescaling each feature row to ``max_b R_b``.  Queries are then read out block by
-    block.  Cost O((Lq + Lk)·m·Dv); no ``Lq × Lk`` matrix, and without gradients only one block of
-    features is alive at a time.  Reference: :func:`~hf_performer.favor.naive.quadratic_linear_attention`.
+    block into one output tensor.  Cost O((Lq + Lk)·m·Dv); no ``Lq × Lk`` matrix and only one block of
+    features alive at a time, in the backward pass too: the softmax kernel runs as
+    :class:`_BidirectionalFavor`, which keeps the inputs, the summary and the output for backward and
+    recomputes features block by block (``[L, m]`` per head is never stored).  Reference:
+    :func:`~hf_performer.favor.naive.quadratic_linear_attention`.
     """
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     b, key_heads, group, q_len, d = x.query.shape
-    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
     block = block_size or block_length(b * group * key_heads, projection.shape[0])
-    summaries, references = [], []
-    k_blocks = _split(x.key, block)
-    keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep, block, -1)
-    for k_block, v_block, keep_block in zip(k_blocks, _split(x.value, block), keep_blocks):
-        k_feat, reference = key_features(k_block, x.projection, keep=keep_block, **features)
-        summaries.append(k_feat.transpose(-1, -2) @ _with_ones(v_block))
-        references.append(reference)  # [B, Hk, m]
-    summary, top = summaries[0], references[0]
-    if len(summaries) > 1:
-        top = torch.stack(references).amax(0)
-        summary = sum(part * torch.exp(ref - top)[..., None] for part, ref in zip(summaries, references))
-    key_reference = top if kernel_fn is None else None
     rows = x.query.reshape(b, key_heads, group * q_len, d)  # the G query heads of a key head, one after another
-    outputs = [
-        _read_out(query_features(q_block, x.projection, key_reference=key_reference, **features), summary)
-        for q_block in _split(rows, block * group)
-    ]
+    if kernel_fn is None:
+        out = _BidirectionalFavor.apply(rows, x.key, x.value, x.projection, x.keep, x.input_scale, block)
+        return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype)
+    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
+    summary = sum(
+        key_features(k_block, x.projection, keep=keep_block, **features)[0].transpose(-1, -2) @ _with_ones(v_block)
+        for k_block, v_block, keep_block in _key_blocks(x, block)
+    )
+    outputs = [_read_out(query_features(q_block, x.projection, **features), summary) for q_block in _split(rows, block * group)]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
     return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype)
+
+
+def _buffer(flat: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first ``prod(shape)`` elements of the 1-d ``flat`` as a contiguous ``shape`` tensor (a block's
+    share of a buffer sized for the largest block)."""
+    return flat[: math.prod(shape)].view(shape)
+
+
+def _key_blocks(x: _Inputs, block: int):
+    """``(key, value, keep)`` views of ``block`` keys at a time (``keep`` ``None`` without padding)."""
+    k_blocks = _split(x.key, block)
+    keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep, block, -1)
+    return zip(k_blocks, _split(x.value, block), keep_blocks)
+
+
+class _BidirectionalFavor(torch.autograd.Function):
+    """Softmax-kernel bidirectional FAVOR+ that stores no features: ``rows [B, Hk, R, D]`` (the ``G``
+    query heads of a key head one after another), ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]``,
+    ``projection [m, D]``, ``keep [B, 1, Lk]`` or ``None``, the input scale ``s`` and the block length →
+    ``[B, Hk, R, Dv]``.
+
+    Forward: the summary ``S = φ̃(K)ᵀ[V, 1]`` relative to the per-feature reference ``top`` (a pass over
+    key blocks), then ``out = D⁻¹ φ̃(Q) S`` written block by block into one output.  Backward (the
+    stabilisers ``top`` and each query's maximum are constants, as in autograd of the same formula,
+    where they are detached): per query block, with ``c = φ̃(q)ᵀS = [n, z]`` and ``out = n / z``,
+    ``dc = [g, −g·out] / z``, ``dS += φ̃(q) dcᵀ``, ``dφ̃(q) = S dc`` and ``d(ωq)`` = ``dφ̃(q) ⊙ φ̃(q)``;
+    then per key block, ``dφ̃(k) = dS [v, 1]``, ``dv = dS[:, :Dv]ᵀ φ̃(k)`` and, since
+    ``log φ̃(k) = s·ωk − s²‖k‖²/2 + const``, ``dk = s·(dφ̃(k) ⊙ φ̃(k)) ω − s²·k·Σ_j (dφ̃(k) ⊙ φ̃(k))_j``.
+    Memory beyond inputs, output and gradients: the summary, its gradient and one block's features.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, key, value, projection, keep, scale, block):
+        b, key_heads, _, dv, m = *rows.shape[:3], value.shape[-1], projection.shape[0]
+        # one buffer for every block's features and one for its products: no allocation per block
+        features = rows.new_empty(b * key_heads * block * m)
+        top, summary = None, None
+        for k_block, v_block, keep_block in _key_blocks(_Inputs(rows, key, value, projection, keep, scale, None), block):
+            buffer = _buffer(features, b, key_heads, k_block.shape[2], m)
+            k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale, out=buffer)
+            part = k_feat.transpose(-1, -2) @ _with_ones(v_block)
+            if top is None:
+                top, summary = reference, part
+            else:  # both to the larger reference, per feature
+                new_top = torch.maximum(top, reference)
+                summary = summary.mul_(torch.exp(top - new_top)[..., None]).add_(part.mul_(torch.exp(reference - new_top)[..., None]))
+                top = new_top
+        out = rows.new_empty(*rows.shape[:-1], dv)
+        products = rows.new_empty(b * key_heads * block * (dv + 1))
+        for q_block, out_block in zip(_split(rows, block), _split(out, block)):
+            n = q_block.shape[2]
+            q_feat = query_features(q_block, projection, input_scale=scale, key_reference=top,
+                                    out=_buffer(features, b, key_heads, n, m))
+            combined = torch.matmul(q_feat, summary, out=_buffer(products, b, key_heads, n, dv + 1))
+            denominator = combined[..., -1:]
+            seen = denominator >= torch.finfo(denominator.dtype).tiny
+            out_block.copy_(combined[..., :-1].div_(torch.where(seen, denominator, 1.0)))  # see _divide
+        ctx.save_for_backward(rows, key, value, projection, keep, summary, top, out)
+        ctx.scale, ctx.block = scale, block
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, key, value, projection, keep, summary, top, out = ctx.saved_tensors
+        scale, block, m = ctx.scale, ctx.block, projection.shape[0]
+        wants_rows, wants_key, wants_value, wants_projection = ctx.needs_input_grad[:4]
+        grad_rows = torch.empty_like(rows) if wants_rows else None
+        grad_projection = torch.zeros_like(projection) if wants_projection else None
+        grad_summary = torch.zeros_like(summary)
+        for q_block, g_block, out_block, grad_block in zip(
+            _split(rows, block), _split(grad_out, block), _split(out, block),
+            _split(grad_rows, block) if wants_rows else [None] * math.ceil(rows.shape[2] / block),
+        ):
+            q_feat = query_features(q_block, projection, input_scale=scale, key_reference=top)
+            denominator = q_feat @ summary[..., -1:]  # [.., block, 1]
+            inverse = torch.where(denominator >= torch.finfo(denominator.dtype).tiny, denominator.reciprocal(), 0.0)
+            d_combined = torch.cat([g_block, -(g_block * out_block).sum(-1, keepdim=True)], -1).mul_(inverse)
+            grad_summary.add_(q_feat.transpose(-1, -2) @ d_combined)
+            if wants_rows or wants_projection:
+                d_logits = (d_combined @ summary.transpose(-1, -2)).mul_(q_feat)  # d(s·ωq) per feature
+                if wants_rows:
+                    grad_block.copy_(d_logits @ (projection * scale))
+                if wants_projection:
+                    grad_projection.add_((d_logits.transpose(-1, -2) @ q_block).sum((0, 1)), alpha=scale)
+        grad_key = torch.empty_like(key) if wants_key else None
+        grad_value = torch.empty_like(value) if wants_value else None
+        half_log_m = 0.5 * math.log(m)
+        blocks = _key_blocks(_Inputs(rows, key, value, projection, keep, scale, None), block)
+        for index, (k_block, v_block, keep_block) in enumerate(blocks):
+            part = slice(index * block, index * block + k_block.shape[2])
+            k_feat = key_log_features(k_block, projection, keep_block, input_scale=scale)
+            k_feat = k_feat.sub_((top + half_log_m)[..., None, :]).exp_()
+            if keep_block is not None:
+                k_feat = k_feat * keep_block[..., None]
+            if wants_value:
+                grad_value[:, :, part] = k_feat @ grad_summary[..., :-1]
+            if wants_key or wants_projection:
+                d_logits = (_with_ones(v_block) @ grad_summary.transpose(-1, -2)).mul_(k_feat)
+                if wants_key:
+                    grad = d_logits @ (projection * scale)
+                    grad_key[:, :, part] = grad.sub_(k_block * d_logits.sum(-1, keepdim=True), alpha=scale**2)
+                if wants_projection:
+                    grad_projection.add_((d_logits.transpose(-1, -2) @ k_block).sum((0, 1)), alpha=scale)
+        return grad_rows, grad_key, grad_value, grad_projection, None, None, None
 
 
 class _DecayedScan(torch.autograd.Function):
@@ -365,15 +466,40 @@ def causal_favor(
     if prefix:  # keys before the first query (a key/value cache) fold into the state
         keep = None if x.keep is None else x.keep[..., :prefix]
         state = _fold(state, x.key[:, :, :prefix], x.value[:, :, :prefix], keep, x.projection, block, features)
-    outputs = []
     k_blocks = _split(x.key[:, :, prefix:], block)
     keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep[..., prefix:], block, -1)
-    for q_block, k_block, v_block, keep_block in zip(
-        _split(x.query, block, 3), k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks
+    q_blocks = _split(x.query, block, 3)
+    # several blocks without autograd are written into one output (a list of blocks and their concatenation
+    # would hold it twice); under autograd the blocks' outputs are kept anyway and concatenated once
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value, x.projection))
+    lean = len(q_blocks) > 1 and not recording
+    out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1]) if lean else None
+    outputs = []
+    for index, (q_block, k_block, v_block, keep_block) in enumerate(
+        zip(q_blocks, k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks)
     ):
-        out, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
-        outputs.append(out)
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+        part, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
+        if lean:
+            out[..., index * block : index * block + part.shape[-2], :] = part
+        else:
+            outputs.append(part)
+    if not lean:
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+    return _ungroup(out, x.dtype), state
+    # written block by block into one output (a list of blocks and their concatenation would hold it twice);
+    # under autograd the blocks' outputs are kept anyway, so they are concatenated once
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value, x.projection))
+    out = None if recording else x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
+    outputs = []
+    for index, (q_block, k_block, v_block, keep_block) in enumerate(
+        zip(q_blocks, k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks)
+    ):
+        part, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
+        if out is None:
+            outputs.append(part)
+        else:
+            out[..., index * block : index * block + part.shape[-2], :] = part
+    out = torch.cat(outputs, -2) if out is None else out
     return _ungroup(out, x.dtype), state
 
 

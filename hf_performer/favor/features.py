@@ -78,6 +78,7 @@ def query_features(
     *,
     input_scale: float = 1.0,
     key_reference: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """φ(s·q) up to a per-query positive factor, ``[..., L, d] → [..., L, m]`` (``s = input_scale``).
 
@@ -88,10 +89,11 @@ def query_features(
     entry lies in ``(0, m^-½]`` and the feature ``j*`` that reaches the maximum meets keys whose own
     feature ``j*`` sums to ≥ 1, so the denominator is ≥ ``m^-1`` whatever the norms of ``q`` and ``k``.
     ``kernel_fn=None`` means softmax.  The scale goes into ``ω`` (``[m, d]``) rather than into ``q``
-    (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.
+    (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.  ``out`` (``[..., L, m]``, contiguous):
+    where to compute them, a buffer reused block after block instead of a new allocation each time.
     """
     m = projection.shape[0]
-    logits = q @ (projection * input_scale).transpose(0, 1)
+    logits = torch.matmul(q, (projection * input_scale).transpose(0, 1), out=out)
     if kernel_fn is not None:
         return (kernel_fn(logits) + kernel_epsilon) * m**-0.5
     if key_reference is not None:
@@ -101,11 +103,17 @@ def query_features(
 
 
 def key_log_features(
-    k: torch.Tensor, projection: torch.Tensor, keep: torch.Tensor | None = None, *, input_scale: float = 1.0
+    k: torch.Tensor,
+    projection: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    *,
+    input_scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``log φ(s·k) + ½ log m = ω(s·k) − ‖s·k‖²/2`` (paper eq. 7 with ``h(k) = exp(−‖k‖²/2)``):
-    ``[..., L, d] → [..., L, m]``; keys where ``keep`` (``[..., L]`` bool) is False get ``NEG_LOG_WEIGHT``."""
-    logits = k @ (projection * input_scale).transpose(0, 1)
+    ``[..., L, d] → [..., L, m]``; keys where ``keep`` (``[..., L]`` bool) is False get ``NEG_LOG_WEIGHT``.
+    ``out``: a buffer to compute them in (see :func:`query_features`)."""
+    logits = torch.matmul(k, (projection * input_scale).transpose(0, 1), out=out)
     logits = logits.sub_(k.pow(2).sum(-1, keepdim=True).mul(0.5 * input_scale**2))
     return logits if keep is None else logits.masked_fill_(~keep[..., None], NEG_LOG_WEIGHT)
 
@@ -118,11 +126,13 @@ def key_features(
     keep: torch.Tensor | None = None,
     *,
     input_scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """φ(s·k) for ``k [..., L, d]`` (``s = input_scale``, folded into ``ω``) as ``(φ̃, R)`` with
     ``φ(s·k)_j = exp(R_j) · φ̃_j``: features ``[..., L, m]`` and a per-feature reference ``R [..., m]``.
 
-    ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.
+    ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.  ``out``: a
+    buffer for the softmax features (see :func:`query_features`).
 
     For the softmax kernel ``R_j = max_s (ω_j k_s − ‖k_s‖²/2)`` over the real keys (detached;
     ``NEG_LOG_WEIGHT`` when there is none), so every ``φ̃ ≤ m^-½`` and no feature's sum over the keys
@@ -138,10 +148,10 @@ def key_features(
         if keep is not None:
             features = features * keep[..., None]
         return features, features.new_zeros(*features.shape[:-2], m)
-    logits = key_log_features(k, projection, keep, input_scale=input_scale)
+    logits = key_log_features(k, projection, keep, input_scale=input_scale, out=out)
     reference = logits.detach().amax(-2)
     features = logits.sub_((reference + 0.5 * math.log(m)).unsqueeze(-2)).exp_()
-    return (features, reference) if keep is None else (features * keep[..., None], reference)
+    return (features, reference) if keep is None else (features.mul_(keep[..., None]), reference)
 
 
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {

@@ -321,6 +321,25 @@ def test_each_entry_point_matches_its_reference_with_grouped_heads():
     torch.testing.assert_close(step, full[:, :, 13:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_token_by_token_steps_equal_one_causal_pass_with_left_padding(scale):
+    """The one-token decoding step (generation's) against the causal reference, padding tokens and all
+    (at per-dimension std 10 too, where its per-feature stabiliser keeps it exact)."""
+    q, k, v = qkv(9, heads=4, key_heads=2, scale=scale)
+    mask = torch.ones(B, 9, dtype=torch.bool)
+    mask[0, :3] = False
+    full = reference(q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection(), causal=True, key_padding_mask=mask)
+    state, steps = None, []
+    for t in range(9):
+        token = slice(t, t + 1)
+        out, state = recurrent_favor_step(q[:, :, token], k[:, :, token], v[:, :, token], projection(), state,
+                                          key_padding_mask=mask[:, token])
+        steps.append(out)
+    stepped = torch.cat(steps, -2)
+    torch.testing.assert_close(stepped[1], full[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepped[0, :, 3:], full[0, :, 3:], rtol=1e-4, atol=1e-5)
+
+
 def test_bidirectional_backward_keeps_no_features():
     """What the op saves for backward: its inputs, the output and the [m, Dv + 1] summary, never the
     [L, m] features of the queries or keys (they are recomputed block by block)."""

@@ -532,6 +532,9 @@ def recurrent_favor_step(
     b, key_heads, group, q_len, d = x.query.shape
     m = projection.shape[0]
     state = state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
+    if kernel_fn is None and q_len == 1 and x.key.shape[-2] == 1:
+        out, state = _one_token_step(x, state)
+        return _ungroup(out, x.dtype), state
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
     state = _fold(state, x.key, x.value, x.keep, x.projection, x.key.shape[-2] or 1, features)
     rows = x.query.reshape(b, key_heads, group * q_len, d)
@@ -539,6 +542,31 @@ def recurrent_favor_step(
     q_feat = query_features(rows, x.projection, key_reference=key_reference, **features)
     out = _read_out(q_feat, torch.cat([state.kv, state.k_sum[..., None]], -1))
     return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype), state
+
+
+def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorState]:
+    """The decoding step of generation, softmax kernel: one new key/value ``[B, Hk, 1, ·]`` folded into
+    ``state`` and one query per head read out → ``([B, Hk, G, 1, Dv], new state)``.
+
+    The same arithmetic as :func:`fold_keys` + :func:`query_features` + :func:`_read_out` with one key, in
+    about a third of the tensor operations: at a few hundred tokens of context a step is dominated by
+    per-operation overhead, not arithmetic (``benchmarks/decode_latency.py``)."""
+    b, key_heads, group, _, d = x.query.shape
+    half_log_m = 0.5 * math.log(x.projection.shape[0])
+    omega = x.projection.transpose(0, 1) * x.input_scale  # [D, m]
+    key = x.key[:, :, 0]  # [B, Hk, D]
+    log_feat = torch.addcmul(key @ omega, key.pow(2).sum(-1, keepdim=True), key.new_tensor(-0.5 * x.input_scale**2))
+    if x.keep is not None:  # a padding token: weight 0, the state is only carried
+        log_feat = log_feat.masked_fill(~x.keep[:, :, :1], NEG_LOG_WEIGHT)
+    log_scale = torch.maximum(state.log_scale, log_feat)  # [B, Hk, m]
+    old = torch.exp(state.log_scale - log_scale)
+    new = torch.exp(log_feat - log_scale - half_log_m)
+    kv = torch.addcmul(state.kv * old[..., None], new[..., None], x.value[:, :, 0, None, :])
+    k_sum = torch.addcmul(new, state.k_sum, old)
+    q_logits = x.query.view(b, key_heads, group, d) @ omega + log_scale[:, :, None]  # [B, Hk, G, m]
+    q_feat = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m).exp_()
+    out = _divide(q_feat @ kv, (q_feat @ k_sum[..., None])[..., 0])
+    return out[:, :, :, None], FavorState(kv, k_sum, log_scale)
 
 
 def favor_attention(

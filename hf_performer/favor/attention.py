@@ -100,9 +100,9 @@ def _split(tensor: torch.Tensor, block: int, dim: int = 2) -> list[torch.Tensor]
     return list(tensor.split(block, dim))
 
 
-def block_length(rows: int, nb_features: int, multiple: int = 1) -> int:
+def block_length(rows: int, nb_features: int, multiple: int = 1, elements: int | None = None) -> int:
     """Tokens per block: enough that one block's features (``rows × tokens × m`` floats, ``rows = B·H``)
-    come near :data:`BLOCK_ELEMENTS`, at least :data:`MIN_BLOCK_TOKENS`, rounded down to a ``multiple``
+    come near ``elements`` (default :data:`BLOCK_ELEMENTS`), at least :data:`MIN_BLOCK_TOKENS`, rounded down to a ``multiple``
     (the causal chunk).
 
     Why blocks: computed for all ``L`` at once, ``ωq``, its maximum, its ``exp`` and the products with
@@ -111,15 +111,20 @@ def block_length(rows: int, nb_features: int, multiple: int = 1) -> int:
     features alive.  Why a floor: every block also makes an ``[m, Dv + 1]`` summary (or chunk states)
     per row, which its tokens must outnumber; with many rows (a batch of short sentences) blocks of a
     few tokens were 2–4× slower than one pass."""
-    tokens = max(MIN_BLOCK_TOKENS, BLOCK_ELEMENTS // (rows * nb_features))
+    tokens = max(MIN_BLOCK_TOKENS, (elements or BLOCK_ELEMENTS) // (rows * nb_features))
     return max(multiple, tokens // multiple * multiple)
 
 
-BLOCK_ELEMENTS = 1 << 18
-"""Feature elements per block: 1 MiB of float32 (128 tokens at 8 heads, m = 256).  Blocks of 4 MiB (512 tokens)
-were the fastest before the bidirectional pass reused one buffer for every block; with the buffer, 1 MiB blocks
-keep the forward pass's peak memory at or below SDPA's (issue 14: 5.2 vs 5.75 MiB at 2,048 tokens, 33.5 vs 34.3 MiB
-at 16,384) for a few percent of its time (``benchmarks/block_size.py``)."""
+BLOCK_ELEMENTS = 1 << 20
+"""Feature elements per block: 4 MiB of float32, well inside this machine's 32 MiB L3 (512 tokens at 8 heads,
+m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024).  Causal attention under
+autograd keeps every block's chunk states, so fewer, larger blocks also cost it less memory."""
+
+LEAN_BLOCK_ELEMENTS = 1 << 18
+"""Feature elements per block where nothing of a block outlives it (bidirectional attention, which recomputes
+features in backward, and causal attention without autograd): 1 MiB of float32 (128 tokens at 8 heads, m = 256)
+in one buffer reused by every block keeps the forward pass's peak memory within a MiB of SDPA's (issue 14), for a
+few percent of its time."""
 
 MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
@@ -186,7 +191,8 @@ def bidirectional_favor(
     """
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     b, key_heads, group, q_len, d = x.query.shape
-    block = block_size or block_length(b * group * key_heads, projection.shape[0])
+    lean = LEAN_BLOCK_ELEMENTS if kernel_fn is None else None
+    block = block_size or block_length(b * group * key_heads, projection.shape[0], elements=lean)
     rows = x.query.reshape(b, key_heads, group * q_len, d)  # the G query heads of a key head, one after another
     if kernel_fn is None:
         out = _BidirectionalFavor.apply(rows, x.key, x.value, x.projection, x.keep, x.input_scale, block)
@@ -461,7 +467,9 @@ def causal_favor(
     state = initial_state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
     chunk = max(1, chunk_size)
-    block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk)) // chunk * chunk)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value, x.projection))
+    lean = None if recording else LEAN_BLOCK_ELEMENTS
+    block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk, elements=lean)) // chunk * chunk)
     prefix = k_len - q_len
     if prefix:  # keys before the first query (a key/value cache) fold into the state
         keep = None if x.keep is None else x.keep[..., :prefix]
@@ -471,7 +479,6 @@ def causal_favor(
     q_blocks = _split(x.query, block, 3)
     # several blocks without autograd are written into one output (a list of blocks and their concatenation
     # would hold it twice); under autograd the blocks' outputs are kept anyway and concatenated once
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value, x.projection))
     lean = len(q_blocks) > 1 and not recording
     out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1]) if lean else None
     outputs = []

@@ -58,8 +58,8 @@ exact_finetune() {
 }
 
 evaluate() {
-  echo "== perplexity on the last 512 tokens of 2,048-token spans, with 512 and 2,048 tokens of context"
-  time python examples/long_context_perplexity.py --text "$HELD_OUT" --span 2048 --scored 512 \
+  echo "== perplexity on the last 511 tokens of 2,048-token spans, with 512 and 2,048 tokens of context"
+  time python examples/long_context_perplexity.py --text "$HELD_OUT" --span 2048 --scored 511 \
     --models "exact=$MODEL" "exact fine-tuned=$OUT/exact_finetune" $(for run in "$OUT"/w*_s*_*/finetune; do
       echo "$(basename "$(dirname "$run")")=$run"; done) --out "$OUT/long_context_perplexity.md"
 }

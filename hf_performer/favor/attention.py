@@ -73,6 +73,13 @@ def fold_keys(state: FavorState, k_feat: torch.Tensor, reference: torch.Tensor, 
     )
 
 
+def records_gradients(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on ``tensors``: then the tensors a pass creates are kept for
+    backward anyway, and writing blocks into a shared buffer saves nothing (and in-place writes into one
+    tensor would make its backward copy it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0, and its
     gradient stays 0: dividing by 1 there (rather than by the smallest float) keeps ``1/D`` from
@@ -201,7 +208,7 @@ def bidirectional_favor(
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
     summary = sum(
         key_features(k_block, x.projection, keep=keep_block, **features)[0].transpose(-1, -2) @ _with_ones(v_block)
-        for k_block, v_block, keep_block in _key_blocks(x, block)
+        for k_block, v_block, keep_block in _key_blocks(x.key, x.value, x.keep, block)
     )
     outputs = [_read_out(query_features(q_block, x.projection, **features), summary) for q_block in _split(rows, block * group)]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
@@ -214,11 +221,11 @@ def _buffer(flat: torch.Tensor, *shape: int) -> torch.Tensor:
     return flat[: math.prod(shape)].view(shape)
 
 
-def _key_blocks(x: _Inputs, block: int):
+def _key_blocks(key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None, block: int):
     """``(key, value, keep)`` views of ``block`` keys at a time (``keep`` ``None`` without padding)."""
-    k_blocks = _split(x.key, block)
-    keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep, block, -1)
-    return zip(k_blocks, _split(x.value, block), keep_blocks)
+    k_blocks = _split(key, block)
+    keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep, block, -1)
+    return zip(k_blocks, _split(value, block), keep_blocks)
 
 
 class _BidirectionalFavor(torch.autograd.Function):
@@ -243,7 +250,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         # one buffer for every block's features and one for its products: no allocation per block
         features = rows.new_empty(b * key_heads * block * m)
         top, summary = None, None
-        for k_block, v_block, keep_block in _key_blocks(_Inputs(rows, key, value, projection, keep, scale, None), block):
+        for k_block, v_block, keep_block in _key_blocks(key, value, keep, block):
             buffer = _buffer(features, b, key_heads, k_block.shape[2], m)
             k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale, out=buffer)
             part = k_feat.transpose(-1, -2) @ _with_ones(v_block)
@@ -260,9 +267,7 @@ class _BidirectionalFavor(torch.autograd.Function):
             q_feat = query_features(q_block, projection, input_scale=scale, key_reference=top,
                                     out=_buffer(features, b, key_heads, n, m))
             combined = torch.matmul(q_feat, summary, out=_buffer(products, b, key_heads, n, dv + 1))
-            denominator = combined[..., -1:]
-            seen = denominator >= torch.finfo(denominator.dtype).tiny
-            out_block.copy_(combined[..., :-1].div_(torch.where(seen, denominator, 1.0)))  # see _divide
+            out_block.copy_(_divide(combined[..., :-1], combined[..., -1]))
         ctx.save_for_backward(rows, key, value, projection, keep, summary, top, out)
         ctx.scale, ctx.block = scale, block
         return out
@@ -270,7 +275,7 @@ class _BidirectionalFavor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, key, value, projection, keep, summary, top, out = ctx.saved_tensors
-        scale, block, m = ctx.scale, ctx.block, projection.shape[0]
+        scale, block = ctx.scale, ctx.block
         wants_rows, wants_key, wants_value, wants_projection = ctx.needs_input_grad[:4]
         grad_rows = torch.empty_like(rows) if wants_rows else None
         grad_projection = torch.zeros_like(projection) if wants_projection else None
@@ -292,14 +297,9 @@ class _BidirectionalFavor(torch.autograd.Function):
                     grad_projection.add_((d_logits.transpose(-1, -2) @ q_block).sum((0, 1)), alpha=scale)
         grad_key = torch.empty_like(key) if wants_key else None
         grad_value = torch.empty_like(value) if wants_value else None
-        half_log_m = 0.5 * math.log(m)
-        blocks = _key_blocks(_Inputs(rows, key, value, projection, keep, scale, None), block)
-        for index, (k_block, v_block, keep_block) in enumerate(blocks):
+        for index, (k_block, v_block, keep_block) in enumerate(_key_blocks(key, value, keep, block)):
             part = slice(index * block, index * block + k_block.shape[2])
-            k_feat = key_log_features(k_block, projection, keep_block, input_scale=scale)
-            k_feat = k_feat.sub_((top + half_log_m)[..., None, :]).exp_()
-            if keep_block is not None:
-                k_feat = k_feat * keep_block[..., None]
+            k_feat, _ = key_features(k_block, projection, keep=keep_block, input_scale=scale, reference=top)
             if wants_value:
                 grad_value[:, :, part] = k_feat @ grad_summary[..., :-1]
             if wants_key or wants_projection:
@@ -468,7 +468,6 @@ def causal_favor(
     state = initial_state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
     chunk = max(1, chunk_size)
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value, x.projection))
     block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk)) // chunk * chunk)
     prefix = k_len - q_len
     if prefix:  # keys before the first query (a key/value cache) fold into the state
@@ -479,34 +478,19 @@ def causal_favor(
     q_blocks = _split(x.query, block, 3)
     # several blocks without autograd are written into one output (a list of blocks and their concatenation
     # would hold it twice); under autograd the blocks' outputs are kept anyway and concatenated once
-    lean = len(q_blocks) > 1 and not recording
-    out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1]) if lean else None
+    one_output = len(q_blocks) > 1 and not records_gradients(x.query, x.key, x.value, x.projection)
+    out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1]) if one_output else None
     outputs = []
     for index, (q_block, k_block, v_block, keep_block) in enumerate(
         zip(q_blocks, k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks)
     ):
         part, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
-        if lean:
+        if one_output:
             out[..., index * block : index * block + part.shape[-2], :] = part
         else:
             outputs.append(part)
-    if not lean:
+    if not one_output:
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
-    return _ungroup(out, x.dtype), state
-    # written block by block into one output (a list of blocks and their concatenation would hold it twice);
-    # under autograd the blocks' outputs are kept anyway, so they are concatenated once
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (x.query, x.key, x.value, x.projection))
-    out = None if recording else x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
-    outputs = []
-    for index, (q_block, k_block, v_block, keep_block) in enumerate(
-        zip(q_blocks, k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks)
-    ):
-        part, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
-        if out is None:
-            outputs.append(part)
-        else:
-            out[..., index * block : index * block + part.shape[-2], :] = part
-    out = torch.cat(outputs, -2) if out is None else out
     return _ungroup(out, x.dtype), state
 
 
@@ -555,23 +539,20 @@ def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorS
     """The decoding step of generation, softmax kernel: one new key/value ``[B, Hk, 1, ·]`` folded into
     ``state`` and one query per head read out → ``([B, Hk, G, 1, Dv], new state)``.
 
-    The same arithmetic as :func:`fold_keys` + :func:`query_features` + :func:`_read_out` with one key, in
-    about a third of the tensor operations: at a few hundred tokens of context a step is dominated by
+    The same arithmetic as :func:`fold_keys` + :func:`_read_out` with one key, in about a third of the tensor
+    operations of the general path: at a few hundred tokens of context a step is dominated by
     per-operation overhead, not arithmetic (``benchmarks/decode_latency.py``)."""
     b, key_heads, group, _, d = x.query.shape
     half_log_m = 0.5 * math.log(x.projection.shape[0])
-    omega = x.projection.transpose(0, 1) * x.input_scale  # [D, m]
-    key = x.key[:, :, 0]  # [B, Hk, D]
-    log_feat = torch.addcmul(key @ omega, key.pow(2).sum(-1, keepdim=True), key.new_tensor(-0.5 * x.input_scale**2))
-    if x.keep is not None:  # a padding token: weight 0, the state is only carried
-        log_feat = log_feat.masked_fill(~x.keep[:, :, :1], NEG_LOG_WEIGHT)
+    # [B, Hk, m]; a padding token gets NEG_LOG_WEIGHT: weight 0, the state is only carried
+    log_feat = key_log_features(x.key, x.projection, x.keep, input_scale=x.input_scale)[:, :, 0]
     log_scale = torch.maximum(state.log_scale, log_feat)  # [B, Hk, m]
     old = torch.exp(state.log_scale - log_scale)
     new = torch.exp(log_feat - log_scale - half_log_m)
     kv = torch.addcmul(state.kv * old[..., None], new[..., None], x.value[:, :, 0, None, :])
     k_sum = torch.addcmul(new, state.k_sum, old)
-    q_logits = x.query.view(b, key_heads, group, d) @ omega + log_scale[:, :, None]  # [B, Hk, G, m]
-    q_feat = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m).exp_()
+    q_feat = query_features(x.query.view(b, key_heads, group, d), x.projection, input_scale=x.input_scale,
+                            key_reference=log_scale)  # [B, Hk, G, m]
     out = _divide(q_feat @ kv, (q_feat @ k_sum[..., None])[..., 0])
     return out[:, :, :, None], FavorState(kv, k_sum, log_scale)
 

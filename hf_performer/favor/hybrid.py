@@ -41,6 +41,7 @@ from hf_performer.favor.attention import (
     _ungroup,
     _with_ones,
     fold_keys,
+    records_gradients,
 )
 from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, key_log_features
 
@@ -162,7 +163,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     # in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of the
     # shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
     q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q_rows, key_flat, values, projection))
+    recording = records_gradients(q_rows, key_flat, values, projection)
     chunk = heads * n if recording else max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
     outputs = []
     if chunk >= n:  # whole heads at a time

@@ -58,6 +58,33 @@ def _flat_blocks(tensor: torch.Tensor, window: int) -> torch.Tensor:
     return torch.cat([zeros, flat, zeros])
 
 
+def _blocks_per_slice(window: int, nb_features: int) -> int:
+    """Blocks of ``window`` keys whose ``[·, m]`` features fill :data:`BLOCK_ELEMENTS` (at least one)."""
+    return max(1, BLOCK_ELEMENTS // (window * nb_features))
+
+
+def _slices(count: int, size: int, whole: bool = False) -> list[slice]:
+    """``slice``s of ``size`` covering ``range(count)``; one slice of all with ``whole`` (under autograd, where
+    in-place changes of slices of one tensor would each copy it in backward)."""
+    size = count if whole else size
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: torch.Tensor, window: int) -> torch.Tensor:
+    """:func:`key_log_features` of ``key_flat [N, D]`` (``far [N]``: the keys FAVOR+ weighs) → ``[N, m]``, computed a
+    few blocks at a time into one tensor so that each slice's passes run in cache (without autograd)."""
+    m = projection.shape[0]
+    if records_gradients(key_flat, projection):
+        out = key_log_features(key_flat, projection)
+    else:
+        out = key_flat.new_empty(key_flat.shape[0], m)
+        for part in _slices(key_flat.shape[0], _blocks_per_slice(window, m) * window):
+            key_log_features(key_flat[part], projection, out=out[part])
+    # the few rows FAVOR+ does not weigh (sinks, padding, the zero blocks) by index: a broadcast mask over all
+    # rows costs a pass as long as the product's
+    return out.index_fill_(0, (~far).nonzero().squeeze(-1), NEG_LOG_WEIGHT)
+
+
 def _spans(flat: torch.Tensor, window: int, blocks: int, rows: int) -> torch.Tensor:
     """Of :func:`_flat_blocks`: ``[R, X, blocks·W]``, the keys of blocks ``b − 1 … b + blocks − 2`` for every
     block ``b``, transposed, as a view (``unfold``; neighbouring spans overlap in memory, nothing is copied).
@@ -65,23 +92,20 @@ def _spans(flat: torch.Tensor, window: int, blocks: int, rows: int) -> torch.Ten
     return flat.unfold(0, blocks * window, window)[:rows]
 
 
-def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, causal: bool):
+def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, causal: bool) -> torch.Tensor:
     """Which pairs of query block ``b`` and the keys of its span (blocks ``b − 1, b`` causal; ``b − 1, b,
-    b + 1`` bidirectional) are weighted exactly (``[B, 1, n, 1, W, span]`` bool, query then key), and which
-    of the pairs whose key's features the FAVOR+ summary of query block ``b`` holds (causal: block ``b − 1``;
-    bidirectional: the whole span) lie inside the window, so that their feature product is taken back out
-    (``[B, 1, n, 1, W, W or span]``).  Exact: real keys the query sees within the window, and sinks.  Keys
-    outside the sequence are never real."""
+    b + 1`` bidirectional) are *not* weighted exactly: ``[B, 1, n, 1, W, span]`` bool, query then key (the
+    complement, because the query side fills where it is True).  Exact: real keys the query sees within the
+    window, and sinks; keys outside the sequence are never real.  The FAVOR+ part needs no mask of its own:
+    the pairs it takes back out are the exact ones that FAVOR+ weighs (not sinks, not padding: their features
+    are 0)."""
     w = window
     span = (2 if causal else 3) * w
     distance = torch.arange(w, device=keep.device)[:, None] + w - torch.arange(span, device=keep.device)  # i − j
     seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
     band = distance.abs() < w
     real, is_sink = (F.pad(t[:, 0], (w, w)).unfold(1, span, w)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
-    real = real & seen  # [B, n, W, span]
-    exact = real & (band | is_sink)
-    paired = (real & band)[..., : w if causal else span]
-    return exact[:, None, :, None], paired[:, None, :, None]
+    return ~(real & seen & (band | is_sink))[:, None, :, None]
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor") -> torch.Tensor:
@@ -113,7 +137,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         # FAVOR+ key features relative to a per-feature reference every query of the block may use:
         # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
         far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], w)[:, 0]
-        log_feat = key_log_features(key_flat, projection, far_flat)  # [(R + 2)·W, m]
+        log_feat = _key_log_features(key_flat, projection, far_flat, w)  # [(R + 2)·W, m]
         block_max = log_feat[w:-w].detach().view(heads, n, w, m).amax(-2)  # [B·Hk, n, m]
         if causal:
             after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
@@ -124,7 +148,10 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
             key_ref = reference
         # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
         key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
-        k_feat = (log_feat.view(rows + 2, w, m) - key_ref).exp_().view(-1, m)  # [(R + 2)·W, m]
+        k_feat = log_feat.view(rows + 2, w, m)  # [(R + 2)·W, m], in place, a few blocks at a time (cache-resident)
+        for part in _slices(rows + 2, _blocks_per_slice(w, m), records_gradients(log_feat)):
+            k_feat[part].sub_(key_ref[part]).exp_()
+        k_feat = k_feat.view(-1, m)
 
         inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
         if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
@@ -138,12 +165,11 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
 
     # [B·Hk, n, G·W, ·]: the shape of the weights, so masks apply in place to them and not to a view of them
     # (an in-place change of a view costs a copy of the whole tensor in backward)
-    exact, paired = (t.expand(b, key_heads, n, group, w, t.shape[-1]).reshape(heads, n, group * w, -1)
-                     for t in _span_masks(keep, sink, n, w, causal))
+    hidden = _span_masks(keep, sink, n, w, causal).expand(b, key_heads, n, group, w, span * w).reshape(heads, n, group * w, -1)
     keys = _Keys(
         _spans(key_flat, w, span, rows).view(heads, n, d, -1),
         None if k_feat is None else _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
-        _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), exact, paired, summary,
+        _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), hidden, summary,
         None if reference is None else reference.reshape(heads, n, 1, m), None, None, None,
     )
     if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
@@ -163,20 +189,25 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     # in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of the
     # shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
     q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
-    recording = records_gradients(q_rows, key_flat, values, projection)
-    chunk = heads * n if recording else max(1, BLOCK_ELEMENTS // (group * w * m))  # blocks per step
-    outputs = []
-    if chunk >= n:  # whole heads at a time
+    if records_gradients(q_rows, key_flat, values, projection):
+        out = _read_out(q_rows, projection, keys, slice(0, heads), slice(0, n), causal)
+    else:  # each step writes its blocks into one output (no list of them and their concatenation)
+        out = q_rows.new_empty(heads, n, group * w, dv)
+        for step in _steps(heads, n, max(1, BLOCK_ELEMENTS // (group * w * m))):
+            out[step] = _read_out(q_rows[step], projection, keys, *step, causal)
+    return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
+
+
+def _steps(heads: int, n: int, chunk: int):
+    """``(heads, blocks)`` slices covering ``heads × n`` query blocks ``chunk`` blocks at a time (whole heads
+    when a head has no more than ``chunk``)."""
+    if chunk >= n:
         for h in range(0, heads, chunk // n):
-            heads_here = slice(h, min(h + chunk // n, heads))
-            outputs.append(_read_out(q_rows[heads_here], projection, keys, heads_here, slice(0, n), causal))
+            yield slice(h, min(h + chunk // n, heads)), slice(0, n)
     else:
         for h in range(heads):
             for start in range(0, n, chunk):
-                outputs.append(_read_out(q_rows[h : h + 1, start : start + chunk], projection, keys, slice(h, h + 1),
-                                         slice(start, start + chunk), causal))
-    out = outputs[0] if len(outputs) == 1 else torch.cat([o.flatten(0, 1) for o in outputs]).view(heads, n, group * w, dv)
-    return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
+                yield slice(h, h + 1), slice(start, start + chunk)
 
 
 class _Keys(NamedTuple):
@@ -186,8 +217,7 @@ class _Keys(NamedTuple):
     feature_spans: torch.Tensor | None  # [H, n, m, W or span]: their features, as far as the FAVOR+ summary
     # holds them (None, as summary and reference, without a FAVOR+ part)
     value_spans: torch.Tensor  # [H, n, span, Dv + 1]
-    exact: torch.Tensor  # [H, n, G·W, span] bool: see _span_masks
-    paired: torch.Tensor  # [H, n, G·W, W or span] bool
+    hidden: torch.Tensor  # [H, n, G·W, span] bool: see _span_masks
     summary: torch.Tensor | None  # [H, n or 1, m, Dv + 1]: the FAVOR+ summary the block reads
     reference: torch.Tensor | None  # [H, n, 1, m]: the keys' per-feature reference
     sink_key: torch.Tensor | None  # [H, S, D], scaled
@@ -204,7 +234,7 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     far = keys.summary is not None
 
     if far:  # features relative to the keys' reference, then their own maximum T
-        q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m) + keys.reference[heads, blocks]
+        q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m).add_(keys.reference[heads, blocks])
         top = q_logits.detach().amax(-1, keepdim=True)
         q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
         # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
@@ -212,12 +242,12 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
         summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
         favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
         # the feature products of the span's pairs inside the window, to take back out of the FAVOR+ part
-        pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
-        pairs = pairs * keys.paired[heads, blocks]
+        pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1))
 
     # the span of neighbouring blocks, pair by pair: exact weights
     logits = torch.bmm(q_rows.reshape(h * c, group_w, d), keys.key_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
-    logits = logits.masked_fill(~keys.exact[heads, blocks], float("-inf"))  # [h, c, G·W, span]
+    hidden = keys.hidden[heads, blocks]
+    logits = logits.masked_fill_(hidden, float("-inf"))  # [h, c, G·W, span]
     exact_ref = logits.detach().amax(-1, keepdim=True)
     if keys.sink_key is not None:
         sinks = keys.sink_key.shape[1]
@@ -228,23 +258,46 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     reference_all = exact_ref.clamp_min(NEG_LOG_WEIGHT)
     if far:
         reference_all = torch.maximum(reference_all, favor_ref.detach())
-    weights = logits.sub_(reference_all).exp_().view(h * c, group_w, -1)
+    weights = _exp(logits.sub_(reference_all), exact_ref - reference_all).view(h * c, group_w, -1)
+    hidden = hidden.reshape(h * c, group_w, -1)
     span_values = keys.value_spans[heads, blocks].reshape(h * c, -1, dv + 1)
     if far:
         favor_scale = torch.exp(favor_ref - reference_all)  # [h, c, G·W, 1]
-        # the pairs whose keys the FAVOR+ summary holds and that lie inside the window: exact weight, minus their FAVOR+ share
+        # the pairs whose keys the FAVOR+ summary holds: exact weight minus their FAVOR+ share inside the window;
+        # the others are hidden, and keys FAVOR+ does not weigh (sinks, padding) have zero features
         held = pairs.shape[-1]
-        near = torch.addcmul(weights[..., :held], pairs.view(h * c, group_w, held), favor_scale.view(h * c, group_w, 1), value=-1)
-        numerator = torch.baddbmm((favor_num * favor_scale).view(h * c, group_w, dv + 1), near, span_values[:, :held])
+        near = torch.addcmul(weights[..., :held], pairs, favor_scale.view(h * c, group_w, 1), value=-1)
+        numerator = torch.baddbmm((favor_num * favor_scale).view(h * c, group_w, dv + 1),
+                                  near.masked_fill_(hidden[..., :held], 0.0), span_values[:, :held])
         if held < weights.shape[-1]:  # causal: block b, not in the FAVOR+ summary
-            numerator = torch.baddbmm(numerator, weights[..., held:], span_values[:, held:])
+            numerator = torch.baddbmm(numerator, _visible(weights[..., held:], hidden[..., held:]), span_values[:, held:])
     else:
-        numerator = torch.bmm(weights, span_values)
+        numerator = torch.bmm(_visible(weights, hidden), span_values)
     if keys.sink_key is not None:  # one set of keys for all the blocks of a head
         sink_weights = sink_logits.sub_(reference_all).exp_().view(h, c * group_w, sinks)
         numerator = torch.baddbmm(numerator.view(h, c * group_w, dv + 1), sink_weights, keys.sink_values[heads])
     numerator = numerator.view(h, c, group_w, dv + 1)
     return _divide(numerator[..., :dv], numerator[..., dv])
+
+
+EXP_RANGE = 80.0
+"""Exact weights under ``e^-80`` of their row's largest are raised to it (see :func:`_masked_exp`)."""
+
+
+def _exp(logits: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """``exp(logits)`` of ``[..., span]`` logits that are −inf where hidden, ``largest [..., 1]`` the row's largest
+    exact logit (relative like ``logits``); the hidden pairs' weights are only finite: :func:`_visible` zeroes them.
+
+    Why: ``exp`` of −inf, and any ``exp`` that underflows, takes a slow path on this CPU (4–8× a finite one;
+    a third of a span is hidden), so the logits are first clamped at ``largest − EXP_RANGE``, which changes a
+    real weight by less than ``e^-80`` of its row's largest: far below float32's resolution of the row's sum
+    (and its gradient there, ~0, becomes 0)."""
+    return logits.clamp_(min=largest - EXP_RANGE).exp_()
+
+
+def _visible(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``weights`` (of :func:`_exp`) with 0 where ``hidden``; a new tensor (``exp_`` keeps its result for backward)."""
+    return torch.where(hidden, 0.0, weights)
 
 
 def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str) -> None:

@@ -75,6 +75,23 @@ def test_a_window_covering_the_sequence_is_exact_softmax_attention(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_window_logits_spread_far_beyond_the_exp_floor_still_give_exact_attention(causal):
+    # logits spread over hundreds: weights under e^-80 of a row's largest are raised to it (the fast exp),
+    # which must not show in values or gradients
+    q, k, v = qkv(heads=2, key_heads=2)
+    q, k = q * 6, k * 6
+    for t in (q, k, v):
+        t.requires_grad_()
+    reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=L, sink_tokens=2)
+    expected = softmax_attention(*reference, causal=causal)
+    spread = (q @ k.transpose(-1, -2) / D**0.5).detach()
+    assert (spread.amax(-1) - spread.amin(-1)).max() > 200
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert_same_input_gradients(out, expected, (q, k, v), reference)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_zero_window_and_sinks_is_pure_favor_bit_for_bit(causal):
     q, k, v = qkv(dtype=torch.float32)
     pure, _ = favor_attention(q, k, v, projection(), causal=causal)

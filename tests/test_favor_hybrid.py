@@ -7,7 +7,7 @@ import transformers
 
 import hf_performer
 from hf_performer import PerformerConfig
-from hf_performer.favor import favor_attention, orthogonal_random_matrix
+from hf_performer.favor import favor_attention, hybrid, orthogonal_random_matrix
 from hf_performer.favor.naive import hybrid_attention, softmax_attention
 from tests.conftest import VOCAB, assert_same_input_gradients, tiny_llama_config
 
@@ -89,6 +89,16 @@ def test_window_logits_spread_far_beyond_the_exp_floor_still_give_exact_attentio
     assert (spread.amax(-1) - spread.amin(-1)).max() > 200
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert_same_input_gradients(out, expected, (q, k, v), reference)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_in_groups_match_the_naive_hybrid(causal, monkeypatch):
+    # without autograd, (batch, key head) rows go through in groups of ROW_ELEMENTS key features: one row each here
+    monkeypatch.setattr(hybrid, "ROW_ELEMENTS", L * M)
+    q, k, v = qkv()
+    mask = padding_mask()
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=5, sink_tokens=3)
+    torch.testing.assert_close(out, naive(q, k, v, window=5, sinks=3, causal=causal, mask=mask), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

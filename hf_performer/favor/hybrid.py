@@ -108,13 +108,37 @@ def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, cau
     return ~(real & seen & (band | is_sink))[:, None, :, None]
 
 
+ROW_ELEMENTS = 1 << 22
+"""Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together
+without autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB), so that a group's
+tensors reuse the heap the group before freed instead of being mapped (and page-faulted) afresh.  One head
+at a time at 16,384 tokens (8 heads × 64, m = 256, W = 64, S = 4, 1 thread): 15–16 % faster than all heads
+at once, bidirectional and causal, and an eighth of the memory."""
+
+
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor") -> torch.Tensor:
     """Hybrid attention of the validated inputs ``x`` (``query [B, Hk, G, L, D]``, keys and values
     ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``;
     ``far_part="none"`` drops the FAVOR+ part (window + sinks only: no features are computed).
 
-    Blocks of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads of a key
-    head share its key blocks (``[R, G·W, ·]`` queries)."""
+    Without autograd, in groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features, each
+    written into one output; with it, all at once (autograd keeps every group's tensors anyway)."""
+    b, key_heads, group, length, d = x.query.shape
+    rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
+    if per_group >= rows or records_gradients(x.query, x.key, x.value, x.projection):
+        return _hybrid_rows(x, causal=causal, window=window, sinks=sinks, far_part=far_part)
+    query, key, value = x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
+    keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
+    out = query.new_empty(*query.shape[:-1], value.shape[-1])
+    for part in _slices(rows, per_group):
+        inputs = _Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part], *x[5:])
+        out[part] = _hybrid_rows(inputs, causal=causal, window=window, sinks=sinks, far_part=far_part)
+    return out.view(b, key_heads, group, length, -1)
+
+
+def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str) -> torch.Tensor:
+    """:func:`hybrid_favor` of all rows at once.  Blocks of all heads lie one after another (``R = B·Hk·n``
+    of them); the ``G`` query heads of a key head share its key blocks (``[R, G·W, ·]`` queries)."""
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m, w = value.shape[-1], projection.shape[0], window

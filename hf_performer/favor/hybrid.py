@@ -8,8 +8,8 @@ key it may see contributes ``φ(q_i)ᵀφ(k_j)``, the FAVOR+ estimate of the sam
 weight add into one denominator, so the result is one attention distribution: with ``W ≥ L`` it is
 exact softmax attention, and ``W = S = 0`` is pure FAVOR+ (:func:`favor_attention` does not come here).
 
-Computation, in blocks of ``W`` tokens (``n = L / W`` blocks of every head, all at once): the FAVOR+ part
-of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
+Computation, in blocks of ``W`` tokens (``n = L / W`` blocks of every head of a group of heads, see
+:data:`ROW_ELEMENTS`): the FAVOR+ part of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
 of the keys before block ``b`` causally (a scan over blocks) — so it costs O(L·m·d) as pure FAVOR+ does.
 Exactly weighted keys lie in the span of neighbouring blocks (``b − 1, b`` causal; ``b − 1, b, b + 1``
 bidirectional; ``unfold`` views, nothing copied) plus the ``S`` sinks gathered once: one ``[W, span]``

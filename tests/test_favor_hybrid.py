@@ -55,7 +55,7 @@ def test_matches_the_naive_hybrid_with_padding_and_grouped_heads(causal, window,
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("window, sinks", [(5, 3), (1, 2)])
+@pytest.mark.parametrize("window, sinks", [(5, 3), (1, 2), (8, 2)])  # (8, 2): bidirectionally one block
 def test_gradients_match_the_naive_hybrid(causal, window, sinks, far_part):
     inputs = [t.requires_grad_() for t in qkv(21)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]

@@ -50,27 +50,28 @@ FAR_PARTS = ("favor", "none")
 attention, the ablation that shows what the FAVOR+ part adds)."""
 
 
-def _flat_blocks(tensor: torch.Tensor, window: int) -> torch.Tensor:
-    """``[B, Hk, n·W, X]`` → ``[(B·Hk·n + 2)·W, X]``: the blocks of every head one after another, with a
-    zero block before the first and after the last, for :func:`_spans`."""
+def _flat_blocks(tensor: torch.Tensor, edge: int) -> torch.Tensor:
+    """``[B, Hk, L, X]`` → ``[B·Hk·L + 2·edge, X]``: the blocks of every head one after another, with ``edge``
+    rows of zeros (the blocks a span reaches beyond the ends) before the first and after the last, for
+    :func:`_spans`."""
     flat = tensor.reshape(-1, tensor.shape[-1])
-    zeros = flat.new_zeros(window, flat.shape[-1])
+    if not edge:
+        return flat
+    zeros = flat.new_zeros(edge, flat.shape[-1])
     return torch.cat([zeros, flat, zeros])
 
 
-def _blocks_per_slice(window: int, nb_features: int) -> int:
-    """Blocks of ``window`` keys whose ``[·, m]`` features fill :data:`BLOCK_ELEMENTS` (at least one)."""
-    return max(1, BLOCK_ELEMENTS // (window * nb_features))
+def _blocks_per_slice(block: int, nb_features: int) -> int:
+    """Blocks of ``block`` keys whose ``[·, m]`` features fill :data:`BLOCK_ELEMENTS` (at least one)."""
+    return max(1, BLOCK_ELEMENTS // (block * nb_features))
 
 
-def _slices(count: int, size: int, whole: bool = False) -> list[slice]:
-    """``slice``s of ``size`` covering ``range(count)``; one slice of all with ``whole`` (under autograd, where
-    in-place changes of slices of one tensor would each copy it in backward)."""
-    size = count if whole else size
+def _slices(count: int, size: int) -> list[slice]:
+    """``slice``s of ``size`` covering ``range(count)``."""
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: torch.Tensor, window: int) -> torch.Tensor:
+def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: torch.Tensor, block: int) -> torch.Tensor:
     """:func:`key_log_features` of ``key_flat [N, D]`` (``far [N]``: the keys FAVOR+ weighs) → ``[N, m]``, computed a
     few blocks at a time into one tensor so that each slice's passes run in cache (without autograd)."""
     m = projection.shape[0]
@@ -78,33 +79,43 @@ def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: tor
         out = key_log_features(key_flat, projection)
     else:
         out = key_flat.new_empty(key_flat.shape[0], m)
-        for part in _slices(key_flat.shape[0], _blocks_per_slice(window, m) * window):
+        for part in _slices(key_flat.shape[0], _blocks_per_slice(block, m) * block):
             key_log_features(key_flat[part], projection, out=out[part])
     # the few rows FAVOR+ does not weigh (sinks, padding, the zero blocks) by index: a broadcast mask over all
     # rows costs a pass as long as the product's
     return out.index_fill_(0, (~far).nonzero().squeeze(-1), NEG_LOG_WEIGHT)
 
 
-def _spans(flat: torch.Tensor, window: int, blocks: int, rows: int) -> torch.Tensor:
-    """Of :func:`_flat_blocks`: ``[R, X, blocks·W]``, the keys of blocks ``b − 1 … b + blocks − 2`` for every
-    block ``b``, transposed, as a view (``unfold``; neighbouring spans overlap in memory, nothing is copied).
-    At a head's ends a span holds the next head's block or the zero block; the masks drop those pairs."""
-    return flat.unfold(0, blocks * window, window)[:rows]
+def _spans(flat: torch.Tensor, block: int, blocks: int, rows: int) -> torch.Tensor:
+    """Of :func:`_flat_blocks`: ``[R, X, blocks·block]``, the keys of the ``blocks`` blocks from ``b − reach`` on
+    for every block ``b``, transposed, as a view (``unfold``; neighbouring spans overlap in memory, nothing is
+    copied).  At a head's ends a span holds the next head's block or the zero rows; the masks drop those pairs."""
+    return flat.unfold(0, blocks * block, block)[:rows]
 
 
-def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, window: int, causal: bool) -> torch.Tensor:
-    """Which pairs of query block ``b`` and the keys of its span (blocks ``b − 1, b`` causal; ``b − 1, b,
-    b + 1`` bidirectional) are *not* weighted exactly: ``[B, 1, n, 1, W, span]`` bool, query then key (the
-    complement, because the query side fills where it is True).  Exact: real keys the query sees within the
-    window, and sinks; keys outside the sequence are never real.  The FAVOR+ part needs no mask of its own:
-    the pairs it takes back out are the exact ones that FAVOR+ weighs (not sinks, not padding: their features
-    are 0)."""
-    w = window
-    span = (2 if causal else 3) * w
-    distance = torch.arange(w, device=keep.device)[:, None] + w - torch.arange(span, device=keep.device)  # i − j
+def _block_layout(length: int, window: int, causal: bool) -> tuple[int, int]:
+    """``(block, reach)``: blocks of ``W`` tokens whose spans reach one block to each side (blocks ``b − 1, b``
+    causal, ``b − 1, b, b + 1`` bidirectional), which holds every key of their queries' windows.
+    Bidirectionally a sequence of at most ``3W`` tokens is one block whose span is itself (reach 0): no more
+    pairs than three blocks of ``W`` would have, in a few large products instead of many small ones (a batch
+    of short sentences: 64 × 12 heads × 22 tokens with ``W = 16`` went through 1,536 blocks)."""
+    if not causal and length <= 3 * window:
+        return length, 0
+    return window, 1
+
+
+def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, block: int, reach: int, window: int,
+                causal: bool) -> torch.Tensor:
+    """Which pairs of query block ``b`` and the keys of its span (see :func:`_block_layout`) are *not* weighted
+    exactly: ``[B, 1, n, 1, block, span]`` bool, query then key (the complement, because the query side fills
+    where it is True).  Exact: real keys the query sees within the window, and sinks; keys outside the
+    sequence are never real.  The FAVOR+ part needs no mask of its own: the pairs it takes back out are the
+    exact ones that FAVOR+ weighs (not sinks, not padding: their features are 0)."""
+    edge, span = reach * block, ((reach + 1) if causal else (2 * reach + 1)) * block
+    distance = torch.arange(block, device=keep.device)[:, None] + edge - torch.arange(span, device=keep.device)  # i − j
     seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
-    band = distance.abs() < w
-    real, is_sink = (F.pad(t[:, 0], (w, w)).unfold(1, span, w)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
+    band = distance.abs() < window
+    real, is_sink = (F.pad(t[:, 0], (edge, edge)).unfold(1, span, block)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
     return ~(real & seen & (band | is_sink))[:, None, :, None]
 
 
@@ -137,32 +148,36 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
 
 
 def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str) -> torch.Tensor:
-    """:func:`hybrid_favor` of all rows at once.  Blocks of all heads lie one after another (``R = B·Hk·n``
-    of them); the ``G`` query heads of a key head share its key blocks (``[R, G·W, ·]`` queries)."""
+    """:func:`hybrid_favor` of all rows at once.  Blocks (:func:`_block_layout`) of all heads lie one after
+    another (``R = B·Hk·n`` of them); the ``G`` query heads of a key head share its key blocks
+    (``[R, G·block, ·]`` queries)."""
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
-    dv, m, w = value.shape[-1], projection.shape[0], window
-    n = math.ceil(length / w)
-    pad = n * w - length
+    dv, m = value.shape[-1], projection.shape[0]
+    block, reach = _block_layout(length, window, causal)
+    n = math.ceil(length / block)
+    pad = n * block - length
     if keep is None:
         keep = torch.ones(b, 1, length, dtype=torch.bool, device=key.device)
     if pad:
         query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
         keep = F.pad(keep, (0, pad), value=False)
     sink = keep & (keep.cumsum(-1) <= sinks)  # [B, 1, L']: the first S real tokens
-    rows, heads, span = b * key_heads * n, b * key_heads, 2 if causal else 3
+    rows, heads, span = b * key_heads * n, b * key_heads, (reach + 1) if causal else (2 * reach + 1)
+    edge = reach * block  # zero rows before the first block and after the last
+    inner = slice(edge, edge + rows * block)
 
-    key_flat = _flat_blocks(key * scale, w)  # [(R + 2)·W, D]
-    # [(R + 2)·W, Dv + 1]: [V, 1] with a block of ones before and after (in place of _flat_blocks' zeros: one
+    key_flat = _flat_blocks(key * scale, edge)  # [R·block + 2·edge, D]
+    # [R·block + 2·edge, Dv + 1]: [V, 1] with rows of ones at the edges (in place of _flat_blocks' zeros: one
     # pass, and the masks give those keys weight 0 anyway)
-    values = F.pad(value.reshape(-1, dv), (0, 1, w, w), value=1.0)
+    values = F.pad(value.reshape(-1, dv), (0, 1, edge, edge), value=1.0)
     k_feat = summary = reference = None
     if far_part == "favor":
         # FAVOR+ key features relative to a per-feature reference every query of the block may use:
         # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
-        far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], w)[:, 0]
-        log_feat = _key_log_features(key_flat, projection, far_flat, w)  # [(R + 2)·W, m]
-        block_max = log_feat[w:-w].detach().view(heads, n, w, m).amax(-2)  # [B·Hk, n, m]
+        far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], edge)[:, 0]
+        log_feat = _key_log_features(key_flat, projection, far_flat, block)  # [R·block + 2·edge, m]
+        block_max = log_feat[inner].detach().view(heads, n, block, m).amax(-2)  # [B·Hk, n, m]
         if causal:
             after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
             key_ref = after
@@ -171,55 +186,59 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
             reference = block_max.amax(1, keepdim=True).expand_as(block_max)
             key_ref = reference
         # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
-        key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, 1, 1))
-        k_feat = log_feat.view(rows + 2, w, m)  # [(R + 2)·W, m], in place, a few blocks at a time (cache-resident)
-        for part in _slices(rows + 2, _blocks_per_slice(w, m), records_gradients(log_feat)):
-            k_feat[part].sub_(key_ref[part]).exp_()
+        key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, reach, reach))
+        k_feat = log_feat.view(rows + 2 * reach, block, m)
+        if records_gradients(log_feat):  # (in place on a view, each change would copy the whole tensor in backward)
+            k_feat = (k_feat - key_ref).exp_()
+        else:  # in place, a few blocks at a time (cache-resident)
+            for part in _slices(rows + 2 * reach, _blocks_per_slice(block, m)):
+                k_feat[part].sub_(key_ref[part]).exp_()
         k_feat = k_feat.view(-1, m)
 
-        inner_k, inner_v = k_feat[w:-w].view(heads, n * w, m), values[w:-w].view(heads, n * w, dv + 1)
+        inner_k, inner_v = k_feat[inner].view(heads, n * block, m), values[inner].view(heads, n * block, dv + 1)
         if causal:  # the keys of blocks ≤ b − 1 (a scan over blocks), relative to their reference; the pairs of
             # block b − 1 inside the window are taken back out by the query side, pair by pair
-            summaries = (inner_k.view(rows, w, m).transpose(-1, -2) @ inner_v.view(rows, w, dv + 1)).view(1, heads, n, m, -1)
+            summaries = (inner_k.view(rows, block, m).transpose(-1, -2) @ inner_v.view(rows, block, dv + 1)).view(1, heads, n, m, -1)
             decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
             summary = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
             summary = summary.view(heads, n, m, dv + 1)
         else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
             summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
-    # [B·Hk, n, G·W, ·]: the shape of the weights, so masks apply in place to them and not to a view of them
+    # [B·Hk, n, G·block, ·]: the shape of the weights, so masks apply in place to them and not to a view of them
     # (an in-place change of a view costs a copy of the whole tensor in backward)
-    hidden = _span_masks(keep, sink, n, w, causal).expand(b, key_heads, n, group, w, span * w).reshape(heads, n, group * w, -1)
+    hidden = _span_masks(keep, sink, n, block, reach, window, causal).expand(b, key_heads, n, group, block, span * block)
     keys = _Keys(
-        _spans(key_flat, w, span, rows).view(heads, n, d, -1),
-        None if k_feat is None else _spans(k_feat, w, 1 if causal else span, rows).view(heads, n, m, -1),
-        _spans(values, w, span, rows).transpose(-1, -2).view(heads, n, span * w, dv + 1), hidden, summary,
+        _spans(key_flat, block, span, rows).view(heads, n, d, -1),
+        None if k_feat is None else _spans(k_feat, block, 1 if causal else span, rows).view(heads, n, m, -1),
+        _spans(values, block, span, rows).transpose(-1, -2).view(heads, n, span * block, dv + 1),
+        hidden.reshape(heads, n, group * block, -1), summary,
         None if reference is None else reference.reshape(heads, n, 1, m), None, None, None,
     )
-    if sinks:  # sinks beyond the neighbouring blocks, gathered once: [B, 1, S] positions
-        sinks = min(sinks, n * w)
+    if sinks:  # sinks beyond the span, gathered once: [B, 1, S] positions
+        sinks = min(sinks, n * block)
         order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks]  # sink positions first
         sink_key = key.gather(2, order[..., None].expand(b, key_heads, sinks, d)) * scale  # [B, Hk, S, D]
-        block_start = (torch.arange(n, device=key.device) * w)[:, None]  # [n, 1]
-        outside = order[:, :, None, :] < block_start - w  # [B, 1, n, S]
+        block_start = (torch.arange(n, device=key.device) * block)[:, None]  # [n, 1]
+        outside = order[:, :, None, :] < block_start - edge  # [B, 1, n, S]
         if not causal:
-            outside = outside | (order[:, :, None, :] >= block_start + 2 * w)
+            outside = outside | (order[:, :, None, :] >= block_start + block + edge)
         sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside).expand(b, key_heads, n, sinks).reshape(heads, n, 1, 1, sinks)
         sink_values = _with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))
         keys = keys._replace(sink_key=sink_key.view(heads, sinks, d), sink_visible=sink_visible,
                              sink_values=sink_values.view(heads, sinks, dv + 1))
 
-    # query side, a few blocks at a time so that their [G·W, m] features and [G·W, span] weights stay in cache;
-    # in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of the
-    # shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
-    q_rows = query.view(b, key_heads, group, n, w, d).transpose(2, 3).reshape(heads, n, group * w, d) * scale
+    # query side, a few blocks at a time so that their [G·block, m] features and [G·block, span] weights stay in
+    # cache; in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of
+    # the shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
+    q_rows = query.view(b, key_heads, group, n, block, d).transpose(2, 3).reshape(heads, n, group * block, d) * scale
     if records_gradients(q_rows, key_flat, values, projection):
         out = _read_out(q_rows, projection, keys, slice(0, heads), slice(0, n), causal)
     else:  # each step writes its blocks into one output (no list of them and their concatenation)
-        out = q_rows.new_empty(heads, n, group * w, dv)
-        for step in _steps(heads, n, max(1, BLOCK_ELEMENTS // (group * w * m))):
+        out = q_rows.new_empty(heads, n, group * block, dv)
+        for step in _steps(heads, n, max(1, BLOCK_ELEMENTS // (group * block * m))):
             out[step] = _read_out(q_rows[step], projection, keys, *step, causal)
-    return out.view(b, key_heads, n, group, w, dv).transpose(2, 3).reshape(b, key_heads, group, n * w, dv)[..., :length, :]
+    return out.view(b, key_heads, n, group, block, dv).transpose(2, 3).reshape(b, key_heads, group, n * block, dv)[..., :length, :]
 
 
 def _steps(heads: int, n: int, chunk: int):
@@ -258,7 +277,8 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
     far = keys.summary is not None
 
     if far:  # features relative to the keys' reference, then their own maximum T
-        q_logits = (q_rows.reshape(-1, d) @ projection.transpose(0, 1)).view(h, c, group_w, m).add_(keys.reference[heads, blocks])
+        # (matmul, not mm + view: in-place changes of a view would each copy the whole tensor in backward)
+        q_logits = torch.matmul(q_rows, projection.transpose(0, 1)).add_(keys.reference[heads, blocks])
         top = q_logits.detach().amax(-1, keepdim=True)
         q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
         # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
@@ -269,13 +289,13 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
         pairs = torch.bmm(q_feat.view(h * c, group_w, m), keys.feature_spans[heads, blocks].flatten(0, 1))
 
     # the span of neighbouring blocks, pair by pair: exact weights
-    logits = torch.bmm(q_rows.reshape(h * c, group_w, d), keys.key_spans[heads, blocks].flatten(0, 1)).view(h, c, group_w, -1)
+    logits = torch.matmul(q_rows, keys.key_spans[heads, blocks])
     hidden = keys.hidden[heads, blocks]
     logits = logits.masked_fill_(hidden, float("-inf"))  # [h, c, G·W, span]
     exact_ref = logits.detach().amax(-1, keepdim=True)
     if keys.sink_key is not None:
         sinks = keys.sink_key.shape[1]
-        sink_logits = (q_rows.reshape(h, c * group_w, d) @ keys.sink_key[heads].transpose(-1, -2)).view(h, c, group_w, sinks)
+        sink_logits = torch.matmul(q_rows, keys.sink_key[heads, None].transpose(-1, -2))  # [h, c, G·W, S]
         sink_logits.masked_fill_(~keys.sink_visible[heads, blocks][:, :, 0], float("-inf"))
         exact_ref = torch.maximum(exact_ref, sink_logits.detach().amax(-1, keepdim=True))
 

@@ -356,3 +356,109 @@ def test_bidirectional_backward_keeps_no_features():
     assert sum(saved) <= 4 * q.numel() + M * D + summary_and_reference  # q, k, v, out, ω
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def grouped_padded_inputs(length, padding=slice(50, 70)):
+    """Float64 ``q [B, 4, L, D]``, ``k, v [B, 2, L, D]`` (two query heads per key head) with leaves for every input
+    and ``ω``, and a mask with the ``padding`` tokens of row 0 padded (across a block boundary by default)."""
+    q, k, v = qkv(length, heads=4, key_heads=2)
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[0, padding] = False
+    return [t.requires_grad_() for t in (q, k, v, projection().double())], mask
+
+
+def repeated(inputs):
+    """Detached copies of ``(q, k, v, ω)`` requiring grad, keys and values repeated to one per query head."""
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    return copies, (copies[0], copies[1].repeat_interleave(2, 1), copies[2].repeat_interleave(2, 1), copies[3])
+
+
+CAUSAL_BLOCKS = dict(chunk_size=16, block_size=64)
+"""150 tokens: three blocks of 64, 16 or 48 tokens per chunk and a ragged last chunk of 6."""
+
+
+def test_causal_gradients_of_every_input_and_the_features_match_the_quadratic_reference():
+    """The causal op recomputes features in its own backward (block by block, in reverse): query, key, value and ω
+    get the quadratic reference's gradients, with grouped heads and left padding, across blocks and chunks."""
+    inputs, mask = grouped_padded_inputs(150)
+    reference_inputs, expanded = repeated(inputs)
+    out, _ = causal_favor(*inputs, key_padding_mask=mask, **CAUSAL_BLOCKS)
+    expected = reference(*expanded, causal=True, key_padding_mask=mask)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
+    assert inputs[1].grad[0, :, 50:70].abs().max() == 0 and inputs[2].grad[0, :, 50:70].abs().max() == 0
+
+
+@pytest.mark.parametrize("std", [1.0, 15.0])
+def test_causal_gradients_equal_autograd_of_the_same_chunks(std, monkeypatch):
+    """Against plain autograd through the chunked forward (what ran before the hand-written backward), float32,
+    at std 15 too, where query features sit on the floor: the same gradients up to float rounding."""
+    import hf_performer.favor.attention as attention
+
+    inputs, mask = grouped_padded_inputs(150)
+    inputs = [(t.detach().float() * (std if i < 2 else 1)).requires_grad_() for i, t in enumerate(inputs)]
+    autograd_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    grad_out = torch.randn(B, 4, 150, D)
+    out, state = causal_favor(*inputs, key_padding_mask=mask, **CAUSAL_BLOCKS)
+    (out * grad_out).sum().backward()
+    monkeypatch.setattr(attention, "records_gradients", lambda *tensors: False)  # forward under autograd
+    expected, expected_state = causal_favor(*autograd_inputs, key_padding_mask=mask, **CAUSAL_BLOCKS)
+    (expected * grad_out).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(state, expected_state))
+    for got, want in zip(inputs, autograd_inputs):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5 * want.grad.abs().max().item())
+
+
+def test_causal_gradients_reach_a_key_value_prefix_and_an_initial_state():
+    """Keys before the first query (a key/value cache, folded into the state) and the state a first call hands
+    to a second one get their gradients through the op's entry state."""
+    inputs, _ = grouped_padded_inputs(150)
+    q, k, v, omega = inputs
+    reference_inputs, expanded = repeated(inputs)
+    expected = reference(*expanded, causal=True)
+    cached, _ = causal_favor(q[:, :, 40:], k, v, omega, **CAUSAL_BLOCKS)  # 40 keys before the first query
+    assert_same_input_gradients(cached, expected[:, :, 40:], inputs, reference_inputs)
+
+    for t in inputs + reference_inputs:
+        t.grad = None
+    first, state = causal_favor(q[:, :, :70], k[:, :, :70], v[:, :, :70], omega, **CAUSAL_BLOCKS)
+    second, _ = causal_favor(q[:, :, 70:], k[:, :, 70:], v[:, :, 70:], omega, initial_state=state, **CAUSAL_BLOCKS)
+    assert state.kv.requires_grad
+    expected = reference(*repeated_leaves(reference_inputs), causal=True)
+    assert_same_input_gradients(torch.cat([first, second], 2), expected, inputs, reference_inputs)
+
+
+def repeated_leaves(inputs):
+    """``(q, k, v, ω)`` with keys and values repeated to one per query head (gradients reach ``inputs``)."""
+    q, k, v, omega = inputs
+    return q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), omega
+
+
+def test_causal_rows_of_padding_only_get_zero_gradients_not_nan():
+    inputs, mask = grouped_padded_inputs(150, padding=slice(0, 20))  # left padding: 20 queries see no key
+    mask[1] = False  # a row of padding only
+    out, _ = causal_favor(*inputs, key_padding_mask=mask, **CAUSAL_BLOCKS)
+    out.backward(torch.randn_like(out))
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
+    q, k, v, _ = inputs
+    assert q.grad[1].abs().max() == 0 and k.grad[1].abs().max() == 0 and v.grad[1].abs().max() == 0
+    assert q.grad[0, :, :20].abs().max() == 0
+
+
+def test_causal_backward_keeps_no_features_and_no_chunk_states():
+    """What the op saves for backward: its inputs, the output and the [m, Dv + 1] summary each block starts from;
+    never the [L, m] features or the per-chunk states (recomputed block by block)."""
+    length, blocks = 200, 4  # 13 chunks of 16
+    q, k, v = (t.float().requires_grad_() for t in qkv(length))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out, _ = causal_favor(q, k, v, projection(), **CAUSAL_BLOCKS)
+    entries = blocks * B * H * (M * (D + 1) + 1)
+    assert sum(saved) <= 4 * q.numel() + M * D + entries  # q, k, v, out, ω
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

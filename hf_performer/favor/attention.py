@@ -124,14 +124,19 @@ def block_length(rows: int, nb_features: int, multiple: int = 1, elements: int |
 
 BLOCK_ELEMENTS = 1 << 20
 """Feature elements per block: 4 MiB of float32, well inside this machine's 32 MiB L3 (512 tokens at 8 heads,
-m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024).  Causal attention under
-autograd keeps every block's chunk states, so fewer, larger blocks also cost it less memory."""
+m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024)."""
 
 LEAN_BLOCK_ELEMENTS = 1 << 18
-"""Feature elements per block of bidirectional attention, which recomputes features in backward so nothing of a
-block outlives it: 1 MiB of float32 (128 tokens at 8 heads, m = 256) in one buffer reused by every block keeps the
-forward pass's peak memory within a MiB of SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP
-rate 41–45 % in two runs, 45–51 % with 4 MiB blocks).  Causal attention keeps :data:`BLOCK_ELEMENTS`: its chunk
+"""Feature elements per block of the ops that recompute features in backward, so nothing of a block outlives it:
+1 MiB of float32 (128 tokens at 8 heads, m = 256).
+
+Bidirectional attention: one buffer reused by every block keeps the forward pass's peak memory within a MiB of
+SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP rate 41–45 % in two runs, 45–51 % with 4 MiB
+blocks).  Causal attention under autograd (:class:`_CausalFavor`): its backward holds one block's terms and chunk
+states, and its forward keeps one ``[m, Dv + 1]`` summary per block, so memory is lowest near ``√L``-sized blocks;
+128 tokens was the lowest at 2,048 tokens (forward + backward peak 25 MiB, 38 MiB with 256-token blocks, 67 MiB
+with 512) and 1.25× SDPA's at 16,384 (201 MiB; 165 MiB with 256), at about the time of 256 or 512 (within the
+spread of runs on a shared machine).  Causal attention without autograd keeps :data:`BLOCK_ELEMENTS`: its chunk
 states make small blocks slower (FLOP rate 28 % with 1 MiB blocks, 36 % with 4 MiB, in back-to-back runs)."""
 
 MIN_BLOCK_TOKENS = 128
@@ -285,16 +290,11 @@ class _BidirectionalFavor(torch.autograd.Function):
             _split(grad_rows, block) if wants_rows else [None] * math.ceil(rows.shape[2] / block),
         ):
             q_feat = query_features(q_block, projection, input_scale=scale, key_reference=top)
-            denominator = q_feat @ summary[..., -1:]  # [.., block, 1]
-            inverse = torch.where(denominator >= torch.finfo(denominator.dtype).tiny, denominator.reciprocal(), 0.0)
-            d_combined = torch.cat([g_block, -(g_block * out_block).sum(-1, keepdim=True)], -1).mul_(inverse)
+            d_combined = _combined_gradient(g_block, out_block, q_feat @ summary[..., -1:])
             grad_summary.add_(q_feat.transpose(-1, -2) @ d_combined)
             if wants_rows or wants_projection:
                 d_logits = (d_combined @ summary.transpose(-1, -2)).mul_(q_feat)  # d(s·ωq) per feature
-                if wants_rows:
-                    grad_block.copy_(d_logits @ (projection * scale))
-                if wants_projection:
-                    grad_projection.add_((d_logits.transpose(-1, -2) @ q_block).sum((0, 1)), alpha=scale)
+                _logit_gradients(d_logits, q_block, projection, scale, grad_block, grad_projection)
         grad_key = torch.empty_like(key) if wants_key else None
         grad_value = torch.empty_like(value) if wants_value else None
         for index, (k_block, v_block, keep_block) in enumerate(_key_blocks(key, value, keep, block)):
@@ -304,12 +304,50 @@ class _BidirectionalFavor(torch.autograd.Function):
                 grad_value[:, :, part] = k_feat @ grad_summary[..., :-1]
             if wants_key or wants_projection:
                 d_logits = (_with_ones(v_block) @ grad_summary.transpose(-1, -2)).mul_(k_feat)
-                if wants_key:
-                    grad = d_logits @ (projection * scale)
-                    grad_key[:, :, part] = grad.sub_(k_block * d_logits.sum(-1, keepdim=True), alpha=scale**2)
-                if wants_projection:
-                    grad_projection.add_((d_logits.transpose(-1, -2) @ k_block).sum((0, 1)), alpha=scale)
+                _logit_gradients(d_logits, k_block, projection, scale, grad_key[:, :, part] if wants_key else None,
+                                 grad_projection, keys=True)
         return grad_rows, grad_key, grad_value, grad_projection, None, None, None
+
+
+def _combined_gradient(grad_out: torch.Tensor, out: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``c = [n, z]`` where ``out = n / z`` (:func:`_divide`): ``[g, −g·out] / z``, ``[..., Dv + 1]``
+    from ``grad_out, out [..., Dv]`` and ``denominator [..., 1]``.  A query that saw no key gets 0, not ``g / 0``."""
+    inverse = torch.where(denominator >= torch.finfo(denominator.dtype).tiny, denominator.reciprocal(), 0.0)
+    return torch.cat([grad_out, -(grad_out * out).sum(-1, keepdim=True)], -1).mul_(inverse)
+
+
+def _logit_gradients(d_logits, inputs, projection, scale: float, grad_inputs, grad_projection, *, keys: bool = False):
+    """Backward of the log-features ``s·ωx`` of queries or ``s·ωx − s²‖x‖²/2`` of keys (``keys``): from
+    ``d_logits [..., L, m]`` and ``inputs x [..., L, D]``, writes ``dx = s·d_logits ω (− s²·x·Σ_j d_logits_j)``
+    into ``grad_inputs [..., L, D]`` and adds ``dω = s·Σ d_logitsᵀ x`` to ``grad_projection [m, D]`` (either
+    ``None`` when not wanted)."""
+    if grad_inputs is not None:
+        grad = d_logits @ (projection * scale)
+        if keys:
+            grad = grad.sub_(inputs * d_logits.sum(-1, keepdim=True), alpha=scale**2)
+        grad_inputs.copy_(grad)
+    if grad_projection is not None:
+        grad_projection.add_((d_logits.transpose(-1, -2) @ inputs).sum(tuple(range(d_logits.dim() - 2))), alpha=scale)
+
+
+def _scan(initial: torch.Tensor, increments: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """``E_0 = initial``, ``E_{j+1} = decay_j ⊙ E_j + increments_j`` → ``E_0 … E_n``, written into one buffer
+    (shapes as :class:`_DecayedScan`)."""
+    b, h, n = increments.shape[:3]
+    states = increments.new_empty(b, h, n + 1, *increments.shape[3:])
+    states[:, :, 0] = initial
+    for j in range(n):
+        states[:, :, j + 1].copy_(increments[:, :, j]).addcmul_(states[:, :, j], decay[:, :, j])
+    return states
+
+
+def _reverse_scan(total: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """Backward of :func:`_scan`, in place: ``total [B, H, n + 1, *S]`` holds each ``E_j``'s own gradient and
+    comes back with its total one, its own plus ``decay_j ⊙`` the total of ``E_{j+1}`` (so ``total[:, :, 0]`` is
+    the gradient of ``initial`` and ``total[:, :, 1:]`` those of the increments)."""
+    for j in range(decay.shape[2] - 1, -1, -1):
+        total[:, :, j].addcmul_(total[:, :, j + 1], decay[:, :, j])
+    return total
 
 
 class _DecayedScan(torch.autograd.Function):
@@ -324,21 +362,13 @@ class _DecayedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, initial, increments, decay):
-        b, h, n = increments.shape[:3]
-        states = increments.new_empty(b, h, n + 1, *increments.shape[3:])
-        states[:, :, 0] = initial
-        for j in range(n):
-            states[:, :, j + 1].copy_(increments[:, :, j]).addcmul_(states[:, :, j], decay[:, :, j])
         ctx.save_for_backward(decay)
-        return states
+        return _scan(initial, increments, decay)
 
     @staticmethod
     def backward(ctx, grad_states):
         (decay,) = ctx.saved_tensors
-        # total gradient of E_j = its own + decay_j ⊙ total gradient of E_{j+1}
-        total = grad_states.clone()
-        for j in range(decay.shape[2] - 1, -1, -1):
-            total[:, :, j].addcmul_(total[:, :, j + 1], decay[:, :, j])
+        total = _reverse_scan(grad_states.clone(), decay)
         return total[:, :, 0], total[:, :, 1:], None
 
 
@@ -350,21 +380,123 @@ at ≥ ``exp(−60)/m`` of it.  Where rows are healthy, terms that small do not 
 resolution of the row's sum, so results do not change."""
 
 
+class _ChunkTerms(NamedTuple):
+    """One block of causal attention cut into ``n`` chunks of ``C`` tokens (the last padded), per key head:
+    what :func:`_causal_chunks` reads out and scans, and what :class:`_CausalFavor` differentiates."""
+
+    q_feat: torch.Tensor  # [B, Hk, G, n, C, m]
+    k_feat: torch.Tensor  # [B, Hk, n, C, m], 0 for padding
+    values: torch.Tensor  # [B, Hk, n, C, Dv + 1]: [V, 1]
+    key_weight: torch.Tensor | None  # [B, Hk, n, C, 1]: exp(c_s − M) at the end of the key's chunk (softmax)
+    decay: torch.Tensor  # [B, Hk, 1, n, C, C] (softmax) or [C, C]: the causal mask, with the keys' weights
+    scan_decay: torch.Tensor  # [B, Hk, n, 1, 1]: a state's rescaling from one chunk's end to the next
+    carry: torch.Tensor | None  # [B, Hk, 1, n, C, 1]: the weight of the state before a chunk at each query
+    reference: torch.Tensor | None  # [B, Hk]: the running maximum M after the block (softmax)
+    q_floored: torch.Tensor | None  # [B, Hk, G, n, C, m] bool: query features on the floor (when asked)
+
+
+def _chunk_terms(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    projection: torch.Tensor,
+    keep: torch.Tensor | None,
+    reference: torch.Tensor | None,
+    *,
+    chunk: int,
+    input_scale: float,
+    kernel_fn: KernelFn | None,
+    kernel_epsilon: float,
+    floor_mask: bool = False,
+) -> _ChunkTerms:
+    """The :class:`_ChunkTerms` of ``query [B, Hk, G, L, D]``, ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
+    after keys whose running maximum is ``reference [B, Hk]`` (softmax kernel; see :func:`_causal_chunks`).
+    ``floor_mask``: also say which query features sit on :data:`QUERY_FLOOR` (the backward pass needs it)."""
+    b, key_heads, _, length, _ = query.shape
+    dv = value.shape[-1]
+    n = math.ceil(length / chunk)
+    pad = n * chunk - length
+    if pad:
+        query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
+        keep = torch.ones(b, 1, length, dtype=torch.bool, device=key.device) if keep is None else keep
+        keep = F.pad(keep, (0, pad), value=False)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
+    values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
+    if kernel_fn is None:
+        return _softmax_terms(query, key, values, projection, keep, reference, causal, input_scale, floor_mask)
+    features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=input_scale)
+    k_feat = key_features(key, projection, keep=keep, **features)[0].view(b, key_heads, n, chunk, -1)
+    q_feat = query_features(query, projection, **features).unflatten(-2, (n, chunk))
+    scan_decay = k_feat.new_ones(b, key_heads, n, 1, 1)
+    return _ChunkTerms(q_feat, k_feat, values, None, causal.to(k_feat.dtype), scan_decay, None, None, None)
+
+
+def _softmax_terms(query, key, values, projection, keep, reference, causal, input_scale: float,
+                   floor_mask: bool) -> _ChunkTerms:
+    """:func:`_chunk_terms` for the softmax kernel, inputs padded to whole chunks (``values [B, Hk, n, C, Dv + 1]``,
+    ``causal [C, C]`` bool).  Every stabiliser is detached: a constant, in autograd and in :class:`_CausalFavor`."""
+    b, key_heads, n, chunk, _ = values.shape
+    m = projection.shape[0]
+    half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
+    log_feat = key_log_features(key, projection, keep, input_scale=input_scale).view(b, key_heads, n, chunk, m)
+    log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
+    k_feat = log_feat.sub_((log_weight + half_log_m)[..., None]).exp_()  # in place: no autograd op saved log_feat
+    if keep is not None:
+        k_feat = k_feat * keep.view(b, 1, n, chunk, 1)
+    running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
+    chunk_end = running[..., -1]  # [B, Hk, n]
+    state_ref = torch.cat([reference[..., None], chunk_end[..., :-1]], -1)
+    decay = (log_weight[..., None, :] - running[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
+    key_weight = torch.exp(log_weight - chunk_end[..., None])[..., None]
+    scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
+    carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # ≤ 1
+    q_logits = (query @ (projection * input_scale).transpose(0, 1)).unflatten(-2, (n, chunk))
+    q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m)
+    floor = -QUERY_FLOOR - half_log_m
+    q_floored = q_logits < floor if floor_mask else None  # clamp's gradient: 0 below the floor
+    q_feat = q_logits.clamp_(min=floor).exp_()
+    return _ChunkTerms(q_feat, k_feat, values, key_weight, decay[:, :, None], scan_decay, carry, chunk_end[..., -1],
+                       q_floored)
+
+
+def _chunk_sums(terms: _ChunkTerms) -> torch.Tensor:
+    """What each chunk adds to the state, ``φ̃(K)ᵀ([V, 1] ⊙ key_weight)``: ``[B, Hk, n, m, Dv + 1]`` (made when the
+    states are scanned, and freed then)."""
+    values = terms.values if terms.key_weight is None else terms.values * terms.key_weight
+    return terms.k_feat.transpose(-1, -2) @ values
+
+
+def _scores(terms: _ChunkTerms) -> torch.Tensor:
+    """``φ̃(Q)φ̃(K)ᵀ ⊙ decay`` inside each chunk: ``[B, Hk, G, n, C, C]`` (the ``G`` query heads share the keys)."""
+    return (terms.q_feat @ terms.k_feat.transpose(-1, -2)[:, :, None]).mul_(terms.decay)
+
+
+def _combined(terms: _ChunkTerms, scores: torch.Tensor, before: torch.Tensor, columns: slice = slice(None)) -> torch.Tensor:
+    """``[n, z]`` of every query, ``[B, Hk, G, n, C, ·]``: its own chunk's keys (``scores``) plus the state before
+    its chunk (``before [B, Hk, n, m, Dv + 1]``, the scan's states but the last), carried to the query.  ``columns``
+    of ``[V, 1]``: all, or ``slice(-1, None)`` for the denominators ``z`` alone."""
+    inter = terms.q_feat @ before[:, :, None, ..., columns]
+    return scores @ terms.values[:, :, None, ..., columns] + (inter if terms.carry is None else inter.mul_(terms.carry))
+
+
 def _causal_chunks(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     projection: torch.Tensor,
     keep: torch.Tensor | None,
-    state: FavorState,
+    summary: torch.Tensor,
+    reference: torch.Tensor | None,
     *,
     chunk: int,
     input_scale: float,
     kernel_fn: KernelFn | None,
     kernel_epsilon: float,
-) -> tuple[torch.Tensor, FavorState]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Causal FAVOR+ of ``query [B, Hk, G, L, D]`` on ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
-    (query ``t`` sees keys ``≤ t`` and those of ``state``) → ``([B, Hk, G, L, Dv], state after)``.
+    (query ``t`` sees keys ``≤ t`` and those summed in ``summary [B, Hk, m, Dv + 1]``, relative to
+    ``reference [B, Hk]`` for the softmax kernel; see :func:`_entry`) → ``(out [B, Hk, G, L, Dv],
+    summary after the keys, its reference)``.
 
     Chunks of ``C`` tokens: inside a chunk the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay)[V, 1]`` is exact;
     across chunks a state ``[m, Dv + 1]`` is carried (a scan), so memory is O(L·(m + C) + (L/C)·m·Dv).
@@ -373,8 +505,7 @@ def _causal_chunks(
     bit for bit): each key is kept relative to its own largest log-feature ``c_s = max_j b_sj``
     (``b_s = ωk_s − ‖k_s‖²/2``) and weighted by ``exp(c_s − M_t)``, ``M_t`` the running maximum of
     ``c`` over the keys up to ``t`` (the ``decay`` inside a chunk, the ``carry`` of the state); each
-    query relative to its own largest feature, floored at :data:`QUERY_FLOOR`.  The incoming state's
-    per-feature reference is folded into one per key head on entry.
+    query relative to its own largest feature, floored at :data:`QUERY_FLOOR`.
 
     Why not per-feature references here, as bidirectional attention has: keys of the query's own
     chunk would need a per-query, per-feature reference (an ``[C, C, m]`` computation), and a
@@ -384,57 +515,181 @@ def _causal_chunks(
     values with finite gradients (``tests/test_favor_large_norms.py``).
     """
     b, key_heads, group, length, _ = query.shape
-    dv, m = value.shape[-1], projection.shape[0]
-    n = math.ceil(length / chunk)
-    pad = n * chunk - length
-    if pad:
-        query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
-        keep = torch.ones(b, 1, length, dtype=torch.bool, device=key.device) if keep is None else keep
-        keep = F.pad(keep, (0, pad), value=False)
-    keep_chunks = None if keep is None else keep.view(b, 1, n, chunk, 1)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
-    q_logits = (query @ (projection * input_scale).transpose(0, 1)).view(b, key_heads, group, n, chunk, m)
+    dv = value.shape[-1]
+    terms = _chunk_terms(query, key, value, projection, keep, reference, chunk=chunk, input_scale=input_scale,
+                         kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon)
+    before, after = _chunk_states(summary, _chunk_sums(terms), terms.scan_decay)
+    combined = _combined(terms, _scores(terms), before)
+    out = _divide(combined[..., :dv], combined[..., dv]).view(b, key_heads, group, -1, dv)[..., :length, :]
+    return out, after, terms.reference
 
-    values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
-    if kernel_fn is None:
-        half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
-        log_feat = key_log_features(key, projection, keep, input_scale=input_scale).view(b, key_heads, n, chunk, m)
-        log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
-        k_feat = (log_feat - (log_weight + half_log_m)[..., None]).exp_()
-        if keep_chunks is not None:
-            k_feat = k_feat * keep_chunks
-        # the incoming state, from its per-feature reference to one reference per key head
-        entry_ref = state.log_scale.amax(-1)  # [B, Hk]
-        rows = torch.exp(state.log_scale - entry_ref[..., None])[..., None]
-        initial = torch.cat([state.kv * rows, state.k_sum[..., None] * rows], -1)
-        running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), entry_ref[..., None, None])
-        chunk_end = running[..., -1]  # [B, Hk, n]
-        state_ref = torch.cat([entry_ref[..., None], chunk_end[..., :-1]], -1)
-        decay = (log_weight[..., None, :] - running[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
-        chunk_sums = k_feat.transpose(-1, -2) @ (values * torch.exp(log_weight - chunk_end[..., None])[..., None])
-        scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
-        carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # [B, Hk, 1, n, C, 1], ≤ 1
-        q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m)
-        q_feat = q_logits.clamp_(min=-QUERY_FLOOR - half_log_m).exp_()
-        log_scale = chunk_end[..., -1:].expand(-1, -1, m).contiguous()
-    else:
-        k_feat = (kernel_fn(key @ (projection * input_scale).transpose(0, 1)) + kernel_epsilon) * m**-0.5
-        if keep is not None:
-            k_feat = k_feat * keep[..., None]
-        k_feat = k_feat.view(b, key_heads, n, chunk, m)
-        q_feat = (kernel_fn(q_logits) + kernel_epsilon) * m**-0.5
-        initial = torch.cat([state.kv, state.k_sum[..., None]], -1)
-        decay, chunk_sums = causal.to(k_feat.dtype), k_feat.transpose(-1, -2) @ values
-        scan_decay, carry, log_scale = torch.ones_like(chunk_sums[..., :1, :1]), None, state.log_scale
 
-    states = _DecayedScan.apply(initial, chunk_sums, scan_decay)  # [B, Hk, n + 1, m, Dv + 1]
-    # queries [B, Hk, G, n, C, m]; the G query heads share the key head's chunk products
-    scores = (q_feat @ k_feat.transpose(-1, -2)[:, :, None]).mul_(decay[:, :, None] if decay.dim() > 2 else decay)
-    inter = q_feat @ states[:, :, None, :-1]
-    combined = scores @ values[:, :, None] + (inter if carry is None else inter.mul_(carry))
-    out = _divide(combined[..., :dv], combined[..., dv]).view(b, key_heads, group, n * chunk, dv)[..., :length, :]
-    final = states[:, :, -1]
-    return out, FavorState(final[..., :dv], final[..., dv], log_scale)
+def _chunk_states(summary: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan of the chunk sums ``[B, Hk, n, m, Dv + 1]`` from ``summary`` as ``(states before each chunk
+    [B, Hk, n, m, Dv + 1], state after the last)``.  Without autograd the states before come in one block of memory
+    (scanned up to the last chunk, which is then added alone): a slice of all ``n + 1`` is copied by every batched
+    product that reads it."""
+    if records_gradients(summary, sums):
+        states = _DecayedScan.apply(summary, sums, decay)
+        return states[:, :, :-1], states[:, :, -1]
+    before = _scan(summary, sums[:, :, :-1], decay[:, :, :-1])
+    return before, torch.addcmul(sums[:, :, -1], before[:, :, -1], decay[:, :, -1])
+
+
+def _causal_blocks(query, key, value, projection, keep, summary, reference, *, chunk: int, block: int, features,
+                   out: torch.Tensor | None = None, entries: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """:func:`_causal_chunks` over blocks of ``block`` tokens (whole chunks), the summary carried from one to the
+    next → ``(out [B, Hk, G, L, Dv], summary after all keys, its reference)``.  ``out``: a tensor to write the
+    blocks' outputs into (else they are concatenated); ``entries``: ``[n_blocks, B, Hk, m, Dv + 1]`` and
+    ``[n_blocks, B, Hk]`` tensors that receive the summary and reference each block starts from."""
+    outputs = []
+    for index, (q_block, (k_block, v_block, keep_block)) in enumerate(
+        zip(_split(query, block, 3), _key_blocks(key, value, keep, block))
+    ):
+        if entries is not None:
+            entries[0][index], entries[1][index] = summary, reference
+        part, summary, reference = _causal_chunks(q_block, k_block, v_block, projection, keep_block, summary,
+                                                  reference, chunk=chunk, **features)
+        if out is None:
+            outputs.append(part)
+        else:
+            out[..., index * block : index * block + part.shape[-2], :] = part
+    if out is None:
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
+    return out, summary, reference
+
+
+class _CausalFavor(torch.autograd.Function):
+    """Softmax-kernel causal FAVOR+ (:func:`_causal_blocks`) that stores no features and no chunk states:
+    ``query [B, Hk, G, L, D]``, ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``, ``projection [m, D]``, ``keep
+    [B, 1, L]`` or ``None``, the ``summary [B, Hk, m, Dv + 1]`` of earlier keys and its ``reference [B, Hk]``, the
+    input scale ``s``, chunk and block lengths → ``(out [B, Hk, G, L, Dv], summary after, its reference)``.
+
+    Forward: block by block, keeping for backward only the inputs, the output and the summary and reference each
+    block starts from (``[m, Dv + 1]`` per key head and block).  Backward: blocks in reverse, each one's
+    :class:`_ChunkTerms` and chunk states recomputed from its entry (:func:`_causal_block_backward`), the gradient of
+    its entry summary carried to the block before.  The stabilisers are constants, as in autograd of
+    :func:`_causal_chunks`, where they are detached.  Memory beyond inputs, output and gradients: the entries and
+    one block's terms.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, projection, keep, summary, reference, scale, chunk, block):
+        n_blocks = math.ceil(query.shape[3] / block)
+        entries = (summary.new_empty(n_blocks, *summary.shape), reference.new_empty(n_blocks, *reference.shape))
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        features = dict(input_scale=scale, kernel_fn=None, kernel_epsilon=0.0)
+        out, summary, reference = _causal_blocks(query, key, value, projection, keep, summary, reference, chunk=chunk,
+                                                 block=block, features=features, out=out, entries=entries)
+        ctx.save_for_backward(query, key, value, projection, keep, *entries, out)
+        ctx.scale, ctx.chunk, ctx.block = scale, chunk, block
+        ctx.mark_non_differentiable(reference)
+        return out, summary, reference
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_summary, _):
+        query, key, value, projection, keep, entry_summaries, entry_references, out = ctx.saved_tensors
+        block = ctx.block
+        wants = ctx.needs_input_grad
+        grads = dict(
+            query=torch.empty_like(query) if wants[0] else None,
+            key=torch.empty_like(key) if wants[1] else None,
+            value=torch.empty_like(value) if wants[2] else None,
+            projection=torch.zeros_like(projection) if wants[3] else None,
+        )
+        for index in range(entry_summaries.shape[0] - 1, -1, -1):
+            tokens = slice(index * block, min(index * block + block, query.shape[3]))
+            grad_summary = _causal_block_backward(
+                query[:, :, :, tokens], key[:, :, tokens], value[:, :, tokens], projection,
+                None if keep is None else keep[..., tokens], entry_summaries[index], entry_references[index],
+                out[:, :, :, tokens], grad_out[:, :, :, tokens], grad_summary, scale=ctx.scale, chunk=ctx.chunk,
+                grad_query=None if grads["query"] is None else grads["query"][:, :, :, tokens],
+                grad_key=None if grads["key"] is None else grads["key"][:, :, tokens],
+                grad_value=None if grads["value"] is None else grads["value"][:, :, tokens],
+                grad_projection=grads["projection"],
+            )
+        return (grads["query"], grads["key"], grads["value"], grads["projection"], None,
+                grad_summary if wants[5] else None, None, None, None, None)
+
+
+def _causal_block_backward(query, key, value, projection, keep, summary, reference, out, grad_out, grad_exit, *,
+                           scale: float, chunk: int, grad_query, grad_key, grad_value, grad_projection) -> torch.Tensor:
+    """One block of :class:`_CausalFavor` backward: its terms and chunk states recomputed from the entry
+    ``summary [B, Hk, m, Dv + 1]`` and ``reference [B, Hk]``; from ``grad_out [B, Hk, G, L, Dv]`` and the gradient
+    ``grad_exit`` of the summary after the block, writes the gradients of ``query``, ``key``, ``value`` into
+    ``grad_*`` (views of this block's tokens) and adds that of ``projection``; returns the entry summary's.
+
+    With ``c = [n, z] = scores [V, 1] + carry ⊙ φ̃(q)E`` per query (``scores = φ̃(q)φ̃(K)ᵀ ⊙ decay`` in its chunk,
+    ``E`` the state before it): ``dc = [g, −g·out] / z``, ``d scores = dc [V, 1]ᵀ ⊙ decay``,
+    ``dE = Σ φ̃(q)ᵀ(carry ⊙ dc)`` run back through the scan ``E_{j+1} = scan_decay_j E_j + chunk sum_j``, then the
+    features' and values' gradients from both routes.  Helpers each free what only they need (the states, one
+    ``[L, m]`` gradient at a time) before the next starts.
+    """
+    length, dv = query.shape[3], value.shape[-1]
+    terms = _chunk_terms(query, key, value, projection, keep, reference, chunk=chunk, input_scale=scale,
+                         kernel_fn=None, kernel_epsilon=0.0, floor_mask=True)
+    scores = _scores(terms)
+    d_combined, d_scores = _read_out_gradients(terms, scores, summary, out, grad_out, query, projection, scale,
+                                               grad_query, grad_projection)
+    d_entry, d_sums = _state_gradients(terms, d_combined, grad_exit)
+    if grad_value is not None:
+        d_values = _sum_query_heads(scores.transpose(-1, -2) @ d_combined)
+        d_values = d_values.add_((terms.k_feat @ d_sums).mul_(terms.key_weight))
+        grad_value.copy_(d_values.flatten(2, 3)[:, :, :length, :dv])
+    if grad_key is not None or grad_projection is not None:
+        d_logits = _key_feature_gradient(terms, d_scores, d_sums).mul_(terms.k_feat).flatten(2, 3)[:, :, :length]
+        _logit_gradients(d_logits, key, projection, scale, grad_key, grad_projection, keys=True)
+    return d_entry
+
+
+def _read_out_gradients(terms: _ChunkTerms, scores, summary, out, grad_out, query, projection, scale: float,
+                        grad_query, grad_projection) -> tuple[torch.Tensor, torch.Tensor]:
+    """The part of :func:`_causal_block_backward` that needs the chunk states (scanned again from ``summary``):
+    returns ``dc`` ``[B, Hk, G, n, C, Dv + 1]`` and ``d scores`` ``[B, Hk, G, n, C, C]``, and writes the query's
+    gradient (adds ``ω``'s).  ``dφ̃(q) = d scores φ̃(K) + (carry ⊙ dc) Eᵀ``, times ``φ̃(q)``, 0 where a feature sits
+    on the floor."""
+    n, chunk = terms.k_feat.shape[2:4]
+    length, pad = query.shape[3], n * chunk - query.shape[3]
+    before, _ = _chunk_states(summary, _chunk_sums(terms), terms.scan_decay)
+    g, o = ((F.pad(t, (0, 0, 0, pad)) if pad else t).unflatten(-2, (n, chunk)) for t in (grad_out, out))
+    d_combined = _combined_gradient(g, o, _combined(terms, scores, before, slice(-1, None)))
+    d_scores = (d_combined @ terms.values[:, :, None].transpose(-1, -2)).mul_(terms.decay)
+    if grad_query is not None or grad_projection is not None:
+        d_feat = (d_combined * terms.carry) @ before[:, :, None].transpose(-1, -2)
+        d_feat = d_feat.add_(d_scores @ terms.k_feat[:, :, None]).mul_(terms.q_feat).masked_fill_(terms.q_floored, 0)
+        _logit_gradients(d_feat.flatten(3, 4)[..., :length, :], query, projection, scale, grad_query, grad_projection)
+    return d_combined, d_scores
+
+
+def _state_gradients(terms: _ChunkTerms, d_combined, grad_exit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the block's entry summary ``[B, Hk, m, Dv + 1]`` and of its chunk sums ``[B, Hk, n, m, Dv + 1]``:
+    each state's own (read out by its chunk's queries, ``Σ φ̃(q)ᵀ(carry ⊙ dc)``) plus the next one's, carried
+    back through the scan from ``grad_exit``, that of the summary after the block."""
+    read = _sum_query_heads(terms.q_feat.transpose(-1, -2) @ (d_combined * terms.carry))  # states before each chunk
+    d_sums = _reverse_scan(torch.cat([read[:, :, 1:], grad_exit[:, :, None]], 2), terms.scan_decay[:, :, 1:])
+    return torch.addcmul(read[:, :, 0], d_sums[:, :, 0], terms.scan_decay[:, :, 0]), d_sums
+
+
+def _sum_query_heads(tensor: torch.Tensor) -> torch.Tensor:
+    """``[B, Hk, G, ...] → [B, Hk, ...]``, summed over the ``G`` query heads of a key head (a view when ``G = 1``)."""
+    return tensor[:, :, 0] if tensor.shape[2] == 1 else tensor.sum(2)
+
+
+def _key_feature_gradient(terms: _ChunkTerms, d_scores, d_sums) -> torch.Tensor:
+    """``dφ̃(k)`` ``[B, Hk, n, C, m]``: from the scores of its chunk's queries (all ``G`` heads) and from its
+    chunk's sum, ``([V, 1] ⊙ key_weight) d sumᵀ``."""
+    d_feat = _sum_query_heads(d_scores.transpose(-1, -2) @ terms.q_feat)
+    return d_feat.add_((terms.values * terms.key_weight) @ d_sums.transpose(-1, -2))
+
+
+def _entry(state: FavorState, softmax: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``state`` as the chunks carry it: one summary ``[kv, k_sum]`` (``[B, Hk, m, Dv + 1]``) and, for the softmax
+    kernel, one reference per key head (``[B, Hk]``), its per-feature references folded into their largest."""
+    if not softmax:
+        return torch.cat([state.kv, state.k_sum[..., None]], -1), None
+    reference = state.log_scale.amax(-1)
+    rows = torch.exp(state.log_scale - reference[..., None])[..., None]
+    return torch.cat([state.kv * rows, state.k_sum[..., None] * rows], -1), reference
 
 
 def causal_favor(
@@ -457,48 +712,43 @@ def causal_favor(
     (query ``i`` sees keys ``≤ Lk − Lq + i`` and those of ``initial_state``, a key/value cache).
     Returns ``(output [B, H, Lq, Dv], FavorState after all keys)``.  Blocks of ``block_size`` tokens
     (whole chunks) are processed one after another with the state carried, so only one block of
-    features is alive at a time.  Reference: the causal form of
+    features is alive at a time; under autograd the softmax kernel runs as :class:`_CausalFavor`,
+    which recomputes them block by block in backward too.  Reference: the causal form of
     :func:`~hf_performer.favor.naive.quadratic_linear_attention`.
     """
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     b, key_heads, group, q_len, _ = x.query.shape
-    k_len, m = x.key.shape[-2], projection.shape[0]
+    k_len, m, dv = x.key.shape[-2], projection.shape[0], x.value.shape[-1]
     if q_len > k_len:
         raise ValueError(f"causal attention needs at least as many keys ({k_len}) as queries ({q_len})")
-    state = initial_state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
+    state = initial_state or FavorState.empty(b, key_heads, m, dv, x.key.device)
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
+    recording = records_gradients(x.query, x.key, x.value, x.projection, *state)
+    own_backward = kernel_fn is None and recording  # _CausalFavor, on blocks of LEAN_BLOCK_ELEMENTS
     chunk = max(1, chunk_size)
-    block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk)) // chunk * chunk)
+    elements = LEAN_BLOCK_ELEMENTS if own_backward else None
+    block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk, elements)) // chunk * chunk)
     prefix = k_len - q_len
     if prefix:  # keys before the first query (a key/value cache) fold into the state
         keep = None if x.keep is None else x.keep[..., :prefix]
         state = _fold(state, x.key[:, :, :prefix], x.value[:, :, :prefix], keep, x.projection, block, features)
-    k_blocks = _split(x.key[:, :, prefix:], block)
-    keep_blocks = [None] * len(k_blocks) if x.keep is None else _split(x.keep[..., prefix:], block, -1)
-    q_blocks = _split(x.query, block, 3)
-    # several blocks without autograd are written into one output (a list of blocks and their concatenation
-    # would hold it twice); under autograd the blocks' outputs are kept anyway and concatenated once
-    one_output = len(q_blocks) > 1 and not records_gradients(x.query, x.key, x.value, x.projection)
-    out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1]) if one_output else None
-    outputs = []
-    for index, (q_block, k_block, v_block, keep_block) in enumerate(
-        zip(q_blocks, k_blocks, _split(x.value[:, :, prefix:], block), keep_blocks)
-    ):
-        part, state = _causal_chunks(q_block, k_block, v_block, x.projection, keep_block, state, chunk=chunk, **features)
-        if one_output:
-            out[..., index * block : index * block + part.shape[-2], :] = part
-        else:
-            outputs.append(part)
-    if not one_output:
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
-    return _ungroup(out, x.dtype), state
+    summary, reference = _entry(state, kernel_fn is None)
+    inputs = (x.query, x.key[:, :, prefix:], x.value[:, :, prefix:], x.projection,
+              None if x.keep is None else x.keep[..., prefix:], summary, reference)
+    if own_backward:
+        out, summary, reference = _CausalFavor.apply(*inputs, x.input_scale, chunk, block)
+    else:
+        # several blocks without autograd are written into one output (a list of blocks and their concatenation
+        # would hold it twice); under autograd the blocks' outputs are kept anyway and concatenated once
+        out = x.query.new_empty(*x.query.shape[:-1], dv) if q_len > block and not recording else None
+        out, summary, reference = _causal_blocks(*inputs, chunk=chunk, block=block, features=features, out=out)
+    log_scale = state.log_scale if reference is None else reference[..., None].expand(-1, -1, m).contiguous()
+    return _ungroup(out, x.dtype), FavorState(summary[..., :dv], summary[..., dv], log_scale)
 
 
 def _fold(state: FavorState, key, value, keep, projection, block: int, features) -> FavorState:
     """``state`` after the keys ``[B, Hk, L, D]`` (``keep [B, 1, L]`` or ``None``), block by block."""
-    k_blocks = _split(key, block)
-    keep_blocks = [None] * len(k_blocks) if keep is None else _split(keep, block, -1)
-    for k_block, v_block, keep_block in zip(k_blocks, _split(value, block), keep_blocks):
+    for k_block, v_block, keep_block in _key_blocks(key, value, keep, block):
         state = fold_keys(state, *key_features(k_block, projection, keep=keep_block, **features), v_block)
     return state
 

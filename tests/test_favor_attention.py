@@ -262,6 +262,15 @@ def test_block_length_fills_the_cache_budget_with_a_floor():
     assert block_length(9, 256, multiple=64) % 64 == 0  # causal blocks are whole chunks
 
 
+def test_causal_blocks_under_autograd_balance_saved_summaries_against_one_block_of_backward():
+    """√(L·(Dv + 1) / (6·G)) tokens, whole chunks, within the floor and the cache budget."""
+    from hf_performer.favor.attention import MIN_BLOCK_TOKENS, recompute_block_length
+
+    assert [recompute_block_length(length, 64, 1, 64, 512) for length in (2048, 4096, 16384, 65536)] == [128, 192, 384, 512]
+    assert recompute_block_length(16384, 64, 4, 64, 512) == 192  # four query heads per key head
+    assert recompute_block_length(100, 64, 1, 16, 512) == MIN_BLOCK_TOKENS
+
+
 @pytest.mark.parametrize("mode", ["bidirectional", "causal", "decoding step"])
 def test_compiles_with_fullgraph_and_a_padding_mask(mode):
     """No Python branch on tensor values (``.item()``, ``bool(tensor)``, data-dependent shapes):

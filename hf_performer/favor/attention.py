@@ -783,7 +783,7 @@ def recurrent_favor_step(
     b, key_heads, group, q_len, d = x.query.shape
     m = projection.shape[0]
     state = state or FavorState.empty(b, key_heads, m, x.value.shape[-1], x.key.device)
-    if kernel_fn is None and q_len == 1 and x.key.shape[-2] == 1:
+    if kernel_fn is None and q_len == 1 and x.key.shape[-2] == 1 and not records_gradients(*x[:4], *state):
         out, state = _one_token_step(x, state)
         return _ungroup(out, x.dtype), state
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=x.input_scale)
@@ -795,26 +795,39 @@ def recurrent_favor_step(
     return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype), state
 
 
-def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorState]:
-    """The decoding step of generation, softmax kernel: one new key/value ``[B, Hk, 1, ·]`` folded into
-    ``state`` and one query per head read out → ``([B, Hk, G, 1, Dv], new state)``.
+_TINY = torch.finfo(torch.float32).tiny
 
-    The same arithmetic as :func:`fold_keys` + :func:`_read_out` with one key, in about a third of the tensor
-    operations of the general path: at a few hundred tokens of context a step is dominated by
-    per-operation overhead, not arithmetic (``benchmarks/decode_latency.py``)."""
+
+def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorState]:
+    """The decoding step of generation, softmax kernel, without autograd: one new key/value ``[B, Hk, 1, ·]``
+    folded into ``state`` and one query per head read out → ``([B, Hk, G, 1, Dv], new state)``.
+
+    The arithmetic of :func:`fold_keys` + :func:`_read_out` with one key, in about 20 tensor operations (the
+    general path takes twice as many): at a few hundred tokens of context a step is per-operation overhead,
+    not arithmetic (``benchmarks/decode_latency.py``).  The scale ``s`` and the key norm ride in ``addmm``'s
+    ``alpha``/``beta`` (``log φ(s·k) + ½ log m = s·ωk − ½ s²‖k‖²``), ``m^-½`` in ``addcmul``'s ``value``; the
+    query side drops ``m^-½`` altogether (it cancels between numerator and denominator).  A padding key on an empty state (reference
+    ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0, and a query that has seen no real key
+    reads 0 (every real key leaves ``k_sum ≥ m^-½`` in the feature it maximises)."""
     b, key_heads, group, _, d = x.query.shape
-    half_log_m = 0.5 * math.log(x.projection.shape[0])
-    # [B, Hk, m]; a padding token gets NEG_LOG_WEIGHT: weight 0, the state is only carried
-    log_feat = key_log_features(x.key, x.projection, x.keep, input_scale=x.input_scale)[:, :, 0]
-    log_scale = torch.maximum(state.log_scale, log_feat)  # [B, Hk, m]
-    old = torch.exp(state.log_scale - log_scale)
-    new = torch.exp(log_feat - log_scale - half_log_m)
-    kv = torch.addcmul(state.kv * old[..., None], new[..., None], x.value[:, :, 0, None, :])
-    k_sum = torch.addcmul(new, state.k_sum, old)
-    q_feat = query_features(x.query.view(b, key_heads, group, d), x.projection, input_scale=x.input_scale,
-                            key_reference=log_scale)  # [B, Hk, G, m]
-    out = _divide(q_feat @ kv, (q_feat @ k_sum[..., None])[..., 0])
-    return out[:, :, :, None], FavorState(kv, k_sum, log_scale)
+    m, dv, s = x.projection.shape[0], x.value.shape[-1], x.input_scale
+    rows, omega_t = b * key_heads, x.projection.t()
+    key = x.key.reshape(rows, d)
+    log_feat = torch.addmm(torch.linalg.vecdot(key, key).unsqueeze(-1), key, omega_t, beta=-0.5 * s * s, alpha=s)  # [B·Hk, m]
+    if x.keep is not None:  # [B, 1, 1] → [B·Hk, 1]
+        log_feat.masked_fill_(~x.keep.expand(b, key_heads, 1).reshape(rows, 1), NEG_LOG_WEIGHT)
+    previous = state.log_scale.reshape(rows, m)
+    log_scale = torch.maximum(previous, log_feat)
+    old = previous.sub(log_scale).exp_()
+    new = log_feat.sub_(log_scale.clamp_min(NEG_LOG_WEIGHT / 2)).exp_()
+    kv = torch.addcmul(state.kv.reshape(rows, m, dv) * old.unsqueeze(-1), new.unsqueeze(-1), x.value.reshape(rows, 1, dv),
+                       value=m**-0.5)
+    k_sum = torch.add(state.k_sum.reshape(rows, m) * old, new, alpha=m**-0.5)
+    q_log = torch.mm(x.query.reshape(rows * group, d), omega_t).view(rows, group, m).mul_(s).add_(log_scale.unsqueeze(1))
+    q_feat = q_log.sub_(q_log.amax(-1, keepdim=True)).exp_()
+    out = torch.bmm(q_feat, kv).div_(torch.bmm(q_feat, k_sum.unsqueeze(-1)).clamp_min_(_TINY))
+    shape = (b, key_heads, m)
+    return out.view(b, key_heads, group, 1, dv), FavorState(kv.view(*shape, dv), k_sum.view(shape), log_scale.view(shape))
 
 
 def favor_attention(

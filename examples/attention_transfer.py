@@ -47,6 +47,7 @@ from hf_performer.recovery.provenance import Stage, provenance_of
 from hf_performer.recovery.training import (
     check_features_agree,
     final_metric,
+    optimizer_for,
     refuse_unjoined_processes,
     resume_checkpoint,
 )
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         callbacks=[curve],
+        optimizers=(optimizer_for(student, training, recipe.far_weight_learning_rate), None),
     )
     if trainer.is_world_process_zero():
         print(f"training {trainable:,} weights ({recipe.train_what}) on {len(train):,} texts; teacher: exact attention")

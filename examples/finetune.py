@@ -66,6 +66,7 @@ from hf_performer.recovery.sentence_embeddings import SentenceEmbeddingTrainer, 
 from hf_performer.recovery.training import (
     check_features_agree,
     final_metric,
+    optimizer_for,
     refuse_unjoined_processes,
     resume_checkpoint,
 )
@@ -202,6 +203,7 @@ def build_trainer(recipe, training, model, tokenizer, train, held_out, callbacks
         "processing_class": tokenizer,
         "compute_metrics": metric_function(recipe.task),
         "callbacks": list(callbacks),
+        "optimizers": (optimizer_for(model, training, recipe.far_weight_learning_rate), None),
     }
     if recipe.task == "sentence-embedding":
         training.label_names = ["labels"]

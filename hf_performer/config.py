@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 FEATURE_FIELDS = ("nb_features", "kernel", "orthogonal", "feature_scaling", "seed", "kernel_epsilon")
 """The settings a converted model's random features were drawn and are used with.  The others
-(``redraw_interval``, ``causal_chunk_size``, ``local_window``, ``sink_tokens``, ``far_part``) schedule
-redraws or the computation, or say which keys are weighted exactly instead of by the same features, so
-they may change when a converted checkpoint is loaded."""
+(``redraw_interval``, ``causal_chunk_size``, ``local_window``, ``sink_tokens``, ``far_part``, ``far_weight``)
+schedule redraws or the computation, or say which keys are weighted exactly instead of by the same features
+(and how much the others weigh), so they may change when a converted checkpoint is loaded."""
 
 
 @dataclass
@@ -88,6 +88,16 @@ class PerformerConfig:
         },
     )
 
+    far_weight: bool = field(
+        default=False,
+        metadata={
+            "help": "Hybrid FAVOR+: a learnable weight exp(θ_h) per attention head on the FAVOR+ part (the parameter "
+            "favor.far_log_weight, θ = 0 at conversion: outputs unchanged until training moves it), so attention "
+            "transfer and fine-tuning can turn each head's far part up or down (LoLCATs' per-head factor); needs "
+            "local_window ≥ 1 and far_part='favor'.",
+        },
+    )
+
     def __post_init__(self):
         _check_int(self, "nb_features", 1)
         _check_int(self, "redraw_interval", 0)
@@ -106,6 +116,14 @@ class PerformerConfig:
             raise ValueError(
                 f"PerformerConfig.far_part={self.far_part!r} drops every key beyond the local window, but "
                 "local_window=0 leaves no window; set local_window ≥ 1 too, or far_part='favor'"
+            )
+        if not isinstance(self.far_weight, bool):
+            raise ValueError(f"PerformerConfig.far_weight must be True or False, got {self.far_weight!r}")
+        if self.far_weight and (not self.local_window or self.far_part != "favor"):
+            raise ValueError(
+                f"PerformerConfig.far_weight=True weighs the FAVOR+ part against a local window, but local_window="
+                f"{self.local_window}, far_part={self.far_part!r}; set local_window ≥ 1 and far_part='favor', or "
+                "far_weight=False"
             )
         if (self.local_window or self.sink_tokens) and self.kernel != "softmax":
             raise ValueError(
@@ -163,7 +181,7 @@ class PerformerConfig:
                 f"this checkpoint is already FAVOR+ with {saved}, and its random features were drawn for those "
                 f"settings; it cannot switch to {asked}. To get them, convert the original (softmax) checkpoint "
                 f"with these settings (`hf-performer convert`, or `from_pretrained(original, attention='favor+', "
-                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window, sink_tokens and far_part "
+                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window, sink_tokens, far_part and far_weight "
                 "may change on load: pass just those, e.g. performer_config={'local_window': 64, 'sink_tokens': 4}."
             )
         return settings

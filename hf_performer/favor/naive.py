@@ -58,11 +58,11 @@ def log_space_linear_attention(q_log, k_log, value, *, causal=False, key_padding
 
 
 def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, scaling=None, causal=False,
-                     key_padding_mask=None):
+                     key_padding_mask=None, far_log_weight=None):
     """Hybrid FAVOR+ as written: a masked O(L²) softmax whose weights are ``exp(s·qᵀk)`` for keys in the
     local window (causal ``i − W < j ≤ i``, bidirectional ``|i − j| < W``) or among the first ``sinks``
     real tokens, and ``φ(q)ᵀφ(k)`` (in log space) for every other visible key (``far=False``: 0, the
-    window-only ablation).  Shapes as
+    window-only ablation), times ``exp(far_log_weight[h])`` in head ``h`` when given (``[H]``).  Shapes as
     :func:`softmax_attention` (``H == Hk``); rows that see no key come back as NaN."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, k_len = query.shape[-2], key.shape[-2]
@@ -79,5 +79,7 @@ def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, 
     q_log = positive_softmax_log_features(query * s, projection)
     k_log = positive_softmax_log_features(key * s, projection)
     far_logits = torch.logsumexp(q_log[..., :, None, :] + k_log[..., None, :, :], -1)
+    if far_log_weight is not None:
+        far_logits = far_logits + far_log_weight[:, None, None]
     logits = torch.where(exact, exact_logits, far_logits if far else float("-inf")).masked_fill(~visible, float("-inf"))
     return torch.softmax(logits, -1) @ value

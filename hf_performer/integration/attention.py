@@ -138,6 +138,7 @@ def favor_attention_forward(
             local_window=window,
             sink_tokens=sinks,
             far_part=settings.far_part,
+            far_log_weight=favor.far_log_weights(),
             scaling=scaling,
             key_padding_mask=attention_mask,
         )
@@ -157,6 +158,7 @@ def favor_attention_forward(
             local_window=window,
             sink_tokens=sinks,
             far_part=settings.far_part,
+            far_log_weight=favor.far_log_weights(),
         )
     if cache_layer is not None:
         cache_layer.advance(state)

@@ -1,4 +1,5 @@
-"""``FavorProjection``: the random features ω of one attention module, kept as buffers.
+"""``FavorProjection``: the random features ω of one attention module, kept as buffers, and with
+``PerformerConfig(far_weight=True)`` the learnable per-head weight of the hybrid's FAVOR+ part.
 
 Attached as ``attention_module.favor``; its buffers are persistent, so they are saved in the
 safetensors file and a saved model reloads with bit-identical features.
@@ -34,7 +35,8 @@ class FavorProjection(nn.Module):
 
     Buffers: ``projection`` ``[nb_features, head_dim]`` (float32, the ω of the paper), ``draws``
     (how many times it has been redrawn; the next draw's seed depends on it) and ``steps`` (training
-    steps counted so far; a redraw falls every ``redraw_interval`` of them).
+    steps counted so far; a redraw falls every ``redraw_interval`` of them).  With ``far_weight`` set when
+    the model is built, the parameter ``far_log_weight`` ``[num_attention_heads]`` (zeros at first: weight 1).
     """
 
     def __init__(self, config, head_dim: int, layer_idx: int, stream: int = 0):
@@ -45,11 +47,26 @@ class FavorProjection(nn.Module):
         self.register_buffer("projection", self._draw(0, head_dim))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        if self.settings.far_weight:
+            self.far_log_weight = nn.Parameter(torch.zeros(config.num_attention_heads))
 
     @property
     def settings(self) -> PerformerConfig:
         """The model config's ``performer_config``, read at each use (never a copy taken at init)."""
         return self.config.performer_config
+
+    def far_log_weights(self) -> torch.Tensor | None:
+        """The per-head log weights of the hybrid's FAVOR+ part in use: ``far_log_weight`` when ``far_weight``
+        is set (and the far part is FAVOR+), else None (weight 1)."""
+        settings = self.settings
+        if not settings.far_weight or settings.far_part != "favor":
+            return None
+        if not hasattr(self, "far_log_weight"):
+            raise ValueError(
+                "PerformerConfig.far_weight=True was set after this model was built, so its layers have no "
+                "far_log_weight parameter. Load or convert the model with performer_config={'far_weight': True}."
+            )
+        return self.far_log_weight
 
     def _apply(self, fn, recurse=True):
         """Move ``projection`` with the model but keep it float32 through ``.to(dtype)``, ``.half()``, ...
@@ -87,6 +104,8 @@ class FavorProjection(nn.Module):
         self.draws.zero_()
         self.steps.zero_()
         self.projection.copy_(self._draw(0, self.projection.shape[1]))
+        if hasattr(self, "far_log_weight"):
+            self.far_log_weight.zero_()
 
     @torch.no_grad()
     def redraw(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.generation import GenerationMode
@@ -55,7 +56,7 @@ class PerformerConfigMixin:
         return values
 
 
-_FEATURE_KEYS = r"\.favor\.(projection|draws|steps)$"
+_FEATURE_KEYS = r"\.favor\.(projection|draws|steps|far_log_weight)$"
 
 
 class PerformerModelMixin:
@@ -63,7 +64,7 @@ class PerformerModelMixin:
 
     The projections are persistent buffers (``...favor.projection``, ``...favor.draws``,
     ``...favor.steps``): saved with the weights, absent from stock checkpoints, where they are drawn
-    from the seed instead.
+    from the seed instead (and ``...favor.far_log_weight``, with ``far_weight``, starts at 0).
     """
 
     attention_classes: tuple[type[nn.Module], ...] = ()
@@ -98,6 +99,10 @@ class PerformerModelMixin:
                 projection.reset()
             elif not getattr(projection.steps, "_is_hf_initialized", False):
                 projection.steps.zero_()  # saved before training steps were counted
+            weight = getattr(projection, "far_log_weight", None)
+            if weight is not None and not getattr(weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    weight.zero_()  # converted without far_weight: weight 1, the outputs it had
 
     def redraw_features(self) -> None:
         """Draw new random features in every layer now (training redraws on its own schedule:

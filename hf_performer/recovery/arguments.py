@@ -43,6 +43,14 @@ class RecipeArguments:
         metadata={"help": "Tokens per example (longer ones are truncated); the block length of causal-lm and --blocks."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
+    far_weight_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the hybrid's per-head far weights (PerformerConfig far_weight; default: "
+            "--learning_rate). Adam moves a parameter by about the learning rate per step, so a log weight "
+            "trained at 1e-4 barely moves in a few hundred steps: give it its own, e.g. 1e-2."
+        },
+    )
     base_model: str | None = field(
         default=None,
         metadata={
@@ -66,7 +74,7 @@ def add_performer_arguments(parser: argparse.ArgumentParser, **defaults) -> None
     """
     group = parser.add_argument_group(
         "FAVOR+ settings (a FAVOR+ --model keeps the features it was converted with; only --favor-redraw-interval, "
-        "--favor-causal-chunk-size, --favor-local-window, --favor-sink-tokens and --favor-far-part may change)"
+        "--favor-causal-chunk-size, --favor-local-window, --favor-sink-tokens, --favor-far-part and --favor-far-weight may change)"
     )
     for field in dataclasses.fields(PerformerConfig):
         kind = {bool: _boolean}.get(type(field.default), type(field.default))

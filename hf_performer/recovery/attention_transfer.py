@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Trainer
 
 TRAINABLE = {
-    "all": "all weights",
+    "all": "all weights",  # and with PerformerConfig(far_weight=True), every choice trains the per-head far weights
     "attention": "the attention projections",
     "features": "the random features ω (made learnable)",
     "attention+features": "the attention projections and the random features ω (made learnable)",
@@ -163,9 +163,11 @@ def select_trainable(model: nn.Module, what: str) -> int:
         for module in attention_modules(model, model.attention_classes):
             for name, parameter in module.named_parameters():
                 parameter.requires_grad = not name.startswith("favor.")
-    if learned_features:
-        for projection in model.favor_projections():
+    for projection in model.favor_projections():
+        if learned_features:
             projection.projection.requires_grad = True
+        if hasattr(projection, "far_log_weight"):  # the hybrid's per-head far weight trains with any choice
+            projection.far_log_weight.requires_grad = True
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -38,6 +38,31 @@ def refuse_unjoined_processes(training: TrainingArguments) -> None:
         )
 
 
+def optimizer_for(model: torch.nn.Module, training: TrainingArguments, far_weight_learning_rate: float | None):
+    """``Trainer``'s own optimizer (``None``: Trainer builds it) unless the hybrid's per-head far weights
+    (``...favor.far_log_weight``) get their own learning rate: then the optimizer and the weight-decay groups
+    Trainer would build, with the far weights in a group of their own (no weight decay).  The scheduler scales
+    every group alike (warm-up and decay)."""
+    if far_weight_learning_rate is None:
+        return None
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    far = [p for name, p in trainable if name.endswith("favor.far_log_weight")]
+    if not far:
+        raise ValueError(
+            "--far_weight_learning_rate was given, but the model has no trainable per-head far weights: convert or "
+            "load it with --favor-far-weight true (PerformerConfig far_weight=True, which needs a local window)"
+        )
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(training, model)
+    decayed = set(Trainer.get_decay_parameter_names(None, model))  # a method that reads only its argument
+    rest = [(name, p) for name, p in trainable if not name.endswith("favor.far_log_weight")]
+    groups = [
+        {"params": [p for name, p in rest if name in decayed], "weight_decay": training.weight_decay},
+        {"params": [p for name, p in rest if name not in decayed], "weight_decay": 0.0},
+        {"params": far, "lr": far_weight_learning_rate, "weight_decay": 0.0},
+    ]
+    return optimizer_class([group for group in groups if group["params"]], **kwargs)
+
+
 def resume_checkpoint(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
     """The checkpoint to resume from: ``None``, a given path, or for ``"last"`` the newest in ``output_dir``."""
     if resume_from_checkpoint != "last":

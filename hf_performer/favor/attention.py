@@ -804,16 +804,19 @@ def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorS
 
     The arithmetic of :func:`fold_keys` + :func:`_read_out` with one key, in about 20 tensor operations (the
     general path takes twice as many): at a few hundred tokens of context a step is per-operation overhead,
-    not arithmetic (``benchmarks/decode_latency.py``).  The scale ``s`` and the key norm ride in ``addmm``'s
-    ``alpha``/``beta`` (``log φ(s·k) + ½ log m = s·ωk − ½ s²‖k‖²``), ``m^-½`` in ``addcmul``'s ``value``; the
-    query side drops ``m^-½`` altogether (it cancels between numerator and denominator).  A padding key on an empty state (reference
+    not arithmetic (``benchmarks/decode_latency.py``).  The key and the queries go through one product with
+    ``s·ω`` (``log φ(s·k) + ½ log m = s·ωk − ½ s²‖k‖²``, the norm in ``sub_``'s ``alpha``), ``m^-½`` rides in
+    ``addcmul``'s ``value``, and the query side drops ``m^-½`` altogether (it cancels between numerator and
+    denominator).  A padding key on an empty state (reference
     ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0, and a query that has seen no real key
     reads 0 (every real key leaves ``k_sum ≥ m^-½`` in the feature it maximises)."""
     b, key_heads, group, _, d = x.query.shape
     m, dv, s = x.projection.shape[0], x.value.shape[-1], x.input_scale
-    rows, omega_t = b * key_heads, x.projection.t()
+    rows = b * key_heads
     key = x.key.reshape(rows, d)
-    log_feat = torch.addmm(torch.linalg.vecdot(key, key).unsqueeze(-1), key, omega_t, beta=-0.5 * s * s, alpha=s)  # [B·Hk, m]
+    # one product for the key and the queries: [B·Hk + B·Hk·G, m], ω scaled once
+    logits = torch.mm(torch.cat([key, x.query.reshape(rows * group, d)]), x.projection.t() * s)
+    log_feat = logits[:rows].sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5 * s * s)  # [B·Hk, m]
     if x.keep is not None:  # [B, 1, 1] → [B·Hk, 1]
         log_feat.masked_fill_(~x.keep.expand(b, key_heads, 1).reshape(rows, 1), NEG_LOG_WEIGHT)
     previous = state.log_scale.reshape(rows, m)
@@ -823,7 +826,7 @@ def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorS
     kv = torch.addcmul(state.kv.reshape(rows, m, dv) * old.unsqueeze(-1), new.unsqueeze(-1), x.value.reshape(rows, 1, dv),
                        value=m**-0.5)
     k_sum = torch.add(state.k_sum.reshape(rows, m) * old, new, alpha=m**-0.5)
-    q_log = torch.mm(x.query.reshape(rows * group, d), omega_t).view(rows, group, m).mul_(s).add_(log_scale.unsqueeze(1))
+    q_log = logits[rows:].view(rows, group, m).add_(log_scale.unsqueeze(1))
     q_feat = q_log.sub_(q_log.amax(-1, keepdim=True)).exp_()
     out = torch.bmm(q_feat, kv).div_(torch.bmm(q_feat, k_sum.unsqueeze(-1)).clamp_min_(_TINY))
     shape = (b, key_heads, m)

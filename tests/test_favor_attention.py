@@ -350,6 +350,21 @@ def test_token_by_token_steps_equal_one_causal_pass_with_left_padding(scale):
     assert not stepped[0, :, :3].any()  # a query that has seen only padding reads 0 (the reference's 0/0 is NaN)
 
 
+def test_a_decoding_step_under_autograd_gives_the_reference_gradients():
+    """The one-token step's fast path runs without autograd; with gradients it takes the general path."""
+    q, k, v = qkv(6, heads=4, key_heads=2)
+    _, state = causal_favor(q[:, :, :5], k[:, :, :5], v[:, :, :5], projection())
+    inputs = [t[:, :, 5:].clone().requires_grad_() for t in (q, k, v)]
+    out, _ = recurrent_favor_step(*inputs, projection(), state)
+    with torch.no_grad():
+        fast, _ = recurrent_favor_step(*inputs, projection(), state)
+    torch.testing.assert_close(out, fast, rtol=1e-5, atol=1e-6)
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    full = [torch.cat([t[:, :, :5], r], 2) for t, r in zip((q, k, v), reference_inputs)]
+    expected = reference(full[0], *(t.repeat_interleave(2, 1) for t in full[1:]), projection(), causal=True)[:, :, 5:]
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
+
+
 def test_bidirectional_backward_keeps_no_features():
     """What the op saves for backward: its inputs, the output and the [m, Dv + 1] summary, never the
     [L, m] features of the queries or keys (they are recomputed block by block)."""

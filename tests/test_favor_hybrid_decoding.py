@@ -54,6 +54,23 @@ def test_token_by_token_decoding_equals_one_causal_pass_with_left_padding(window
 
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
+@pytest.mark.parametrize("window, sinks", [(1, 0), (4, 2), (6, 1)])
+def test_one_token_steps_with_padding_after_the_sinks_equal_one_causal_pass(window, sinks, far_part):
+    """Generation's one-token step (the fast path once the sinks are complete), with padded tokens inside the
+    sequence and a per-head far weight: the same as one causal pass."""
+    q, k, v = qkv()
+    mask = left_padding()
+    mask[:, [12, 13, 20]] = False
+    weight = torch.tensor([0.5, -1.0, 0.0, 1.5], dtype=torch.float64)
+    full, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window,
+                              sink_tokens=sinks, far_part=far_part, far_log_weight=weight if far_part == "favor" else None)
+    stepped, _ = decode(q, k, v, list(range(8, L)), window=window, sinks=sinks, mask=mask, far_part=far_part,
+                        far_log_weight=weight if far_part == "favor" else None)
+    real = mask[:, None, :, None].expand_as(full)
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("window, sinks", SETTINGS)
 def test_decoding_in_uneven_pieces_matches_the_naive_hybrid(window, sinks, far_part):
     q, k, v = qkv()

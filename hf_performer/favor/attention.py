@@ -798,6 +798,29 @@ def recurrent_favor_step(
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _fold_token(state: FavorState, key_logits: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                keep: torch.Tensor | None, input_scale: float) -> FavorState:
+    """``state`` (``[B, Hk, ...]``) after one more key per row, without autograd: ``key_logits`` ``s·ωk``
+    ``[B·Hk, m]`` (overwritten), ``key [B·Hk, D]``, ``value [B·Hk, Dv]``, ``keep [B·Hk, 1]`` bool or None →
+    the state with ``B·Hk`` rows (``kv [B·Hk, m, Dv]``, ``k_sum``, ``log_scale [B·Hk, m]``).
+
+    The arithmetic of :func:`fold_keys` with one key in a handful of operations: the key norm rides in ``sub_``'s
+    ``alpha`` (``log φ(s·k) + ½ log m = s·ωk − ½ s²‖k‖²``), ``m^-½`` in ``addcmul``'s ``value``.  A padding key
+    on an empty state (reference ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0."""
+    rows, m = key_logits.shape
+    dv = value.shape[-1]
+    log_feat = key_logits.sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5 * input_scale * input_scale)
+    if keep is not None:
+        log_feat.masked_fill_(~keep, NEG_LOG_WEIGHT)
+    previous = state.log_scale.reshape(rows, m)
+    log_scale = torch.maximum(previous, log_feat)
+    old = previous.sub(log_scale).exp_()
+    new = log_feat.sub_(log_scale.clamp_min(NEG_LOG_WEIGHT / 2)).exp_()
+    kv = torch.addcmul(state.kv.reshape(rows, m, dv) * old.unsqueeze(-1), new.unsqueeze(-1), value.reshape(rows, 1, dv),
+                       value=m**-0.5)
+    return FavorState(kv, torch.add(state.k_sum.reshape(rows, m) * old, new, alpha=m**-0.5), log_scale)
+
+
 def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorState]:
     """The decoding step of generation, softmax kernel, without autograd: one new key/value ``[B, Hk, 1, ·]``
     folded into ``state`` and one query per head read out → ``([B, Hk, G, 1, Dv], new state)``.
@@ -805,27 +828,17 @@ def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorS
     The arithmetic of :func:`fold_keys` + :func:`_read_out` with one key, in about 20 tensor operations (the
     general path takes twice as many): at a few hundred tokens of context a step is per-operation overhead,
     not arithmetic (``benchmarks/decode_latency.py``).  The key and the queries go through one product with
-    ``s·ω`` (``log φ(s·k) + ½ log m = s·ωk − ½ s²‖k‖²``, the norm in ``sub_``'s ``alpha``), ``m^-½`` rides in
-    ``addcmul``'s ``value``, and the query side drops ``m^-½`` altogether (it cancels between numerator and
-    denominator).  A padding key on an empty state (reference
-    ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0, and a query that has seen no real key
-    reads 0 (every real key leaves ``k_sum ≥ m^-½`` in the feature it maximises)."""
+    ``s·ω``, the key folds in with :func:`_fold_token`, and the query side drops ``m^-½`` altogether (it cancels
+    between numerator and denominator): a query that has seen no real key reads 0 (every real key leaves
+    ``k_sum ≥ m^-½`` in the feature it maximises)."""
     b, key_heads, group, _, d = x.query.shape
     m, dv, s = x.projection.shape[0], x.value.shape[-1], x.input_scale
     rows = b * key_heads
     key = x.key.reshape(rows, d)
     # one product for the key and the queries: [B·Hk + B·Hk·G, m], ω scaled once
     logits = torch.mm(torch.cat([key, x.query.reshape(rows * group, d)]), x.projection.t() * s)
-    log_feat = logits[:rows].sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5 * s * s)  # [B·Hk, m]
-    if x.keep is not None:  # [B, 1, 1] → [B·Hk, 1]
-        log_feat.masked_fill_(~x.keep.expand(b, key_heads, 1).reshape(rows, 1), NEG_LOG_WEIGHT)
-    previous = state.log_scale.reshape(rows, m)
-    log_scale = torch.maximum(previous, log_feat)
-    old = previous.sub(log_scale).exp_()
-    new = log_feat.sub_(log_scale.clamp_min(NEG_LOG_WEIGHT / 2)).exp_()
-    kv = torch.addcmul(state.kv.reshape(rows, m, dv) * old.unsqueeze(-1), new.unsqueeze(-1), x.value.reshape(rows, 1, dv),
-                       value=m**-0.5)
-    k_sum = torch.add(state.k_sum.reshape(rows, m) * old, new, alpha=m**-0.5)
+    keep = None if x.keep is None else x.keep.expand(b, key_heads, 1).reshape(rows, 1)
+    kv, k_sum, log_scale = _fold_token(state, logits[:rows], key, x.value.reshape(rows, dv), keep, s)
     q_log = logits[rows:].view(rows, group, m).add_(log_scale.unsqueeze(1))
     q_feat = q_log.sub_(q_log.amax(-1, keepdim=True)).exp_()
     out = torch.bmm(q_feat, kv).div_(torch.bmm(q_feat, k_sum.unsqueeze(-1)).clamp_min_(_TINY))

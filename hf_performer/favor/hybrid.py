@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf_performer.favor.attention import (
+    _TINY,
     BLOCK_ELEMENTS,
     FavorState,
     _chunk_states,
     _divide,
+    _fold_token,
     _inputs,
     _Inputs,
     _ungroup,
@@ -563,6 +565,61 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
     return _divide(numerator[..., :-1], numerator[..., -1])
 
 
+def _sinks_complete(state: HybridState) -> bool:
+    """Whether every row has seen its ``S`` sinks: then a new token is never a sink (see :func:`_one_token_step`)."""
+    sinks = state.sink_key.shape[2]
+    return not sinks or bool((state.real_seen >= sinks).all())
+
+
+def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
+                    far_log_weight: torch.Tensor | None) -> tuple[torch.Tensor, HybridState]:
+    """Generation's step, without autograd, once the sinks are complete (:func:`_sinks_complete`): the query of
+    one new token ``[B, Hk, G, 1, D]`` (``keep [B, 1]``) after ``state`` → ``([B, Hk, G, 1, Dv], state after)``.
+
+    :func:`_hybrid_step` + :func:`_advance` for ``L = 1`` in about a quarter of their tensor operations (a step is
+    per-operation overhead at these sizes: ``benchmarks/decode_latency.py``).  With one query every kept position
+    is inside its window and no pair meets it through features; the sinks are all seen and the new token is not
+    one of them.  The query reads the far state before the oldest kept position (if real) folds into it
+    (:func:`~hf_performer.favor.attention._fold_token`; its features come out of the query's product with ``s·ω``).
+    Exact part and FAVOR+ part relative to the larger of their references, as in :func:`hybrid_favor`."""
+    query, key, value, projection, _, scale, _ = x
+    b, key_heads, group, _, d = query.shape
+    rows, m, dv, sinks = b * key_heads, projection.shape[0], value.shape[-1], state.sink_key.shape[2]
+    window_key, window_value = torch.cat([state.window_key, key], 2), torch.cat([state.window_value, value], 2)
+    window_keep = torch.cat([state.window_keep, keep], 1)  # [B, W]: the query's window, oldest first
+    q = query.reshape(rows, group, d)
+    keys = torch.cat([state.sink_key, window_key], 2).reshape(rows, -1, d)
+    values = _with_ones(torch.cat([state.sink_value, window_value], 2)).reshape(rows, -1, dv + 1)
+    hidden = ~F.pad(window_keep, (sinks, 0), value=True)[:, None].expand(b, key_heads, -1).reshape(rows, 1, -1)
+    logits = torch.bmm(q, keys.mT).mul_(scale * scale).masked_fill_(hidden, float("-inf"))  # [B·Hk, G, S + W]
+    reference = logits.amax(-1, keepdim=True).clamp_min_(NEG_LOG_WEIGHT)
+    far_state = state.far
+    if far:
+        leaving = window_key[:, :, 0].reshape(rows, d)
+        products = torch.mm(torch.cat([q.reshape(rows * group, d), leaving]), projection.t() * scale)
+        q_log = products[: rows * group].view(rows, group, m).add_(state.far.log_scale.reshape(rows, 1, m))
+        top = q_log.amax(-1, keepdim=True)
+        q_feat = q_log.sub_(top).exp_()
+        # φ(q)ᵀφ(k) = q_feat·kv_j · exp(top − ‖s·q‖²/2 − ½ log m): the state's rows carry exp(log_scale) and m^-½
+        favor_ref = top.sub_(torch.linalg.vecdot(q, q).unsqueeze(-1), alpha=0.5 * scale * scale).sub_(0.5 * math.log(m))
+        if far_log_weight is not None:
+            favor_ref = favor_ref.add_(far_log_weight.expand(b, key_heads, group).reshape(rows, group, 1))
+        reference = torch.maximum(reference, favor_ref)
+        summary = torch.cat([state.far.kv, state.far.k_sum.unsqueeze(-1)], -1).reshape(rows, m, dv + 1)
+        numerator = torch.baddbmm(torch.bmm(logits.sub_(reference).exp_(), values),
+                                  q_feat.mul_(favor_ref.sub_(reference).exp_()), summary)
+        leaving_keep = window_keep[:, :1].expand(b, key_heads).reshape(rows, 1)
+        folded = _fold_token(state.far, products[rows * group :], leaving, window_value[:, :, 0].reshape(rows, dv),
+                             leaving_keep, scale)
+        far_state = FavorState(*(t.view(b, key_heads, *t.shape[1:]) for t in folded))
+    else:
+        numerator = torch.bmm(logits.sub_(reference).exp_(), values)
+    out = numerator[..., :dv].div_(numerator[..., dv:].clamp_min(_TINY))
+    after = HybridState(far_state, state.sink_key, state.sink_value, window_key[:, :, 1:], window_value[:, :, 1:],
+                        window_keep[:, 1:], state.real_seen + keep[:, 0])
+    return out.view(b, key_heads, group, 1, dv), after
+
+
 def recurrent_hybrid_favor(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -602,6 +659,9 @@ def recurrent_hybrid_favor(
         out = _ungroup(out, x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
         return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale, far)
+    if key.shape[-2] == 1 and not records_gradients(*x[:4], *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state):
+        out, state = _one_token_step(x, initial_state, keep, far, weight)
+        return _ungroup(out, x.dtype), state
     state, outputs = initial_state, []
     for start in range(0, key.shape[-2], local_window):
         piece = slice(start, start + local_window)

@@ -115,3 +115,21 @@ def test_queries_must_be_those_of_the_new_keys():
     q, k, v = qkv(6)
     with pytest.raises(ValueError, match="queries of the new keys"):
         recurrent_hybrid_favor(q[:, :, -1:], k, v, projection(), local_window=3)
+
+
+def test_decoding_steps_backpropagate_into_a_learnable_far_weight():
+    """A far weight that requires grad makes a step record gradients: the general path runs, not the
+    in-place one-token step, and its gradient matches the naive reference's."""
+    q, k, v = qkv()
+    weight = torch.tensor([0.5, -1.0, 0.0, 1.5], dtype=torch.float64, requires_grad=True)
+    reference_weight = weight.detach().clone().requires_grad_()
+    out, _ = decode(q, k, v, list(range(8, L)), window=4, sinks=2, far_log_weight=weight)
+    expected = hybrid_attention(
+        q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=4, sinks=2, causal=True,
+        far_log_weight=reference_weight,
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=1e-4, atol=1e-6)

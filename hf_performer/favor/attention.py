@@ -73,11 +73,11 @@ def fold_keys(state: FavorState, k_feat: torch.Tensor, reference: torch.Tensor, 
     )
 
 
-def records_gradients(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records an operation on ``tensors``: then the tensors a pass creates are kept for
-    backward anyway, and writing blocks into a shared buffer saves nothing (and in-place writes into one
-    tensor would make its backward copy it)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def records_gradients(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operation on ``tensors`` (``None`` entries are skipped): then the tensors a
+    pass creates are kept for backward anyway, and writing blocks into a shared buffer saves nothing (and
+    in-place writes into one tensor would make its backward copy it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

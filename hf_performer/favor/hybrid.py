@@ -146,7 +146,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     into one output; under autograd each checkpointed (its forward runs again in backward), so that backward
     holds one group's tensors rather than every group's."""
     b, key_heads, group, length, d = x.query.shape
-    recording = records_gradients(x.query, x.key, x.value, x.projection)
+    recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
     attend = partial(_hybrid_rows, causal=causal, window=window, sinks=sinks, far_part=far_part)
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
@@ -175,7 +175,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
-    recording = records_gradients(query, key, value, projection)
+    recording = records_gradients(query, key, value, projection, far_log_weight)
     block, reach = _block_layout(length, window, causal)
     n = math.ceil(length / block)
     pad = n * block - length
@@ -659,7 +659,7 @@ def recurrent_hybrid_favor(
         out = _ungroup(out, x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
         return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale, far)
-    if key.shape[-2] == 1 and not records_gradients(*x[:4], *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state):
+    if key.shape[-2] == 1 and not records_gradients(*x[:4], weight, *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state):
         out, state = _one_token_step(x, initial_state, keep, far, weight)
         return _ungroup(out, x.dtype), state
     state, outputs = initial_state, []

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import Trainer
 
 TRAINABLE = {
-    "all": "all weights",  # and with PerformerConfig(far_weight=True), every choice trains the per-head far weights
+    "all": "all weights",
     "attention": "the attention projections",
     "features": "the random features ω (made learnable)",
     "attention+features": "the attention projections and the random features ω (made learnable)",
@@ -36,7 +36,8 @@ TRAINABLE = {
 """What attention transfer may train (→ how a model card says it): every weight, the attention modules'
 projections (q, k, v and GPT-2/Llama's output projection), only the random features ω made learnable,
 or both of the last two (a learned feature map with the projections adapting to it, as Hedgehog and
-LoLCATs train)."""
+LoLCATs train).  With ``PerformerConfig(far_weight=True)`` every choice also trains the hybrid's per-head far
+weights."""
 
 
 def attention_modules(model: nn.Module, attention_classes: tuple[type, ...]) -> list[nn.Module]:

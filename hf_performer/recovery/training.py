@@ -45,8 +45,10 @@ def optimizer_for(model: torch.nn.Module, training: TrainingArguments, far_weigh
     every group alike (warm-up and decay)."""
     if far_weight_learning_rate is None:
         return None
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    far = [p for name, p in trainable if name.endswith("favor.far_log_weight")]
+    far, rest = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (far if name.endswith("favor.far_log_weight") else rest).append((name, parameter))
     if not far:
         raise ValueError(
             "--far_weight_learning_rate was given, but the model has no trainable per-head far weights: convert or "
@@ -54,11 +56,10 @@ def optimizer_for(model: torch.nn.Module, training: TrainingArguments, far_weigh
         )
     optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(training, model)
     decayed = set(Trainer.get_decay_parameter_names(None, model))  # a method that reads only its argument
-    rest = [(name, p) for name, p in trainable if not name.endswith("favor.far_log_weight")]
     groups = [
         {"params": [p for name, p in rest if name in decayed], "weight_decay": training.weight_decay},
         {"params": [p for name, p in rest if name not in decayed], "weight_decay": 0.0},
-        {"params": far, "lr": far_weight_learning_rate, "weight_decay": 0.0},
+        {"params": [p for _, p in far], "lr": far_weight_learning_rate, "weight_decay": 0.0},
     ]
     return optimizer_class([group for group in groups if group["params"]], **kwargs)
 

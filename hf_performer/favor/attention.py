@@ -37,25 +37,34 @@ KernelFn = Callable[[torch.Tensor], torch.Tensor]
 class FavorState(NamedTuple):
     """Causal FAVOR+ state after the keys seen so far (the paper's prefix sums, rescaled), per key head.
 
-    ``S = Σ_s φ(k_s) v_sᵀ = exp(log_scale) ⊙_rows kv`` and ``z = Σ_s φ(k_s) = exp(log_scale) ⊙ k_sum``.
+    ``[S, z] = Σ_s φ(k_s) [v_s, 1]ᵀ = exp(log_scale) ⊙_rows summary``: the numerator's ``S = Σ φ(k) vᵀ`` and the
+    denominator's ``z = Σ φ(k)`` side by side, so that one product with a query's features reads out both (and one
+    update folds a key into both).
 
-    - ``kv``: ``[B, Hk, m, Dv]``
-    - ``k_sum``: ``[B, Hk, m]``
+    - ``summary``: ``[B, Hk, m, Dv + 1]`` (views :attr:`kv` ``[B, Hk, m, Dv]`` and :attr:`k_sum` ``[B, Hk, m]``)
     - ``log_scale``: ``[B, Hk, m]``, the per-feature reference (the largest key log-feature seen,
       ``NEG_LOG_WEIGHT`` when none)
 
     Its size does not depend on the number of tokens: this is what constant-memory decoding keeps.
     """
 
-    kv: torch.Tensor
-    k_sum: torch.Tensor
+    summary: torch.Tensor
     log_scale: torch.Tensor
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """``Σ φ̃(k) vᵀ`` ``[B, Hk, m, Dv]`` (a view of :attr:`summary`)."""
+        return self.summary[..., :-1]
+
+    @property
+    def k_sum(self) -> torch.Tensor:
+        """``Σ φ̃(k)`` ``[B, Hk, m]`` (a view of :attr:`summary`)."""
+        return self.summary[..., -1]
 
     @classmethod
     def empty(cls, batch: int, key_heads: int, nb_features: int, value_dim: int, device=None) -> FavorState:
         return cls(
-            torch.zeros(batch, key_heads, nb_features, value_dim, device=device),
-            torch.zeros(batch, key_heads, nb_features, device=device),
+            torch.zeros(batch, key_heads, nb_features, value_dim + 1, device=device),
             torch.full((batch, key_heads, nb_features), NEG_LOG_WEIGHT, device=device),
         )
 
@@ -66,11 +75,7 @@ def fold_keys(state: FavorState, k_feat: torch.Tensor, reference: torch.Tensor, 
     log_scale = torch.maximum(state.log_scale, reference)
     old, new = torch.exp(state.log_scale - log_scale), torch.exp(reference - log_scale)
     weighted = k_feat * new.unsqueeze(-2)
-    return FavorState(
-        state.kv * old[..., None] + weighted.transpose(-1, -2) @ value,
-        state.k_sum * old + weighted.sum(-2),
-        log_scale,
-    )
+    return FavorState(state.summary * old[..., None] + weighted.transpose(-1, -2) @ _with_ones(value), log_scale)
 
 
 def records_gradients(*tensors: torch.Tensor | None) -> bool:
@@ -694,10 +699,9 @@ def _entry(state: FavorState, softmax: bool) -> tuple[torch.Tensor, torch.Tensor
     """``state`` as the chunks carry it: one summary ``[kv, k_sum]`` (``[B, Hk, m, Dv + 1]``) and, for the softmax
     kernel, one reference per key head (``[B, Hk]``), its per-feature references folded into their largest."""
     if not softmax:
-        return torch.cat([state.kv, state.k_sum[..., None]], -1), None
+        return state.summary, None
     reference = state.log_scale.amax(-1)
-    rows = torch.exp(state.log_scale - reference[..., None])[..., None]
-    return torch.cat([state.kv * rows, state.k_sum[..., None] * rows], -1), reference
+    return state.summary * torch.exp(state.log_scale - reference[..., None])[..., None], reference
 
 
 def causal_favor(
@@ -753,7 +757,7 @@ def causal_favor(
         out = x.query.new_empty(*x.query.shape[:-1], dv) if q_len > block and not recording else None
         out, summary, reference = _causal_blocks(*inputs, chunk=chunk, block=block, features=features, out=out)
     log_scale = state.log_scale if reference is None else reference[..., None].expand(-1, -1, m).contiguous()
-    return _ungroup(out, x.dtype), FavorState(summary[..., :dv], summary[..., dv], log_scale)
+    return _ungroup(out, x.dtype), FavorState(summary, log_scale)
 
 
 def _fold(state: FavorState, key, value, keep, projection, block: int, features) -> FavorState:
@@ -791,7 +795,7 @@ def recurrent_favor_step(
     rows = x.query.reshape(b, key_heads, group * q_len, d)
     key_reference = state.log_scale if kernel_fn is None else None
     q_feat = query_features(rows, x.projection, key_reference=key_reference, **features)
-    out = _read_out(q_feat, torch.cat([state.kv, state.k_sum[..., None]], -1))
+    out = _read_out(q_feat, state.summary)
     return _ungroup(out.view(b, key_heads, group, q_len, -1), x.dtype), state
 
 
@@ -799,26 +803,26 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def _fold_token(state: FavorState, key_logits: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                keep: torch.Tensor | None, input_scale: float) -> FavorState:
-    """``state`` (``[B, Hk, ...]``) after one more key per row, without autograd: ``key_logits`` ``s·ωk``
-    ``[B·Hk, m]`` (overwritten), ``key [B·Hk, D]``, ``value [B·Hk, Dv]``, ``keep [B·Hk, 1]`` bool or None →
-    the state with ``B·Hk`` rows (``kv [B·Hk, m, Dv]``, ``k_sum``, ``log_scale [B·Hk, m]``).
+                keep: torch.Tensor | None) -> FavorState:
+    """``state`` (``[B, Hk, ...]``) after one more key per row, without autograd: ``key_logits`` ``ωk``
+    ``[B·Hk, m]`` (overwritten) of the scaled ``key`` ``[B·Hk, D]`` (``s·k``), ``value [B·Hk, Dv]``, ``keep
+    [B·Hk, 1]`` bool or None → the state with ``B·Hk`` rows (``summary [B·Hk, m, Dv + 1]``, ``log_scale [B·Hk, m]``).
 
     The arithmetic of :func:`fold_keys` with one key in a handful of operations: the key norm rides in ``sub_``'s
-    ``alpha`` (``log φ(s·k) + ½ log m = s·ωk − ½ s²‖k‖²``), ``m^-½`` in ``addcmul``'s ``value``.  A padding key
-    on an empty state (reference ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0."""
+    ``alpha`` (``log φ(k) + ½ log m = ωk − ½‖k‖²``), ``m^-½`` in ``addcmul``'s ``value``, and the numerator and
+    the denominator of the state take the key in one update.  A padding key on an empty state (reference
+    ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0."""
     rows, m = key_logits.shape
-    dv = value.shape[-1]
-    log_feat = key_logits.sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5 * input_scale * input_scale)
+    log_feat = key_logits.sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5)
     if keep is not None:
         log_feat.masked_fill_(~keep, NEG_LOG_WEIGHT)
     previous = state.log_scale.reshape(rows, m)
     log_scale = torch.maximum(previous, log_feat)
     old = previous.sub(log_scale).exp_()
     new = log_feat.sub_(log_scale.clamp_min(NEG_LOG_WEIGHT / 2)).exp_()
-    kv = torch.addcmul(state.kv.reshape(rows, m, dv) * old.unsqueeze(-1), new.unsqueeze(-1), value.reshape(rows, 1, dv),
-                       value=m**-0.5)
-    return FavorState(kv, torch.add(state.k_sum.reshape(rows, m) * old, new, alpha=m**-0.5), log_scale)
+    summary = state.summary.reshape(rows, m, -1) * old.unsqueeze(-1)
+    return FavorState(summary.addcmul_(new.unsqueeze(-1), F.pad(value, (0, 1), value=1.0).unsqueeze(1), value=m**-0.5),
+                      log_scale)
 
 
 def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorState]:
@@ -827,23 +831,25 @@ def _one_token_step(x: _Inputs, state: FavorState) -> tuple[torch.Tensor, FavorS
 
     The arithmetic of :func:`fold_keys` + :func:`_read_out` with one key, in about 20 tensor operations (the
     general path takes twice as many): at a few hundred tokens of context a step is per-operation overhead,
-    not arithmetic (``benchmarks/decode_latency.py``).  The key and the queries go through one product with
-    ``s·ω``, the key folds in with :func:`_fold_token`, and the query side drops ``m^-½`` altogether (it cancels
-    between numerator and denominator): a query that has seen no real key reads 0 (every real key leaves
-    ``k_sum ≥ m^-½`` in the feature it maximises)."""
+    not arithmetic (``benchmarks/decode_latency.py``).  The key and the queries are scaled by ``s`` together and
+    go through one product with ``ω``, the key folds in with :func:`_fold_token`, one product with the summary
+    reads out numerator and denominator, and the query side drops ``m^-½`` altogether (it cancels between
+    them): a query that has seen no real key reads 0 (every real key leaves ``k_sum ≥ m^-½`` in the feature it
+    maximises)."""
     b, key_heads, group, _, d = x.query.shape
-    m, dv, s = x.projection.shape[0], x.value.shape[-1], x.input_scale
+    m, dv = x.projection.shape[0], x.value.shape[-1]
     rows = b * key_heads
-    key = x.key.reshape(rows, d)
-    # one product for the key and the queries: [B·Hk + B·Hk·G, m], ω scaled once
-    logits = torch.mm(torch.cat([key, x.query.reshape(rows * group, d)]), x.projection.t() * s)
+    # the key and the queries, scaled once: [B·Hk + B·Hk·G, D], and their logits ωx
+    scaled = torch.cat([x.key.reshape(rows, d), x.query.reshape(rows * group, d)]).mul_(x.input_scale)
+    logits = torch.mm(scaled, x.projection.t())
     keep = None if x.keep is None else x.keep.expand(b, key_heads, 1).reshape(rows, 1)
-    kv, k_sum, log_scale = _fold_token(state, logits[:rows], key, x.value.reshape(rows, dv), keep, s)
+    summary, log_scale = _fold_token(state, logits[:rows], scaled[:rows], x.value.reshape(rows, dv), keep)
     q_log = logits[rows:].view(rows, group, m).add_(log_scale.unsqueeze(1))
     q_feat = q_log.sub_(q_log.amax(-1, keepdim=True)).exp_()
-    out = torch.bmm(q_feat, kv).div_(torch.bmm(q_feat, k_sum.unsqueeze(-1)).clamp_min_(_TINY))
-    shape = (b, key_heads, m)
-    return out.view(b, key_heads, group, 1, dv), FavorState(kv.view(*shape, dv), k_sum.view(shape), log_scale.view(shape))
+    combined = torch.bmm(q_feat, summary)
+    out = combined[..., :dv].div_(combined[..., dv:].clamp_min(_TINY))
+    return out.view(b, key_heads, group, 1, dv), FavorState(summary.view(b, key_heads, m, dv + 1),
+                                                            log_scale.view(b, key_heads, m))
 
 
 def favor_attention(

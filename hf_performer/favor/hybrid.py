@@ -552,9 +552,7 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
         favor_ref = top - q_scaled.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
         if far_log_weight is not None:
             favor_ref = favor_ref + far_log_weight[:, :, None, None]
-        summary = torch.cat([state.far.kv, state.far.k_sum[..., None]], -1) * torch.exp(
-            state.far.log_scale - reference + 0.5 * math.log(m)
-        )[..., None]
+        summary = state.far.summary * torch.exp(state.far.log_scale - reference + 0.5 * math.log(m))[..., None]
         favor_num = q_feat @ summary[:, :, None]
         if length > 1:
             pair_feat = (pair_log - reference[:, :, None]).exp()
@@ -595,8 +593,9 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
     reference = logits.amax(-1, keepdim=True).clamp_min_(NEG_LOG_WEIGHT)
     far_state = state.far
     if far:
-        leaving = window_key[:, :, 0].reshape(rows, d)
-        products = torch.mm(torch.cat([q.reshape(rows * group, d), leaving]), projection.t() * scale)
+        # the queries and the leaving key, scaled once, and their logits ωx: [B·Hk·G + B·Hk, m]
+        scaled = torch.cat([q.reshape(rows * group, d), window_key[:, :, 0].reshape(rows, d)]).mul_(scale)
+        products = torch.mm(scaled, projection.t())
         q_log = products[: rows * group].view(rows, group, m).add_(state.far.log_scale.reshape(rows, 1, m))
         top = q_log.amax(-1, keepdim=True)
         q_feat = q_log.sub_(top).exp_()
@@ -605,12 +604,12 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
         if far_log_weight is not None:
             favor_ref = favor_ref.add_(far_log_weight.expand(b, key_heads, group).reshape(rows, group, 1))
         reference = torch.maximum(reference, favor_ref)
-        summary = torch.cat([state.far.kv, state.far.k_sum.unsqueeze(-1)], -1).reshape(rows, m, dv + 1)
+        summary = state.far.summary.reshape(rows, m, dv + 1)
         numerator = torch.baddbmm(torch.bmm(logits.sub_(reference).exp_(), values),
                                   q_feat.mul_(favor_ref.sub_(reference).exp_()), summary)
         leaving_keep = window_keep[:, :1].expand(b, key_heads).reshape(rows, 1)
-        folded = _fold_token(state.far, products[rows * group :], leaving, window_value[:, :, 0].reshape(rows, dv),
-                             leaving_keep, scale)
+        folded = _fold_token(state.far, products[rows * group :], scaled[rows * group :],
+                             window_value[:, :, 0].reshape(rows, dv), leaving_keep)
         far_state = FavorState(*(t.view(b, key_heads, *t.shape[1:]) for t in folded))
     else:
         numerator = torch.bmm(logits.sub_(reference).exp_(), values)

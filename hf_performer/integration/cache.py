@@ -44,7 +44,7 @@ NEEDS_KEYS_AND_VALUES = (
 
 
 class FavorCacheLayer(CacheLayerMixin):
-    """One layer's FAVOR+ state: ``kv [B, Hk, m, Dv]``, ``k_sum [B, Hk, m]``, ``log_scale [B, Hk, m]``
+    """One layer's FAVOR+ state: ``summary [B, Hk, m, Dv + 1]`` (``Σ φ(k)vᵀ`` next to ``Σ φ(k)``), ``log_scale [B, Hk, m]``
     (a :class:`FavorState`), or with hybrid FAVOR+ a :class:`HybridState` holding such a state.
 
     Kept per *key* head, as the FAVOR+ ops compute it: grouped-query heads that share a key head see

@@ -102,6 +102,21 @@ def test_rows_in_groups_match_the_naive_hybrid(causal, monkeypatch):
     torch.testing.assert_close(out, naive(q, k, v, window=5, sinks=3, causal=causal, mask=mask), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks_per_step", [2, 16])  # 2: a head's blocks over several steps; 16: two heads a step
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_blocks_in_steps_match_the_naive_hybrid(causal, blocks_per_step, monkeypatch):
+    # without autograd, the query side goes through STEP_ELEMENTS query features at a time, causal FAVOR+ states
+    # scanned step by step and carried from a head's step to its next
+    window, group = 5, 2
+    monkeypatch.setattr(hybrid, "STEP_ELEMENTS", blocks_per_step * group * window * M)
+    q, k, v = qkv()
+    mask = padding_mask()
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=window,
+                             sink_tokens=3)
+    expected = naive(q, k, v, window=window, sinks=3, causal=causal, mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatch):
     # under autograd, rows go through in checkpointed groups of ROW_ELEMENTS: one row each here

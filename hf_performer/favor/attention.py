@@ -546,14 +546,18 @@ def _causal_chunks(
 
 def _chunk_states(summary: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan of the chunk sums ``[B, Hk, n, m, Dv + 1]`` from ``summary`` as ``(states before each chunk
-    [B, Hk, n, m, Dv + 1], state after the last)``.  Without autograd the states before come in one block of memory
-    (scanned up to the last chunk, which is then added alone): a slice of all ``n + 1`` is copied by every batched
-    product that reads it."""
+    [B, Hk, n, m, Dv + 1], state after the last)``.  Without autograd the states before are written over the sums
+    (which the caller no longer needs), one chunk after another: one block of memory for both, and a slice of it is
+    not copied by the batched products that read it, as a slice of all ``n + 1`` states would be."""
     if records_gradients(summary, sums):
         states = _DecayedScan.apply(summary, sums, decay)
         return states[:, :, :-1], states[:, :, -1]
-    before = _scan(summary, sums[:, :, :-1], decay[:, :, :-1])
-    return before, torch.addcmul(sums[:, :, -1], before[:, :, -1], decay[:, :, -1])
+    state = summary
+    for j in range(sums.shape[2]):
+        after = torch.addcmul(sums[:, :, j], state, decay[:, :, j])
+        sums[:, :, j].copy_(state)
+        state = after
+    return sums, state
 
 
 def _causal_blocks(query, key, value, projection, keep, summary, reference, *, chunk: int, block: int, features,

@@ -117,6 +117,28 @@ def test_query_blocks_in_steps_match_the_naive_hybrid(causal, blocks_per_step, m
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks_per_step", [2, 1000])  # query blocks per step of the query side
+@pytest.mark.parametrize("far_part", ["favor", "none"])
+@pytest.mark.parametrize("window, sinks, left_padding", [(5, 3, 6), (4, 0, 0), (5, 3, 30)])  # 30: sinks beyond
+def test_causal_segments_match_the_naive_hybrid(window, sinks, left_padding, far_part, blocks_per_step, monkeypatch):
+    # without autograd, long causal sequences go through segments of 4 windows here, each continuing from the one
+    # before (its last block, its FAVOR+ summary, the sinks); where a sequence's sinks are not all in the first
+    # segment, in one pass
+    monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * window * B * 2 * M)
+    monkeypatch.setattr(hybrid, "STEP_ELEMENTS", blocks_per_step * 2 * window * M)
+    q, k, v = qkv(70)
+    mask = torch.ones(B, 70, dtype=torch.bool)
+    mask[0, :left_padding] = False
+    mask[1, 61:] = False
+    weight = FAR_LOG_WEIGHT if far_part == "favor" else None
+    out, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window,
+                             sink_tokens=sinks, far_part=far_part, far_log_weight=weight)
+    expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window,
+                                sinks=sinks, far=far_part == "favor", causal=True, key_padding_mask=mask,
+                                far_log_weight=weight).nan_to_num()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatch):
     # under autograd, rows go through in checkpointed groups of ROW_ELEMENTS: one row each here

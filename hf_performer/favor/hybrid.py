@@ -140,6 +140,70 @@ the memory; forward+backward (checkpointed groups) peaks at 539 MiB bidirectiona
 (+5 % time against one)."""
 
 
+SEGMENT_ELEMENTS = 1 << 21
+"""Key-feature elements per segment of a long causal sequence without autograd (:func:`_segments`), all (batch, key
+head) rows together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak beyond the inputs (8 heads ×
+64, W = 64, S = 4, fresh processes) 27 / 61 / 156 MiB at 2,048 / 16,384 / 65,536 tokens against 33 / 68 / 263 in one
+pass (SDPA: 6 / 34 / 132), in 1.03–1.07× one pass's time (interleaved, 1 thread, 2,048 and 16,384 tokens: a
+segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×."""
+
+
+def _segment_length(rows: int, nb_features: int, window: int) -> int:
+    """Tokens per segment of :func:`_segments`: whole windows, at least four."""
+    return max(4 * window, SEGMENT_ELEMENTS // (rows * nb_features) // window * window)
+
+
+def _sinks_within(keep: torch.Tensor | None, sinks: int, tokens: int) -> bool:
+    """Whether every sequence has its ``S`` sinks among its first ``tokens`` (``keep [B, 1, L]`` or None)."""
+    if keep is None:
+        return sinks <= tokens
+    return bool((keep[..., :tokens].sum(-1) >= sinks).all())
+
+
+class _Carry(NamedTuple):
+    """What causal hybrid attention of a segment (:func:`_segments`) takes from the tokens before it."""
+
+    summary: torch.Tensor | None  # [B·Hk, m, Dv + 1]: FAVOR+ summary of the far keys before the segment's first
+    # block (None without a FAVOR+ part)
+    reference: torch.Tensor | None  # [B·Hk, m]: its per-feature reference
+    sink_key: torch.Tensor  # [B, Hk, S, D], not scaled
+    sink_value: torch.Tensor  # [B, Hk, S, Dv]
+
+
+def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, window: int, sinks: int,
+              far_part: str) -> torch.Tensor:
+    """Causal :func:`hybrid_favor` of a long sequence without autograd, ``segment`` tokens (whole windows) at a time
+    → ``[B, Hk, G, L, Dv]``, so that memory holds one segment's key features, spans and masks rather than the
+    sequence's.
+
+    Segment ``i > 0`` runs :func:`_hybrid_rows` on its tokens after the last block (``W`` tokens) of segment ``i − 1``,
+    which holds the keys its first block's window reaches (its queries are not read out), continuing from a
+    :class:`_Carry`: the FAVOR+ summary of the keys before that block and its reference (which segment ``i − 1``
+    returns) and the sinks, gathered once and masked out of that block.  Block by block this is the arithmetic of one
+    pass over the sequence.  Every sequence must have its sinks in the first segment (:func:`_sinks_within`)."""
+    b, key_heads, group, length, d = x.query.shape
+    keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
+    sink = keep & (keep.cumsum(-1) <= sinks)
+    order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks, None]  # [B, 1, S, 1]
+    sinks_before = (x.key.gather(2, order.expand(b, key_heads, -1, d)),
+                    x.value.gather(2, order.expand(b, key_heads, -1, x.value.shape[-1])))
+    far_keep = keep & ~sink
+    out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
+    summary = reference = carry = None
+    for start in range(0, length, segment):
+        end = min(start + segment, length)
+        if start:  # from the previous segment's last block
+            start, carry = start - window, _Carry(summary, reference, *sinks_before)
+        continued = carry is not None
+        inputs = _Inputs(x.query[..., start:end, :], x.key[:, :, start:end], x.value[:, :, start:end], x.projection,
+                         far_keep[..., start:end] if continued else (None if x.keep is None else keep[..., :end]),
+                         *x[5:])
+        part, (summary, reference) = _hybrid_rows(inputs, far_log_weight, causal=True, window=window,
+                                                  sinks=0 if continued else sinks, far_part=far_part, carry=carry)
+        out[..., end - part.shape[-2] : end, :] = part
+    return out
+
+
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
                  far_log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Hybrid attention of the validated inputs ``x`` (``query [B, Hk, G, L, D]``, keys and values
@@ -154,8 +218,14 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     b, key_heads, group, length, d = x.query.shape
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
-    attend = partial(_hybrid_rows, causal=causal, window=window, sinks=sinks, far_part=far_part)
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
+    segment = _segment_length(rows, x.projection.shape[0], window)
+    if causal and not recording and length > segment and _sinks_within(x.keep, sinks, segment):
+        return _segments(x, weight, segment, window=window, sinks=sinks, far_part=far_part)
+
+    def attend(inputs: _Inputs, w: torch.Tensor | None) -> torch.Tensor:
+        return _hybrid_rows(inputs, w, causal=causal, window=window, sinks=sinks, far_part=far_part)[0]
+
     if per_group >= rows:
         return attend(x, weight)
     query, key, value = x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
@@ -174,10 +244,16 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
 
 
 def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: bool, window: int, sinks: int,
-                 far_part: str) -> torch.Tensor:
+                 far_part: str, carry: _Carry | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """:func:`hybrid_favor` of all rows at once (``far_log_weight [B·Hk, G]`` or None).  Blocks
     (:func:`_block_layout`) of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads
-    of a key head share its key blocks (``[R, G·block, ·]`` queries)."""
+    of a key head share its key blocks (``[R, G·block, ·]`` queries).
+
+    Causal without autograd, ``carry`` continues from the tokens before these (see :func:`_segments`: its sinks, and
+    the FAVOR+ summary of the far keys before block 0, whose queries are then not read out).  Returns ``(out [B, Hk, G,
+    L or L − W, Dv], (summary, reference))``: causally without autograd with a FAVOR+ part, the summary ``[B·Hk, m,
+    Dv + 1]`` of the far keys before the last block and its reference ``[B·Hk, m]`` (a :class:`_Carry`'s), else
+    ``(None, None)``."""
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
@@ -200,16 +276,18 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     # pass, and the masks give those keys weight 0 anyway)
     values = F.pad(value.reshape(-1, dv), (0, 1, edge, edge), value=1.0)
     k_feat = summary = reference = scan = None
+    initial = None if carry is None else carry.summary  # [B·Hk, m, Dv + 1]: the state before block 0
     if far_part == "favor":
         # FAVOR+ key features relative to a per-feature reference every query of the block may use:
         # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
         far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], edge)[:, 0]
         log_feat = _key_log_features(key_flat, projection, far_flat, block, recording)  # [R·block + 2·edge, m]
         block_max = log_feat[inner].detach().view(heads, n, block, m).amax(-2)  # [B·Hk, n, m]
-        if causal:
-            after = torch.cummax(block_max, 1).values  # reference of the keys of blocks ≤ c
+        if causal:  # the carry's keys come before block 0
+            prior = torch.full_like(block_max[:, :1], NEG_LOG_WEIGHT) if carry is None else carry.reference[:, None]
+            after = torch.cummax(torch.maximum(block_max, prior), 1).values  # reference of the keys of blocks ≤ c
             key_ref = after
-            reference = torch.cat([torch.full_like(after[:, :1], NEG_LOG_WEIGHT), after[:, :-1]], 1)  # blocks ≤ b − 1
+            reference = torch.cat([prior, after[:, :-1]], 1)  # blocks ≤ b − 1
         else:
             reference = block_max.amax(1, keepdim=True).expand_as(block_max)
             key_ref = reference
@@ -257,21 +335,43 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         keys = keys._replace(sink_key=sink_key.view(heads, sinks, d), sink_visible=sink_visible,
                              sink_values=sink_values.view(heads, sinks, dv + 1))
 
+    if carry is not None and carry.sink_key.shape[2]:  # sinks before these tokens: seen by every query
+        sink_count = carry.sink_key.shape[2]
+        keys = keys._replace(sink_key=(carry.sink_key * scale).reshape(heads, sink_count, d),
+                             sink_visible=torch.ones(heads, n, 1, 1, sink_count, dtype=torch.bool, device=key.device),
+                             sink_values=_with_ones(carry.sink_value).reshape(heads, sink_count, dv + 1))
+
     # query side, a few blocks at a time so that their [G·block, m] features and [G·block, span] weights stay in
     # cache; in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of
     # the shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
-    q_rows = query.view(b, key_heads, group, n, block, d).transpose(2, 3).reshape(heads, n, group * block, d) * scale
+    # after a carry, block 0 holds the previous segment's last tokens: their keys count, their queries are not read out
+    first = 0 if carry is None else 1
+    count = n - first  # blocks read out
+    q_rows = query.view(b, key_heads, group, n, block, d)[:, :, :, first:]
+    q_rows = q_rows.transpose(2, 3).reshape(heads, count, group * block, d) * scale
+    last = None  # causal FAVOR+: the state before the last block
     if recording:
-        out = _read_out(q_rows, projection, keys, slice(0, heads), slice(0, n), causal)
+        out = _read_out(q_rows, projection, keys, slice(0, heads), slice(first, n), causal)
     else:  # each step writes its blocks into one output (no list of them and their concatenation); causal FAVOR+
         # states are scanned step by step, from the state after the head's previous step
-        out = q_rows.new_empty(heads, n, group * block, dv)
+        out = q_rows.new_empty(heads, count, group * block, dv)
         states = carried = None  # causal: the states the step's blocks read, the state after the head's previous step
-        for step in _steps(heads, n, max(1, STEP_ELEMENTS // (group * block * m))):
+        if scan is not None:
+            last = q_rows.new_empty(heads, m, dv + 1)
+        for head_rows, blocks in _steps(heads, n, max(1, STEP_ELEMENTS // (group * block * m)), first):
             if scan is not None:
-                states, carried = scan.states(*step, carried if step[1].start else None)
-            out[step] = _read_out(q_rows[step], projection, keys, *step, causal, states)
-    return out.view(b, key_heads, n, group, block, dv).transpose(2, 3).reshape(b, key_heads, group, n * block, dv)[..., :length, :]
+                if blocks.start == first:  # the head's first step: from the carry, through block 0 when it is skipped
+                    carried = None if initial is None else initial[head_rows]
+                    if first:
+                        carried = scan.states(head_rows, slice(0, first), carried)[1]
+                states, carried = scan.states(head_rows, blocks, carried)
+                if blocks.stop >= n:
+                    last[head_rows] = states[:, -1]
+            written = slice(blocks.start - first, blocks.stop - first)
+            out[head_rows, written] = _read_out(q_rows[head_rows, written], projection, keys, head_rows, blocks, causal,
+                                                states)
+    out = out.view(b, key_heads, count, group, block, dv).transpose(2, 3).reshape(b, key_heads, group, count * block, dv)
+    return out[..., : length - first * block, :], (last, None if last is None else reference[:, -1])
 
 
 class _BlockScan(NamedTuple):
@@ -293,15 +393,16 @@ class _BlockScan(NamedTuple):
         return before[0], after[0]
 
 
-def _steps(heads: int, n: int, chunk: int):
-    """``(heads, blocks)`` slices covering ``heads × n`` query blocks ``chunk`` blocks at a time (whole heads
-    when a head has no more than ``chunk``)."""
-    if chunk >= n:
-        for h in range(0, heads, chunk // n):
-            yield slice(h, min(h + chunk // n, heads)), slice(0, n)
+def _steps(heads: int, n: int, chunk: int, first: int = 0):
+    """``(heads, blocks)`` slices covering the query blocks ``first … n − 1`` of ``heads`` heads ``chunk`` blocks at
+    a time (whole heads when a head has no more than ``chunk``), each head's in order."""
+    count = n - first
+    if chunk >= count:
+        for h in range(0, heads, chunk // count):
+            yield slice(h, min(h + chunk // count, heads)), slice(first, n)
     else:
         for h in range(heads):
-            for start in range(0, n, chunk):
+            for start in range(first, n, chunk):
                 yield slice(h, h + 1), slice(start, start + chunk)
 
 

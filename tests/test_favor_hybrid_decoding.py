@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_performer.favor import favor_attention, orthogonal_random_matrix
+from hf_performer.favor import hybrid
 from hf_performer.favor.hybrid import recurrent_hybrid_favor
 from hf_performer.favor.naive import hybrid_attention
 
@@ -49,8 +50,8 @@ def test_token_by_token_decoding_equals_one_causal_pass_with_left_padding(window
     mask = left_padding()
     full, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window, sink_tokens=sinks)
     stepped, _ = decode(q, k, v, [3, *range(4, L)], window=window, sinks=sinks, mask=mask)
-    torch.testing.assert_close(stepped[1], full[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stepped[0, :, 5:], full[0, :, 5:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped[1], full[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepped[0, :, 5:], full[0, :, 5:], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
@@ -67,7 +68,28 @@ def test_one_token_steps_with_padding_after_the_sinks_equal_one_causal_pass(wind
     stepped, _ = decode(q, k, v, list(range(8, L)), window=window, sinks=sinks, mask=mask, far_part=far_part,
                         far_log_weight=weight if far_part == "favor" else None)
     real = mask[:, None, :, None].expand_as(full)
-    torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("segment_windows", [4, None])  # a continuation in segments of 4 windows, or in one
+@pytest.mark.parametrize("far_part", ["favor", "none"])
+@pytest.mark.parametrize("window, sinks", [(1, 0), (4, 2), (6, 1)])
+def test_pieces_after_the_sinks_with_padding_inside_equal_one_causal_pass(window, sinks, far_part, segment_windows,
+                                                                          monkeypatch):
+    """Several tokens after a state whose sinks are complete (a prompt after a cached conversation) go through the
+    block machinery of one causal pass, continuing from the state: padded tokens inside the pieces, a far weight."""
+    if segment_windows:
+        monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", segment_windows * window * B * 2 * M)
+    q, k, v = qkv()
+    mask = left_padding()
+    mask[:, [12, 13, 20]] = False
+    weight = torch.tensor([0.5, -1.0, 0.0, 1.5], dtype=torch.float64) if far_part == "favor" else None
+    full, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window,
+                              sink_tokens=sinks, far_part=far_part, far_log_weight=weight)
+    pieces, _ = decode(q, k, v, [9, 11, 28], window=window, sinks=sinks, mask=mask, far_part=far_part,
+                       far_log_weight=weight)
+    real = mask[:, None, :, None].expand_as(full)
+    torch.testing.assert_close(pieces[real], full[real], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
@@ -79,7 +101,7 @@ def test_decoding_in_uneven_pieces_matches_the_naive_hybrid(window, sinks, far_p
         q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks,
         far=far_part == "favor", causal=True,
     )
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("window, sinks", [(4, 2), (1, 0)])
@@ -91,7 +113,7 @@ def test_decoding_with_a_per_head_far_weight_matches_the_naive_hybrid(window, si
         q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window, sinks=sinks,
         causal=True, far_log_weight=weight,
     )
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("window, sinks", [(4, 2), (6, 0)])
@@ -101,7 +123,7 @@ def test_a_prefill_leaves_the_state_that_token_by_token_decoding_leaves(window, 
     _, prefilled = decode(q, k, v, [], window=window, sinks=sinks, mask=mask)
     _, stepped = decode(q, k, v, list(range(1, L)), window=window, sinks=sinks, mask=mask)
     for got, want in zip((*prefilled.far, *prefilled[1:]), (*stepped.far, *stepped[1:])):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_the_state_has_the_same_size_after_any_number_of_tokens():
@@ -128,7 +150,7 @@ def test_decoding_steps_backpropagate_into_a_learnable_far_weight():
         q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=4, sinks=2, causal=True,
         far_log_weight=reference_weight,
     )
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)

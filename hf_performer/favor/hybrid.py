@@ -698,6 +698,27 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
     return _divide(numerator[..., :-1], numerator[..., -1])
 
 
+def _continue(x: _Inputs, state: HybridState, keep: torch.Tensor, window: int, far_part: str,
+              far_log_weight: torch.Tensor | None) -> torch.Tensor:
+    """Hybrid attention of ``L`` new tokens (queries ``[B, Hk, G, L, D]`` = keys, ``keep [B, L]``; ``far_log_weight
+    [Hk, G]`` or None) after ``state``, without autograd, once the sinks are complete → ``[B, Hk, G, L, Dv]``: the block machinery of
+    :func:`_hybrid_rows`, its block 0 the state's ``W − 1`` kept positions after one padding position (their queries
+    are not read out), continuing from a :class:`_Carry` of the far state and the sinks."""
+    b, key_heads, group, _, d = x.query.shape
+    rows, m, dv = b * key_heads, x.projection.shape[0], x.value.shape[-1]
+    query = torch.cat([x.query.new_zeros(b, key_heads, group, window, d), x.query], 3)
+    key, value = (torch.cat([kept.new_zeros(b, key_heads, 1, kept.shape[-1]), kept, new], 2)
+                  for kept, new in ((state.window_key, x.key), (state.window_value, x.value)))
+    block_keep = torch.cat([keep.new_zeros(b, 1), state.window_keep, keep], 1)[:, None]
+    far = state.far
+    # the far state's rows carry m^-½ (FavorState), _hybrid_rows' summaries do not
+    summary = None if far_part != "favor" else far.summary.reshape(rows, m, dv + 1) * math.sqrt(m)
+    carry = _Carry(summary, far.log_scale.reshape(rows, m), state.sink_key, state.sink_value)
+    weight = None if far_log_weight is None or summary is None else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
+    inputs = _Inputs(query, key, value, x.projection, block_keep, *x[5:])
+    return _hybrid_rows(inputs, weight, causal=True, window=window, sinks=0, far_part=far_part, carry=carry)[0]
+
+
 def _sinks_complete(state: HybridState) -> bool:
     """Whether every row has seen its ``S`` sinks: then a new token is never a sink (see :func:`_one_token_step`)."""
     sinks = state.sink_key.shape[2]
@@ -793,8 +814,18 @@ def recurrent_hybrid_favor(
         out = _ungroup(out, x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
         return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale, far)
-    if key.shape[-2] == 1 and not records_gradients(*x[:4], weight, *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state):
+    fast = not records_gradients(*x[:4], weight, *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state)
+    if key.shape[-2] == 1 and fast:
         out, state = _one_token_step(x, initial_state, keep, far, weight)
+        return _ungroup(out, x.dtype), state
+    if fast:  # several tokens (a prompt after a cached conversation): in blocks, a segment at a time
+        segment = _segment_length(x.key.shape[0] * x.key.shape[1], projection.shape[0], local_window)
+        state, out = initial_state, x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
+        for start in range(0, key.shape[-2], segment):
+            piece = slice(start, start + segment)
+            part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
+            out[..., piece, :] = _continue(part, state, keep[:, piece], local_window, far_part, weight)
+            state = _advance(state, part.key, part.value, keep[:, piece], x.projection, x.input_scale, far)
         return _ungroup(out, x.dtype), state
     state, outputs = initial_state, []
     for start in range(0, key.shape[-2], local_window):

@@ -121,9 +121,8 @@ def test_query_blocks_in_steps_match_the_naive_hybrid(causal, blocks_per_step, m
 @pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("window, sinks, left_padding", [(5, 3, 6), (4, 0, 0), (5, 3, 30)])  # 30: sinks beyond
 def test_causal_segments_match_the_naive_hybrid(window, sinks, left_padding, far_part, blocks_per_step, monkeypatch):
-    # without autograd, long causal sequences go through segments of 4 windows here, each continuing from the one
-    # before (its last block, its FAVOR+ summary, the sinks); where a sequence's sinks are not all in the first
-    # segment, in one pass
+    # long causal sequences go through segments of 4 windows here, each continuing from the one before (its last
+    # block, its FAVOR+ summary, the sinks); where a sequence's sinks are not all in the first segment, in one pass
     monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * window * B * 2 * M)
     monkeypatch.setattr(hybrid, "STEP_ELEMENTS", blocks_per_step * 2 * window * M)
     q, k, v = qkv(70)
@@ -137,6 +136,27 @@ def test_causal_segments_match_the_naive_hybrid(window, sinks, left_padding, far
                                 sinks=sinks, far=far_part == "favor", causal=True, key_padding_mask=mask,
                                 far_log_weight=weight).nan_to_num()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("far_part", ["favor", "none"])
+def test_checkpointed_causal_segments_give_the_naive_gradients(far_part, monkeypatch):
+    # under autograd each segment is checkpointed, and gradients reach earlier segments through the carry
+    monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+    inputs = [t.requires_grad_() for t in qkv(70)]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    mask = torch.ones(B, 70, dtype=torch.bool)
+    mask[1, 61:] = False  # right padding only: the reference's gradient of a query that sees no key is NaN
+    weight = FAR_LOG_WEIGHT.clone().requires_grad_() if far_part == "favor" else None
+    reference_weight = FAR_LOG_WEIGHT.clone().requires_grad_() if far_part == "favor" else None
+    out, _ = favor_attention(*inputs, projection(), causal=True, key_padding_mask=mask, local_window=5,
+                             sink_tokens=3, far_part=far_part, far_log_weight=weight)
+    expected = hybrid_attention(reference_inputs[0], *(t.repeat_interleave(2, 1) for t in reference_inputs[1:]),
+                                projection().double(), window=5, sinks=3, far=far_part == "favor", causal=True,
+                                key_padding_mask=mask, far_log_weight=reference_weight)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
+    if weight is not None:
+        torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -141,11 +141,13 @@ the memory; forward+backward (checkpointed groups) peaks at 539 MiB bidirectiona
 
 
 SEGMENT_ELEMENTS = 1 << 21
-"""Key-feature elements per segment of a long causal sequence without autograd (:func:`_segments`), all (batch, key
-head) rows together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak beyond the inputs (8 heads ×
+"""Key-feature elements per segment of a long causal sequence (:func:`_segments`), all (batch, key head) rows
+together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak beyond the inputs (8 heads ×
 64, W = 64, S = 4, fresh processes) 27 / 61 / 156 MiB at 2,048 / 16,384 / 65,536 tokens against 33 / 68 / 263 in one
 pass (SDPA: 6 / 34 / 132), in 1.03–1.07× one pass's time (interleaved, 1 thread, 2,048 and 16,384 tokens: a
-segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×."""
+segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×.
+Forward+backward (checkpointed segments against checkpointed groups of heads): 210 / 473 / 1,467 MiB against
+211 / 528 / 1,512 at 2,048 / 16,384 / 65,536 tokens, in 1.00× / 0.90× the time at 4,096 / 16,384."""
 
 
 def _segment_length(rows: int, nb_features: int, window: int) -> int:
@@ -171,37 +173,60 @@ class _Carry(NamedTuple):
 
 
 def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, window: int, sinks: int,
-              far_part: str) -> torch.Tensor:
-    """Causal :func:`hybrid_favor` of a long sequence without autograd, ``segment`` tokens (whole windows) at a time
-    → ``[B, Hk, G, L, Dv]``, so that memory holds one segment's key features, spans and masks rather than the
-    sequence's.
+              far_part: str, recording: bool) -> torch.Tensor:
+    """Causal :func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G,
+    L, Dv]``, so that memory holds one segment's key features, spans and masks rather than the sequence's.
 
     Segment ``i > 0`` runs :func:`_hybrid_rows` on its tokens after the last block (``W`` tokens) of segment ``i − 1``,
     which holds the keys its first block's window reaches (its queries are not read out), continuing from a
     :class:`_Carry`: the FAVOR+ summary of the keys before that block and its reference (which segment ``i − 1``
     returns) and the sinks, gathered once and masked out of that block.  Block by block this is the arithmetic of one
-    pass over the sequence.  Every sequence must have its sinks in the first segment (:func:`_sinks_within`)."""
+    pass over the sequence.  Every sequence must have its sinks in the first segment (:func:`_sinks_within`).
+    Under autograd each segment is checkpointed (its forward runs again in backward, so backward holds one segment's
+    tensors) on ``split`` views of the inputs, and the carry passes gradients to the segment before."""
     b, key_heads, group, length, d = x.query.shape
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
     sink = keep & (keep.cumsum(-1) <= sinks)
     order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks, None]  # [B, 1, S, 1]
     sinks_before = (x.key.gather(2, order.expand(b, key_heads, -1, d)),
                     x.value.gather(2, order.expand(b, key_heads, -1, x.value.shape[-1])))
-    far_keep = keep & ~sink
-    out = x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
-    summary = reference = carry = None
-    for start in range(0, length, segment):
-        end = min(start + segment, length)
-        if start:  # from the previous segment's last block
-            start, carry = start - window, _Carry(summary, reference, *sinks_before)
-        continued = carry is not None
-        inputs = _Inputs(x.query[..., start:end, :], x.key[:, :, start:end], x.value[:, :, start:end], x.projection,
-                         far_keep[..., start:end] if continued else (None if x.keep is None else keep[..., :end]),
-                         *x[5:])
-        part, (summary, reference) = _hybrid_rows(inputs, far_log_weight, causal=True, window=window,
-                                                  sinks=0 if continued else sinks, far_part=far_part, carry=carry)
-        out[..., end - part.shape[-2] : end, :] = part
-    return out
+    pieces = list(zip(x.query.split(segment, 3), x.key.split(segment, 2), x.value.split(segment, 2),
+                      (keep & ~sink).split(segment, 2)))
+    out = None if recording else x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
+    outputs, summary, reference = [], None, None
+    for index, piece in enumerate(pieces):
+        if index:  # the previous segment's last block (its sinks masked out), joined inside the segment's call
+            context = tuple(t[..., -window:, :] if t.dim() > 3 else t[..., -window:] for t in pieces[index - 1])
+            first_keep = None
+        else:
+            context, first_keep = None, None if x.keep is None else keep[..., :segment]
+        attend = partial(_segment, x, far_log_weight, window=window, sinks=sinks, far_part=far_part,
+                         sinks_before=sinks_before, first_keep=first_keep)
+        arguments = (*piece, context, summary, reference)
+        if recording:
+            part, (summary, reference) = checkpoint(attend, *arguments, use_reentrant=False)
+            outputs.append(part)
+        else:
+            part, (summary, reference) = attend(*arguments)
+            out[..., index * segment : index * segment + part.shape[-2], :] = part
+    return torch.cat(outputs, -2) if recording else out
+
+
+def _segment(x: _Inputs, far_log_weight, query, key, value, keep, context, summary, reference, *, window: int,
+             sinks: int, far_part: str, sinks_before, first_keep):
+    """One segment of :func:`_segments`: its ``query [B, Hk, G, T, D]``, ``key``, ``value`` ``[B, Hk, T, ·]`` and
+    ``keep [B, 1, T]`` (sinks masked out), after ``context`` (the same four of the previous segment's last block, None
+    for the first segment, which takes ``first_keep`` and finds its own sinks) → ``(out [B, Hk, G, T, Dv], (summary,
+    reference) for the next segment)``."""
+    carry = None
+    if context is None:
+        keep, sinks_here = first_keep, sinks
+    else:
+        query, key, value, keep = (torch.cat([before, now], -2 if now.dim() > 3 else -1)
+                                   for before, now in zip(context, (query, key, value, keep)))
+        carry, sinks_here = _Carry(summary, reference, *sinks_before), 0
+    return _hybrid_rows(_Inputs(query, key, value, x.projection, keep, *x[5:]), far_log_weight, causal=True,
+                        window=window, sinks=sinks_here, far_part=far_part, carry=carry)
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
@@ -212,16 +237,17 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     ``far_log_weight [Hk, G]`` (of :func:`_far_log_weight`) multiplies each query head's FAVOR+ weights by its
     ``exp``.
 
-    In groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features: without autograd each written
-    into one output; under autograd each checkpointed (its forward runs again in backward), so that backward
-    holds one group's tensors rather than every group's."""
+    Causal sequences longer than a segment (:data:`SEGMENT_ELEMENTS`) go through :func:`_segments` (all rows, a
+    segment of tokens at a time); others in groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features:
+    without autograd each written into one output; under autograd each checkpointed (its forward runs again in
+    backward), so that backward holds one group's tensors rather than every group's."""
     b, key_heads, group, length, d = x.query.shape
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     segment = _segment_length(rows, x.projection.shape[0], window)
-    if causal and not recording and length > segment and _sinks_within(x.keep, sinks, segment):
-        return _segments(x, weight, segment, window=window, sinks=sinks, far_part=far_part)
+    if causal and length > segment and _sinks_within(x.keep, sinks, segment):
+        return _segments(x, weight, segment, window=window, sinks=sinks, far_part=far_part, recording=recording)
 
     def attend(inputs: _Inputs, w: torch.Tensor | None) -> torch.Tensor:
         return _hybrid_rows(inputs, w, causal=causal, window=window, sinks=sinks, far_part=far_part)[0]
@@ -249,11 +275,10 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     (:func:`_block_layout`) of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads
     of a key head share its key blocks (``[R, G·block, ·]`` queries).
 
-    Causal without autograd, ``carry`` continues from the tokens before these (see :func:`_segments`: its sinks, and
-    the FAVOR+ summary of the far keys before block 0, whose queries are then not read out).  Returns ``(out [B, Hk, G,
-    L or L − W, Dv], (summary, reference))``: causally without autograd with a FAVOR+ part, the summary ``[B·Hk, m,
-    Dv + 1]`` of the far keys before the last block and its reference ``[B·Hk, m]`` (a :class:`_Carry`'s), else
-    ``(None, None)``."""
+    Causal, ``carry`` continues from the tokens before these (see :func:`_segments`: its sinks, and the FAVOR+
+    summary of the far keys before block 0, whose queries are then not read out).  Returns ``(out [B, Hk, G, L or
+    L − W, Dv], (summary, reference))``: causally with a FAVOR+ part, the summary ``[B·Hk, m, Dv + 1]`` of the far keys
+    before the last block and its reference ``[B·Hk, m]`` (a :class:`_Carry`'s), else ``(None, None)``."""
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
@@ -307,7 +332,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
             scan = _BlockScan(inner_k.view(heads, n, block, m), inner_v.view(heads, n, block, dv + 1),
                               torch.exp(reference - after)[..., None])  # decay from blocks ≤ c − 1 to blocks ≤ c
             if recording:
-                summary = scan.states(slice(0, heads), slice(0, n), None)[0]  # [B·Hk, n, m, Dv + 1]
+                summary = scan.states(slice(0, heads), slice(0, n), initial)[0]  # [B·Hk, n, m, Dv + 1]
         else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
             summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
@@ -352,6 +377,8 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     last = None  # causal FAVOR+: the state before the last block
     if recording:
         out = _read_out(q_rows, projection, keys, slice(0, heads), slice(first, n), causal)
+        if scan is not None:  # a copy: a view would keep every block's state alive for the next segment
+            last = summary[:, -1].clone()
     else:  # each step writes its blocks into one output (no list of them and their concatenation); causal FAVOR+
         # states are scanned step by step, from the state after the head's previous step
         out = q_rows.new_empty(heads, count, group * block, dv)

@@ -159,6 +159,20 @@ def test_checkpointed_causal_segments_give_the_naive_gradients(far_part, monkeyp
         torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=1e-3, atol=1e-5)
 
 
+def test_checkpointed_causal_segments_give_the_naive_gradient_of_the_features(monkeypatch):
+    # ω alone requiring gradients (attention transfer trains it on the teacher's fixed inputs) still gets them
+    monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+    q, k, v = qkv(70)
+    features, reference_features = (projection().requires_grad_() for _ in range(2))
+    out, _ = favor_attention(q, k, v, features, causal=True, local_window=5, sink_tokens=3)
+    expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), reference_features.double(), window=5,
+                                sinks=3, causal=True)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(features.grad, reference_features.grad, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatch):
     # under autograd, rows go through in checkpointed groups of ROW_ELEMENTS: one row each here

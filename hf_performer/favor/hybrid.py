@@ -26,7 +26,6 @@ mass of those keys.
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -141,13 +140,19 @@ the memory; forward+backward (checkpointed groups) peaks at 539 MiB bidirectiona
 
 
 SEGMENT_ELEMENTS = 1 << 21
-"""Key-feature elements per segment of a long causal sequence (:func:`_segments`), all (batch, key head) rows
-together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak beyond the inputs (8 heads ×
+"""Key-feature elements per segment of a long causal sequence without autograd (:func:`_segments`), all (batch, key
+head) rows together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak beyond the inputs (8 heads ×
 64, W = 64, S = 4, fresh processes) 27 / 61 / 156 MiB at 2,048 / 16,384 / 65,536 tokens against 33 / 68 / 263 in one
 pass (SDPA: 6 / 34 / 132), in 1.03–1.07× one pass's time (interleaved, 1 thread, 2,048 and 16,384 tokens: a
-segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×.
-Forward+backward (re-entrantly checkpointed segments against checkpointed groups of heads): 203 / 393 / 1,182 MiB
-against 211 / 528 / 1,512 at 2,048 / 16,384 / 65,536 tokens, in 0.94× the time at 4,096 and 16,384."""
+segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×."""
+
+AUTOGRAD_SEGMENT_ELEMENTS = 1 << 19
+""":data:`SEGMENT_ELEMENTS` under autograd (:class:`_SegmentedHybrid`), whose backward holds one segment's graph:
+256 tokens of 8 rows with m = 256.  Forward+backward peak beyond the inputs (same shapes, fresh processes, 1 thread)
+57 / 173 / 596 MiB at 2,048 / 16,384 / 65,536 tokens against 162 / 267 MiB at 2,048 / 16,384 with 1,024-token
+segments (SDPA: 22 / 162 / 642); 128-token segments: 40 / 178 / 674 (each segment's entry summary is kept).  Time
+1.05× / 1.02× of the re-entrantly checkpointed 1,024-token segments before them at 2,048 / 16,384 tokens
+(interleaved, 2 threads), 1.08× / 1.13× of 1,024-token segments of :class:`_SegmentedHybrid`."""
 
 
 def _sinks_of(keep: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +168,10 @@ _TOKEN_AXES = (3, 2, 2, 2)
 """The token axis of ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]`` and ``keep [B, 1, L]``."""
 
 
-def _segment_length(rows: int, nb_features: int, window: int) -> int:
-    """Tokens per segment of :func:`_segments`: whole windows, at least four."""
-    return max(4 * window, SEGMENT_ELEMENTS // (rows * nb_features) // window * window)
+def _segment_length(rows: int, nb_features: int, window: int, recording: bool = False) -> int:
+    """Tokens per segment of :func:`_segments` (under autograd if ``recording``): whole windows, at least four."""
+    elements = AUTOGRAD_SEGMENT_ELEMENTS if recording else SEGMENT_ELEMENTS
+    return max(4 * window, elements // (rows * nb_features) // window * window)
 
 
 def _sinks_within(keep: torch.Tensor | None, sinks: int, tokens: int) -> bool:
@@ -185,6 +191,49 @@ class _Carry(NamedTuple):
     sink_value: torch.Tensor  # [B, Hk, S, Dv]
 
 
+class _Plan(NamedTuple):
+    """How :func:`_segments` cuts a causal sequence: what every segment's call takes besides the tensors."""
+
+    keep: torch.Tensor  # [B, 1, L]: real tokens, the sinks masked out (a later segment gets them from the carry)
+    first_keep: torch.Tensor | None  # [B, 1, segment]: the first segment's real tokens (it finds its own sinks)
+    order: torch.Tensor  # [B, 1, S, 1]: the sinks' positions
+    segment: int
+    window: int
+    sinks: int
+    far_part: str
+    tail: tuple  # _Inputs' input scale and dtype
+
+    def count(self) -> int:
+        return math.ceil(self.keep.shape[-1] / self.segment)
+
+    def pieces(self, tensors, index: int) -> tuple[tuple, tuple | None]:
+        """Segment ``index`` of ``tensors`` (``query [B, Hk, G, L, D]``, ``key``, ``value``, ``keep``) and the last
+        block (``W`` tokens) of the segment before it (None for the first), as views."""
+        start = index * self.segment
+        piece = tuple(t.narrow(axis, start, min(self.segment, t.shape[axis] - start))
+                      for t, axis in zip(tensors, _TOKEN_AXES))
+        context = None if not index else tuple(t.narrow(axis, start - self.window, self.window)
+                                               for t, axis in zip(tensors, _TOKEN_AXES))
+        return piece, context
+
+    def run(self, index: int, projection, far_log_weight, piece, context, summary, reference, sink_key, sink_value):
+        """:func:`_hybrid_rows` of one segment after ``context`` (None for the first segment), continuing from the
+        ``summary`` and ``reference`` the segment before returned and the sinks → ``(out [B, Hk, G, T, Dv],
+        summary, reference)`` for the next segment."""
+        query, key, value, keep = piece
+        carry, sinks = None, self.sinks
+        if context is None:
+            keep = self.first_keep
+        else:
+            query, key, value, keep = (torch.cat([before, now], axis)
+                                       for before, now, axis in zip(context, piece, _TOKEN_AXES))
+            carry, sinks = _Carry(summary, reference, sink_key, sink_value), 0
+        out, (summary, reference) = _hybrid_rows(_Inputs(query, key, value, projection, keep, *self.tail),
+                                                 far_log_weight, causal=True, window=self.window, sinks=sinks,
+                                                 far_part=self.far_part, carry=carry)
+        return out, summary, reference
+
+
 def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, window: int, sinks: int,
               far_part: str, recording: bool) -> torch.Tensor:
     """Causal :func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G,
@@ -195,59 +244,114 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     :class:`_Carry`: the FAVOR+ summary of the keys before that block and its reference (which segment ``i − 1``
     returns) and the sinks, gathered once and masked out of that block.  Block by block this is the arithmetic of one
     pass over the sequence.  Every sequence must have its sinks in the first segment (:func:`_sinks_within`).
-    Under autograd each segment is checkpointed on ``split`` views of the inputs, re-entrantly: its forward runs
-    without autograd and again with it in backward, so that neither pass keeps more than one segment's tensors
-    (non-reentrant checkpointing kept about 8 MiB per segment of 8 × 1,024 tokens from forward to backward).  ω, the
-    far weight, the sinks and the carry are arguments of the checkpointed call, so gradients reach all of them, and
-    the carry passes them to the segment before.  As with transformers' default gradient checkpointing, such a graph
-    takes ``loss.backward()`` but not ``torch.autograd.grad`` (PyTorch's limit on re-entrant checkpoints)."""
+    Under autograd the segments run as :class:`_SegmentedHybrid`, which recomputes each in backward."""
     b, key_heads, group, length, d = x.query.shape
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
     sink, order = _sinks_of(keep, sinks)
-    order = order[..., None]  # [B, 1, S, 1]
-    sinks_before = (x.key.gather(2, order.expand(b, key_heads, -1, d)),
-                    x.value.gather(2, order.expand(b, key_heads, -1, x.value.shape[-1])))
-    tensors = (x.query, x.key, x.value, keep & ~sink)
-    pieces = list(zip(*(t.split(segment, axis) for t, axis in zip(tensors, _TOKEN_AXES))))
-    out = None if recording else x.query.new_empty(*x.query.shape[:-1], x.value.shape[-1])
-    outputs, summary, reference = [], None, None
-    for index, piece in enumerate(pieces):
-        if index:  # the previous segment's last block (its sinks masked out), joined inside the segment's call
-            context = tuple(t.narrow(axis, t.shape[axis] - window, window)
-                            for t, axis in zip(pieces[index - 1], _TOKEN_AXES))
-            first_keep = None
-        else:
-            context, first_keep = None, None if x.keep is None else keep[..., :segment]
-        attend = partial(_segment, x, window=window, sinks=sinks, far_part=far_part, first_keep=first_keep)
-        arguments = (x.projection, far_log_weight, *piece, *(context or (None,) * 4), summary, reference, *sinks_before)
-        if recording:
-            part, summary, reference = checkpoint(attend, *arguments, use_reentrant=True)
-            outputs.append(part)
-        else:
-            part, summary, reference = attend(*arguments)
-            out[..., index * segment : index * segment + part.shape[-2], :] = part
-    return torch.cat(outputs, -2) if recording else out
+    plan = _Plan(keep & ~sink, None if x.keep is None else keep[..., :segment], order[..., None], segment, window,
+                 sinks, far_part, tuple(x[5:]))
+    if recording:
+        return _SegmentedHybrid.apply(x.query, x.key, x.value, x.projection, far_log_weight, plan)
+    return _run_segments(x.query, x.key, x.value, x.projection, far_log_weight, plan)[0]
 
 
-def _segment(x: _Inputs, projection, far_log_weight, query, key, value, keep, context_query, context_key,
-             context_value, context_keep, summary, reference, sink_key, sink_value, *, window: int, sinks: int,
-             far_part: str, first_keep):
-    """One segment of :func:`_segments`: its ``query [B, Hk, G, T, D]``, ``key``, ``value`` ``[B, Hk, T, ·]`` and
-    ``keep [B, 1, T]`` (sinks masked out), after ``context`` (the same four of the previous segment's last block, None
-    for the first segment, which takes ``first_keep`` and finds its own sinks) → ``(out [B, Hk, G, T, Dv], (summary,
-    reference) for the next segment)``."""
-    carry = None
-    if context_query is None:
-        keep, sinks_here = first_keep, sinks
-    else:
-        context = (context_query, context_key, context_value, context_keep)
-        query, key, value, keep = (torch.cat([before, now], axis)
-                                   for before, now, axis in zip(context, (query, key, value, keep), _TOKEN_AXES))
-        carry, sinks_here = _Carry(summary, reference, sink_key, sink_value), 0
-    out, (summary, reference) = _hybrid_rows(_Inputs(query, key, value, projection, keep, *x[5:]), far_log_weight,
-                                             causal=True, window=window, sinks=sinks_here, far_part=far_part,
-                                             carry=carry)
-    return out, summary, reference
+def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sinks' keys and values, ``[B, Hk, S, D]`` and ``[B, Hk, S, Dv]``."""
+    b, key_heads = key.shape[:2]
+    return tuple(t.gather(2, plan.order.expand(b, key_heads, -1, t.shape[-1])) for t in (key, value))
+
+
+def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan):
+    """The segments of :func:`_segments` one after another, without autograd → ``(out [B, Hk, G, L, Dv], the
+    summary and reference each segment starts from)`` (``None`` for the first segment and without a FAVOR+ part)."""
+    sink_key, sink_value = _gather_sinks(plan, key, value)
+    out = query.new_empty(*query.shape[:-1], value.shape[-1])
+    tensors = (query, key, value, plan.keep)
+    entries, summary, reference = [], None, None
+    for index in range(plan.count()):
+        entries.append((summary, reference))
+        piece, context = plan.pieces(tensors, index)
+        part, summary, reference = plan.run(index, projection, far_log_weight, piece, context, summary, reference,
+                                            sink_key, sink_value)
+        out[..., index * plan.segment : index * plan.segment + part.shape[-2], :] = part
+    return out, entries
+
+
+class _SegmentedHybrid(torch.autograd.Function):
+    """:func:`_segments` under autograd: ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]``, ``projection
+    [m, D]``, ``far_log_weight [B·Hk, G]`` or None, a :class:`_Plan` → ``out [B, Hk, G, L, Dv]``.
+
+    Forward: the segments without autograd, keeping for backward only the inputs and the (summary, reference) each
+    segment starts from (``[B·Hk, m, Dv + 1]`` per segment).  Backward: segments in reverse, each run again under
+    autograd on detached views of its tokens and differentiated at once (``torch.autograd.grad``), its gradients
+    written into one gradient tensor per input (the previous segment's last block's keys and values and the sinks'
+    added to theirs), the gradient of its entry summary carried to the segment before.  So no ``split`` pieces of the
+    gradients and no list of outputs are held next to their concatenation (re-entrant checkpoints of ``split`` views
+    did both), and ``torch.autograd.grad`` works through it.  Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, projection, far_log_weight, plan):
+        out, entries = _run_segments(query, key, value, projection, far_log_weight, plan)
+        summaries, references = zip(*entries)
+        ctx.save_for_backward(query, key, value, projection, far_log_weight, *summaries, *references)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        plan, count = ctx.plan, ctx.plan.count()
+        query, key, value, projection, weight, *entries = ctx.saved_tensors
+        summaries, references = entries[:count], entries[count:]
+        wants = ctx.needs_input_grad[:5]
+        grads = [None if not wanted else (torch.empty_like if index == 0 else torch.zeros_like)(t)
+                 for index, (t, wanted) in enumerate(zip((query, key, value, projection, weight), wants))]
+        keys_wanted = wants[1] or wants[2]
+        sink_key, sink_value = (t.detach().requires_grad_(keys_wanted) for t in _gather_sinks(plan, key, value))
+        leaf_projection = projection.detach().requires_grad_(wants[3])
+        leaf_weight = None if weight is None else weight.detach().requires_grad_(wants[4])
+        grad_summary = None
+        for index in range(count - 1, -1, -1):
+            piece, context = plan.pieces((query, key, value, plan.keep), index)
+            piece = (piece[0].detach().requires_grad_(wants[0]), *(t.detach().requires_grad_(w)
+                                                                    for t, w in zip(piece[1:3], wants[1:3])), piece[3])
+            if context is not None:
+                context = (context[0], *(t.detach().requires_grad_(w) for t, w in zip(context[1:3], wants[1:3])),
+                           context[3])
+            summary = summaries[index]
+            if summary is not None:
+                summary = summary.detach().requires_grad_(any(wants[1:4]))
+            with torch.enable_grad():
+                part, summary_out, _ = plan.run(index, leaf_projection, leaf_weight, piece, context, summary,
+                                                references[index], sink_key, sink_value)
+            leaves = [*piece[:3], leaf_projection, leaf_weight, summary, sink_key, sink_value]
+            if context is not None:
+                leaves += context[1:3]
+            wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+            start = index * plan.segment
+            outputs, grad_outputs = [part], [grad_out[..., start : start + part.shape[-2], :]]
+            if grad_summary is not None:
+                outputs.append(summary_out)
+                grad_outputs.append(grad_summary)
+            found = dict(zip(map(id, wanted), torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)))
+            got = [None if leaf is None else found.get(id(leaf)) for leaf in leaves]
+            for position, (grad, axis) in enumerate(zip(got[:3], _TOKEN_AXES)):  # the segment's own tokens
+                if grad is not None:
+                    target = grads[position].narrow(axis, start, grad.shape[axis])
+                    if position:  # keys and values: the segment after may have added to their last block
+                        target.add_(grad)
+                    else:
+                        target.copy_(grad)
+            for target, grad in zip(grads[3:5], got[3:5]):
+                if target is not None and grad is not None:
+                    target.add_(grad)
+            grad_summary = got[5]
+            for target, sink_grad, context_grad in zip(grads[1:3], got[6:8], got[8:10]):  # keys, values
+                if target is not None and sink_grad is not None:  # the sinks, at their positions
+                    target.scatter_add_(2, plan.order.expand(*sink_grad.shape), sink_grad)
+                if target is not None and context_grad is not None:  # the previous segment's last block
+                    target.narrow(2, start - plan.window, plan.window).add_(context_grad)
+        return (*grads, None)
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
@@ -266,7 +370,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
-    segment = _segment_length(rows, x.projection.shape[0], window)
+    segment = _segment_length(rows, x.projection.shape[0], window, recording)
     if causal and length > segment and _sinks_within(x.keep, sinks, segment):
         return _segments(x, weight, segment, window=window, sinks=sinks, far_part=far_part, recording=recording)
 

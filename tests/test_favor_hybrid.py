@@ -190,8 +190,8 @@ def test_causal_segments_take_autograd_grad(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatch):
-    # under autograd, rows go through in checkpointed groups of ROW_ELEMENTS: one row each here
-    monkeypatch.setattr(hybrid, "ROW_ELEMENTS", L * M)
+    # under autograd, rows go through in groups of AUTOGRAD_ROW_ELEMENTS, run again in backward: one row each here
+    monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS", L * M)
     inputs = [t.requires_grad_() for t in qkv()]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     mask = padding_mask()
@@ -202,6 +202,20 @@ def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatc
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
+def test_groups_of_rows_give_the_naive_gradient_of_the_features(monkeypatch):
+    # ω alone requiring gradients (attention transfer of a BERT) gets every group's share of it
+    monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS", L * M)
+    q, k, v = qkv()
+    features, reference_features = (projection().requires_grad_() for _ in range(2))
+    out, _ = favor_attention(q, k, v, features, local_window=5, sink_tokens=3)
+    expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), reference_features.double(), window=5,
+                                sinks=3, causal=False)
+    grad_out = torch.randn_like(expected)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(features.grad, reference_features.grad, rtol=1e-3, atol=1e-5)
+
+
 FAR_LOG_WEIGHT = torch.tensor([0.7, -1.5, 0.0, 2.0], dtype=torch.float64)  # one per query head
 
 
@@ -209,9 +223,9 @@ FAR_LOG_WEIGHT = torch.tensor([0.7, -1.5, 0.0, 2.0], dtype=torch.float64)  # one
 @pytest.mark.parametrize("causal", [False, True])
 def test_a_per_head_far_weight_matches_the_naive_hybrid_values_and_gradients(causal, grouped, monkeypatch):
     # each query head's FAVOR+ weights times exp(far_log_weight[h]), learnable: its gradient too; grouped: rows
-    # in checkpointed groups of one (batch, key head) row
+    # in groups of one (batch, key head) row, run again in backward
     if grouped:
-        monkeypatch.setattr(hybrid, "ROW_ELEMENTS", L * M)
+        monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS", L * M)
     inputs = [*qkv(), FAR_LOG_WEIGHT.clone()]
     inputs = [t.requires_grad_() for t in inputs]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]

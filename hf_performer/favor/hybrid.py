@@ -26,11 +26,10 @@ mass of those keys.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from hf_performer.favor.attention import (
     _TINY,
@@ -130,13 +129,18 @@ process, medians of 5): 0.94× the time bidirectionally and 0.93× causally at 1
 4,096, 0.95× / 1.07× at 2,048; each step's features, weights and causal states are a quarter the size."""
 
 ROW_ELEMENTS = 1 << 22
-"""Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together:
-16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB), so that a group's tensors reuse the heap
-the group before freed instead of being mapped (and page-faulted) afresh.  One head at a time at 16,384 tokens
-(8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of
-the memory; forward+backward (checkpointed groups) peaks at 539 MiB bidirectionally and 492 causally instead of
-1,412 and 1,239 (``benchmarks/op_memory.py --name op_memory_hybrid``), in 0.8–0.9× the time.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups
-(+5 % time against one)."""
+"""Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together without
+autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB), so that a group's tensors reuse the
+heap the group before freed instead of being mapped (and page-faulted) afresh.  One head at a time at 16,384 tokens
+(8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of the
+memory.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups (+5 % time against one)."""
+
+AUTOGRAD_ROW_ELEMENTS = 1 << 19
+""":data:`ROW_ELEMENTS` under autograd (:class:`_GroupedHybrid`), whose backward holds one group's graph: one row of
+2,048 tokens with m = 256.  Bidirectional forward+backward peak beyond the inputs (8 heads × 64, W = 64, S = 4, fresh
+processes, 1 thread) 40 / 108 MiB at 2,048 / 4,096 tokens against 275 / 350 with :data:`ROW_ELEMENTS` (SDPA: 22 /
+42), in 1.07–1.18× the time at 2,048 (the groups run again in backward; interleaved, 2 threads) and the same time for
+a batch of 32 × 12 heads × 128 tokens (MiniLM's shapes, W = 16)."""
 
 
 SEGMENT_ELEMENTS = 1 << 21
@@ -283,7 +287,7 @@ class _SegmentedHybrid(torch.autograd.Function):
 
     Forward: the segments without autograd, keeping for backward only the inputs and the (summary, reference) each
     segment starts from (``[B·Hk, m, Dv + 1]`` per segment).  Backward: segments in reverse, each run again under
-    autograd on detached views of its tokens and differentiated at once (``torch.autograd.grad``), its gradients
+    autograd on detached views of its tokens and differentiated at once (:func:`_differentiate`), its gradients
     written into one gradient tensor per input (the previous segment's last block's keys and values and the sinks'
     added to theirs), the gradient of its entry summary carried to the segment before.  So no ``split`` pieces of the
     gradients and no list of outputs are held next to their concatenation (re-entrant checkpoints of ``split`` views
@@ -327,14 +331,12 @@ class _SegmentedHybrid(torch.autograd.Function):
             leaves = [*piece[:3], leaf_projection, leaf_weight, summary, sink_key, sink_value]
             if context is not None:
                 leaves += context[1:3]
-            wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
             start = index * plan.segment
             outputs, grad_outputs = [part], [grad_out[..., start : start + part.shape[-2], :]]
             if grad_summary is not None:
                 outputs.append(summary_out)
                 grad_outputs.append(grad_summary)
-            found = dict(zip(map(id, wanted), torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)))
-            got = [None if leaf is None else found.get(id(leaf)) for leaf in leaves]
+            got = _differentiate(outputs, grad_outputs, leaves)
             for position, (grad, axis) in enumerate(zip(got[:3], _TOKEN_AXES)):  # the segment's own tokens
                 if grad is not None:
                     target = grads[position].narrow(axis, start, grad.shape[axis])
@@ -362,13 +364,14 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     ``far_log_weight [Hk, G]`` (of :func:`_far_log_weight`) multiplies each query head's FAVOR+ weights by its
     ``exp``.
 
-    Causal sequences longer than a segment (:data:`SEGMENT_ELEMENTS`) go through :func:`_segments` (all rows, a
-    segment of tokens at a time); others in groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features:
-    without autograd each written into one output; under autograd each checkpointed (its forward runs again in
-    backward), so that backward holds one group's tensors rather than every group's."""
+    Causal sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through :func:`_segments` (all rows, a
+    segment of tokens at a time); others in groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features, each
+    written into one output (under autograd as :class:`_GroupedHybrid`, which runs each again in backward, so that
+    backward holds one group's tensors rather than every group's)."""
     b, key_heads, group, length, d = x.query.shape
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
-    rows, per_group = b * key_heads, max(1, ROW_ELEMENTS // (length * x.projection.shape[0]))
+    elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS
+    rows, per_group = b * key_heads, max(1, elements // (length * x.projection.shape[0]))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     segment = _segment_length(rows, x.projection.shape[0], window, recording)
     if causal and length > segment and _sinks_within(x.keep, sinks, segment):
@@ -381,17 +384,75 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         return attend(x, weight)
     query, key, value = x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
     keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
-    parts = _slices(rows, per_group)
-    groups = [_Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part], *x[5:])
-              for part in parts]
-    weights = [None if weight is None else weight[part] for part in parts]
-    if recording:
-        out = torch.cat([checkpoint(attend, inputs, w, use_reentrant=False) for inputs, w in zip(groups, weights)])
-    else:
-        out = query.new_empty(*query.shape[:-1], value.shape[-1])
-        for part, inputs, w in zip(parts, groups, weights):
-            out[part] = attend(inputs, w)
+    groups = _Groups(keep, _slices(rows, per_group), attend, tuple(x[5:]))
+    tensors = (query, key, value, x.projection, weight)
+    out = _GroupedHybrid.apply(*tensors, groups) if recording else groups.run(*tensors)
     return out.view(b, key_heads, group, length, -1)
+
+
+class _Groups(NamedTuple):
+    """How :func:`hybrid_favor` cuts its ``R = B·Hk`` rows into groups."""
+
+    keep: torch.Tensor | None  # [R, 1, L] bool
+    parts: list[slice]  # the groups' rows
+    attend: Callable  # (_Inputs, far_log_weight or None) → one group's output
+    tail: tuple  # _Inputs' input scale and dtype
+
+    def group(self, part: slice, query, key, value, projection, far_log_weight) -> torch.Tensor:
+        """One group's output, from its rows of ``query``, ``key``, ``value`` and ``far_log_weight`` (or None)."""
+        keep = None if self.keep is None else self.keep[part]
+        return self.attend(_Inputs(query, key, value, projection, keep, *self.tail), far_log_weight)
+
+    def run(self, query, key, value, projection, far_log_weight) -> torch.Tensor:
+        """Every group, written into one output ``[R, 1, G, L, Dv]``."""
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        for part in self.parts:
+            out[part] = self.group(part, query[part], key[part], value[part], projection,
+                                   None if far_log_weight is None else far_log_weight[part])
+        return out
+
+
+class _GroupedHybrid(torch.autograd.Function):
+    """:meth:`_Groups.run` under autograd: ``query [R, 1, G, L, D]``, ``key``, ``value`` ``[R, 1, L, ·]``, ``projection
+    [m, D]``, ``far_log_weight [R, G]`` or None, the :class:`_Groups` → ``out [R, 1, G, L, Dv]``.  Forward without
+    autograd, keeping only the inputs; backward group by group, each run again under autograd on detached rows and
+    differentiated at once (:func:`_differentiate`), its gradients written into one gradient tensor per input, so
+    that backward holds one group's graph and no per-group pieces of the gradients or outputs (non-reentrant
+    checkpoints of each group and a concatenation of their outputs held both).  Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, projection, far_log_weight, groups):
+        ctx.save_for_backward(query, key, value, projection, far_log_weight)
+        ctx.groups = groups
+        return groups.run(query, key, value, projection, far_log_weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        groups, inputs = ctx.groups, ctx.saved_tensors
+        wants = ctx.needs_input_grad[:5]
+        grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)]
+        query, key, value, projection, weight = inputs
+        leaf_projection = projection.detach().requires_grad_(wants[3])
+        for part in groups.parts:
+            rows = [t[part].detach().requires_grad_(wanted) for t, wanted in zip((query, key, value), wants)]
+            leaf_weight = None if weight is None else weight[part].detach().requires_grad_(wants[4])
+            with torch.enable_grad():
+                out = groups.group(part, *rows, leaf_projection, leaf_weight)
+            got = _differentiate([out], [grad_out[part]], [*rows, leaf_projection, leaf_weight])
+            for position, (target, grad) in enumerate(zip(grads, got)):
+                if target is not None and grad is not None:
+                    (target if position == 3 else target[part]).add_(grad)  # ω is every group's
+        return (*grads, None)
+
+
+def _differentiate(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],
+                   leaves: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The gradients of ``outputs`` (given theirs) with respect to each of ``leaves`` that requires one, in order;
+    None for the others and for leaves the outputs do not depend on."""
+    wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+    found = dict(zip(map(id, wanted), torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)))
+    return [None if leaf is None else found.get(id(leaf)) for leaf in leaves]
 
 
 def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: bool, window: int, sinks: int,

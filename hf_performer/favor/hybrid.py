@@ -256,7 +256,7 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
                  sinks, far_part, tuple(x[5:]))
     if recording:
         return _SegmentedHybrid.apply(x.query, x.key, x.value, x.projection, far_log_weight, plan)
-    return _run_segments(x.query, x.key, x.value, x.projection, far_log_weight, plan)[0]
+    return _run_segments(x.query, x.key, x.value, x.projection, far_log_weight, plan)
 
 
 def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,20 +265,22 @@ def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[
     return tuple(t.gather(2, plan.order.expand(b, key_heads, -1, t.shape[-1])) for t in (key, value))
 
 
-def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan):
-    """The segments of :func:`_segments` one after another, without autograd → ``(out [B, Hk, G, L, Dv], the
-    summary and reference each segment starts from)`` (``None`` for the first segment and without a FAVOR+ part)."""
+def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, entries: list | None = None):
+    """The segments of :func:`_segments` one after another, without autograd → ``out [B, Hk, G, L, Dv]``.
+    ``entries``: a list that receives the (summary, reference) each segment starts from (``None`` for the first segment
+    and without a FAVOR+ part); only backward needs them (1 MiB per 2,048 tokens at 8 rows, m = 256)."""
     sink_key, sink_value = _gather_sinks(plan, key, value)
     out = query.new_empty(*query.shape[:-1], value.shape[-1])
     tensors = (query, key, value, plan.keep)
-    entries, summary, reference = [], None, None
+    summary = reference = None
     for index in range(plan.count()):
-        entries.append((summary, reference))
+        if entries is not None:
+            entries.append((summary, reference))
         piece, context = plan.pieces(tensors, index)
         part, summary, reference = plan.run(index, projection, far_log_weight, piece, context, summary, reference,
                                             sink_key, sink_value)
         out[..., index * plan.segment : index * plan.segment + part.shape[-2], :] = part
-    return out, entries
+    return out
 
 
 class _SegmentedHybrid(torch.autograd.Function):
@@ -295,7 +297,8 @@ class _SegmentedHybrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, projection, far_log_weight, plan):
-        out, entries = _run_segments(query, key, value, projection, far_log_weight, plan)
+        entries = []
+        out = _run_segments(query, key, value, projection, far_log_weight, plan, entries)
         summaries, references = zip(*entries)
         ctx.save_for_backward(query, key, value, projection, far_log_weight, *summaries, *references)
         ctx.plan = plan
@@ -353,6 +356,7 @@ class _SegmentedHybrid(torch.autograd.Function):
                     target.scatter_add_(2, plan.order.expand(*sink_grad.shape), sink_grad)
                 if target is not None and context_grad is not None:  # the previous segment's last block
                     target.narrow(2, start - plan.window, plan.window).add_(context_grad)
+            del part, summary_out, got  # not alive while the segment before runs
         return (*grads, None)
 
 
@@ -443,6 +447,7 @@ class _GroupedHybrid(torch.autograd.Function):
             for position, (target, grad) in enumerate(zip(grads, got)):
                 if target is not None and grad is not None:
                     (target if position == 3 else target[part]).add_(grad)  # ω is every group's
+            del out, got  # not alive while the next group runs
         return (*grads, None)
 
 

@@ -311,8 +311,7 @@ class _SegmentedHybrid(torch.autograd.Function):
         query, key, value, projection, weight, *entries = ctx.saved_tensors
         summaries, references = entries[:count], entries[count:]
         wants = ctx.needs_input_grad[:5]
-        grads = [None if not wanted else (torch.empty_like if index == 0 else torch.zeros_like)(t)
-                 for index, (t, wanted) in enumerate(zip((query, key, value, projection, weight), wants))]
+        grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip((query, key, value, projection, weight), wants)]
         keys_wanted = wants[1] or wants[2]
         sink_key, sink_value = (t.detach().requires_grad_(keys_wanted) for t in _gather_sinks(plan, key, value))
         leaf_projection = projection.detach().requires_grad_(wants[3])
@@ -320,33 +319,26 @@ class _SegmentedHybrid(torch.autograd.Function):
         grad_summary = None
         for index in range(count - 1, -1, -1):
             piece, context = plan.pieces((query, key, value, plan.keep), index)
-            piece = (piece[0].detach().requires_grad_(wants[0]), *(t.detach().requires_grad_(w)
-                                                                    for t, w in zip(piece[1:3], wants[1:3])), piece[3])
-            if context is not None:
-                context = (context[0], *(t.detach().requires_grad_(w) for t, w in zip(context[1:3], wants[1:3])),
-                           context[3])
+            piece = _detached(piece, wants[:3])
+            if context is not None:  # its queries are not read out
+                context = _detached(context, (False, *wants[1:3]))
             summary = summaries[index]
             if summary is not None:
                 summary = summary.detach().requires_grad_(any(wants[1:4]))
             with torch.enable_grad():
                 part, summary_out, _ = plan.run(index, leaf_projection, leaf_weight, piece, context, summary,
                                                 references[index], sink_key, sink_value)
-            leaves = [*piece[:3], leaf_projection, leaf_weight, summary, sink_key, sink_value]
-            if context is not None:
-                leaves += context[1:3]
+            leaves = [*piece[:3], leaf_projection, leaf_weight, summary, sink_key, sink_value,
+                      *(context[1:3] if context is not None else (None, None))]
             start = index * plan.segment
             outputs, grad_outputs = [part], [grad_out[..., start : start + part.shape[-2], :]]
             if grad_summary is not None:
                 outputs.append(summary_out)
                 grad_outputs.append(grad_summary)
             got = _differentiate(outputs, grad_outputs, leaves)
-            for position, (grad, axis) in enumerate(zip(got[:3], _TOKEN_AXES)):  # the segment's own tokens
-                if grad is not None:
-                    target = grads[position].narrow(axis, start, grad.shape[axis])
-                    if position:  # keys and values: the segment after may have added to their last block
-                        target.add_(grad)
-                    else:
-                        target.copy_(grad)
+            for target, grad, axis in zip(grads, got[:3], _TOKEN_AXES):  # the segment's own tokens
+                if target is not None and grad is not None:
+                    target.narrow(axis, start, grad.shape[axis]).add_(grad)
             for target, grad in zip(grads[3:5], got[3:5]):
                 if target is not None and grad is not None:
                     target.add_(grad)
@@ -449,6 +441,11 @@ class _GroupedHybrid(torch.autograd.Function):
                     (target if position == 3 else target[part]).add_(grad)  # ω is every group's
             del out, got  # not alive while the next group runs
         return (*grads, None)
+
+
+def _detached(tensors: tuple, wanted) -> tuple:
+    """``(query, key, value, keep)`` views as leaves of a graph of their own, requiring gradients where ``wanted``."""
+    return (*(t.detach().requires_grad_(w) for t, w in zip(tensors[:3], wanted)), tensors[3])
 
 
 def _differentiate(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],

@@ -156,7 +156,11 @@ AUTOGRAD_SEGMENT_ELEMENTS = 1 << 19
 57 / 173 / 596 MiB at 2,048 / 16,384 / 65,536 tokens against 162 / 267 MiB at 2,048 / 16,384 with 1,024-token
 segments (SDPA: 22 / 162 / 642); 128-token segments: 40 / 178 / 674 (each segment's entry summary is kept).  Time
 1.05× / 1.02× of the re-entrantly checkpointed 1,024-token segments before them at 2,048 / 16,384 tokens
-(interleaved, 2 threads), 1.08× / 1.13× of 1,024-token segments of :class:`_SegmentedHybrid`."""
+(interleaved, 2 threads), 1.08× / 1.13× of 1,024-token segments of :class:`_SegmentedHybrid`.  With SmolLM2's shapes
+(3 key heads: 640-token segments) 2,048 tokens take 1.3–1.4× one plain autograd pass's time and a whole training
+step 3.7–4.0 GiB instead of 6.1 (SDPA's 3.7–3.9; ``benchmarks/training_step.py``).  A sequence within one segment
+runs in one plain autograd pass: recomputed as one segment, SmolLM2's step at 512 tokens fell from 1,430 to 830 MiB
+(SDPA's 811–841) but the op took 1.5× its time, which the 512-token recovery recipe would pay on every step."""
 
 
 def _sinks_of(keep: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,11 +154,12 @@ AUTOGRAD_SEGMENT_ELEMENTS = 1 << 19
 """:data:`SEGMENT_ELEMENTS` under autograd (:class:`_SegmentedHybrid`), whose backward holds one segment's graph:
 256 tokens of 8 rows with m = 256.  Forward+backward peak beyond the inputs (same shapes, fresh processes, 1 thread)
 57 / 173 / 596 MiB at 2,048 / 16,384 / 65,536 tokens against 162 / 267 MiB at 2,048 / 16,384 with 1,024-token
-segments (SDPA: 22 / 162 / 642); 128-token segments: 40 / 178 / 674 (each segment's entry summary is kept).  Time
+segments (SDPA: 22 / 162 / 642); 128-token segments (two windows, under :func:`_segment_length`'s floor): 40 / 178 / 674 (each segment's entry summary is kept) in 1.19× /
+1.18× the time at 2,048 / 16,384 tokens, 512-token ones: 98 / 206 / 557 in 0.96× / 0.90× (interleaved, 2 threads).  Time
 1.05× / 1.02× of the re-entrantly checkpointed 1,024-token segments before them at 2,048 / 16,384 tokens
 (interleaved, 2 threads), 1.08× / 1.13× of 1,024-token segments of :class:`_SegmentedHybrid`.  With SmolLM2's shapes
 (3 key heads: 640-token segments) 2,048 tokens take 1.3–1.4× one plain autograd pass's time and a whole training
-step 3.7–4.0 GiB instead of 6.1 (SDPA's 3.7–3.9; ``benchmarks/training_step.py``).  A sequence within one segment
+step 3.7–4.0 GiB instead of 6.1–6.3 (SDPA's 3.7–3.9; ``benchmarks/training_step.py``).  A sequence within one segment
 runs in one plain autograd pass: recomputed as one segment, SmolLM2's step at 512 tokens fell from 1,430 to 830 MiB
 (SDPA's 811–841) but the op took 1.5× its time, which the 512-token recovery recipe would pay on every step."""
 

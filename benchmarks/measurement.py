@@ -49,6 +49,20 @@ def seconds_per_call(fn, repeats: int, slow_seconds: float = 5.0) -> float:
     return min(times)
 
 
+def run_child(command: list[str], timeout: float, label: str) -> dict | None:
+    """Runs a fresh-process measurement (``command``, a script's ``--child`` call) and returns the JSON object its
+    last line of output prints; None, after saying why under ``label``, when it timed out or failed."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {label}: timed out after {timeout} s", flush=True)
+        return None
+    if done.returncode:
+        print(f"  {label}: failed ({done.returncode}) {done.stderr.strip()[-400:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

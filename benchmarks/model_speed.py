@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
-from measurement import RESULTS, Run, peak_rss_bytes, seconds_per_call
+from measurement import RESULTS, Run, peak_rss_bytes, run_child, seconds_per_call
 from plotting import style_length_axes
 
 ATTENTIONS = ("favor+", "sdpa")
@@ -94,15 +93,9 @@ def main() -> None:
         for attention in ATTENTIONS:
             command = [sys.executable, __file__, "--child", attention, str(length), "--nb-features", str(args.nb_features),
                        "--repeats", str(args.repeats), "--slow-seconds", str(args.slow_seconds)]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{attention} L={length}: timed out after {args.child_timeout} s", flush=True)
+            result = run_child(command, args.child_timeout, f"{attention} L={length}")
+            if result is None:
                 continue
-            if done.returncode:
-                print(f"{attention} L={length}: failed {done.stderr.strip()[-400:]}", flush=True)
-                continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
             cells[attention] = result
             rows.append(dict(attention=attention, length=length, seconds=result["seconds"], peak_mib=result["peak_rise_bytes"] / MIB))
             print(f"L={length:<6} {attention:<7} {result['seconds']:8.3f} s  {rows[-1]['peak_mib']:9.1f} MiB", flush=True)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-from measurement import RESULTS, Run, peak_rss_bytes
+from measurement import RESULTS, Run, peak_rss_bytes, run_child
 from plotting import style_length_axes
 from providers import (
     HYBRID, MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_hybrid_arguments, add_op_shape_arguments, attention_call, attention_op, import_favor_without_transformers, random_qkv,
@@ -54,15 +53,7 @@ def measure(provider: str, mode: str, pass_: str, length: int, args) -> dict | N
                "--heads", str(args.heads), "--head-dim", str(args.head_dim), "--nb-features", str(args.nb_features),
                "--causal-chunk-size", str(args.causal_chunk_size), "--local-window", str(args.local_window),
                "--sink-tokens", str(args.sink_tokens)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  {provider} {mode} {pass_} L={length}: timed out after {args.child_timeout} s", flush=True)
-        return None
-    if done.returncode:
-        print(f"  {provider} {mode} {pass_} L={length}: failed ({done.returncode}) {done.stderr.strip()[-300:]}", flush=True)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(command, args.child_timeout, f"{provider} {mode} {pass_} L={length}")
 
 
 def cap(args, provider: str, mode: str, pass_: str) -> int:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from measurement import Run, peak_rss_bytes
+from measurement import Run, peak_rss_bytes, run_child
 
 ATTENTIONS = ("sdpa", "favor+", "hybrid")
 MIB = 2**20
@@ -46,7 +45,7 @@ def child(attention: str, length: int, model_path: str, nb_features: int, window
     generator = torch.Generator().manual_seed(0)
 
     def step(tokens: int) -> None:
-        ids = torch.randint(1000, 20000, (1, tokens), generator=generator)
+        ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
         model(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=False)  # the gradients' storage stays, as in a training loop
 
@@ -83,15 +82,9 @@ def main() -> None:
             command = [sys.executable, __file__, "--child", attention, str(length), "--model", args.model,
                        "--nb-features", str(args.nb_features), "--local-window", str(args.local_window),
                        "--sink-tokens", str(args.sink_tokens)]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{attention} L={length}: timed out after {args.child_timeout} s", flush=True)
+            result = run_child(command, args.child_timeout, f"{attention} L={length}")
+            if result is None:
                 continue
-            if done.returncode:
-                print(f"{attention} L={length}: failed {done.stderr.strip()[-400:]}", flush=True)
-                continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(dict(attention=attention, length=length, seconds=result["seconds"],
                              peak_mib=result["peak_rise_bytes"] / MIB))
             print(f"L={length:<6} {attention:<7} {result['seconds']:8.2f} s  {rows[-1]['peak_mib']:9.1f} MiB", flush=True)

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import LlamaForCausalLM
 
 from hf_performer.config import PerformerConfig
+from tests.conftest import tiny_llama_config
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "benchmarks" / "results"
@@ -151,6 +153,16 @@ def test_model_speed_compares_the_whole_model_with_sdpa(results):
     assert {r["attention"] for r in rows} == {"favor+", "sdpa"}
     assert all(float(r["seconds"]) > 0 and float(r["sdpa_over_favor_seconds"]) > 0 for r in rows)
     assert (results / "model_speed.png").stat().st_size > 0
+
+
+def test_training_step_measures_each_attention_in_its_own_process(results, tmp_path):
+    model = tmp_path / "tiny-llama"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(model)
+    run_benchmark(results, "training_step", "--model", str(model), "--lengths", "64", "--nb-features", "16",
+                  "--local-window", "8", "--sink-tokens", "2")
+    rows = read_csv(results / "training_step.csv")
+    assert [r["attention"] for r in rows] == ["sdpa", "favor+", "hybrid"]
+    assert all(r["length"] == "64" and float(r["seconds"]) > 0 and float(r["peak_mib"]) >= 0 for r in rows)
 
 
 def test_approximation_measures_mse_curves_and_minilm_logit_scales(results):

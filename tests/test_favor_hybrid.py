@@ -159,20 +159,6 @@ def test_checkpointed_causal_segments_give_the_naive_gradients(far_part, monkeyp
         torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=1e-3, atol=1e-5)
 
 
-def test_checkpointed_causal_segments_give_the_naive_gradient_of_the_features(monkeypatch):
-    # ω alone requiring gradients (attention transfer trains it on the teacher's fixed inputs) still gets them
-    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
-    q, k, v = qkv(70)
-    features, reference_features = (projection().requires_grad_() for _ in range(2))
-    out, _ = favor_attention(q, k, v, features, causal=True, local_window=5, sink_tokens=3)
-    expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), reference_features.double(), window=5,
-                                sinks=3, causal=True)
-    grad_out = torch.randn_like(expected)
-    out.backward(grad_out)
-    expected.backward(grad_out)
-    torch.testing.assert_close(features.grad, reference_features.grad, rtol=1e-3, atol=1e-5)
-
-
 def test_causal_segments_take_autograd_grad(monkeypatch):
     # torch.autograd.grad (not only loss.backward()) goes through the segments, and they leave no .grad behind
     monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
@@ -202,14 +188,19 @@ def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatc
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
-def test_groups_of_rows_give_the_naive_gradient_of_the_features(monkeypatch):
-    # ω alone requiring gradients (attention transfer of a BERT) gets every group's share of it
-    monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS", L * M)
-    q, k, v = qkv()
+@pytest.mark.parametrize("causal, constant, pieces, length", [
+    (True, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M, 70),  # causal segments of four windows
+    (False, "AUTOGRAD_ROW_ELEMENTS", L * M, L),  # bidirectional groups of one row
+])
+def test_pieces_run_again_in_backward_give_the_naive_gradient_of_the_features(causal, constant, pieces, length,
+                                                                             monkeypatch):
+    # ω alone requiring gradients (attention transfer trains it on the teacher's fixed inputs) gets every piece's share
+    monkeypatch.setattr(hybrid, constant, pieces)
+    q, k, v = qkv(length)
     features, reference_features = (projection().requires_grad_() for _ in range(2))
-    out, _ = favor_attention(q, k, v, features, local_window=5, sink_tokens=3)
+    out, _ = favor_attention(q, k, v, features, causal=causal, local_window=5, sink_tokens=3)
     expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), reference_features.double(), window=5,
-                                sinks=3, causal=False)
+                                sinks=3, causal=causal)
     grad_out = torch.randn_like(expected)
     out.backward(grad_out)
     expected.backward(grad_out)

@@ -324,9 +324,9 @@ class _SegmentedHybrid(torch.autograd.Function):
         grad_summary = None
         for index in range(count - 1, -1, -1):
             piece, context = plan.pieces((query, key, value, plan.keep), index)
-            piece = _detached(piece, wants[:3])
+            piece = (*_detached(piece[:3], wants[:3]), piece[3])
             if context is not None:  # its queries are not read out
-                context = _detached(context, (False, *wants[1:3]))
+                context = (*_detached(context[:3], (False, *wants[1:3])), context[3])
             summary = summaries[index]
             if summary is not None:
                 summary = summary.detach().requires_grad_(any(wants[1:4]))
@@ -436,7 +436,7 @@ class _GroupedHybrid(torch.autograd.Function):
         query, key, value, projection, weight = inputs
         leaf_projection = projection.detach().requires_grad_(wants[3])
         for part in groups.parts:
-            rows = [t[part].detach().requires_grad_(wanted) for t, wanted in zip((query, key, value), wants)]
+            rows = _detached((query[part], key[part], value[part]), wants)
             leaf_weight = None if weight is None else weight[part].detach().requires_grad_(wants[4])
             with torch.enable_grad():
                 out = groups.group(part, *rows, leaf_projection, leaf_weight)
@@ -448,9 +448,9 @@ class _GroupedHybrid(torch.autograd.Function):
         return (*grads, None)
 
 
-def _detached(tensors: tuple, wanted) -> tuple:
-    """``(query, key, value, keep)`` views as leaves of a graph of their own, requiring gradients where ``wanted``."""
-    return (*(t.detach().requires_grad_(w) for t, w in zip(tensors[:3], wanted)), tensors[3])
+def _detached(tensors, wanted) -> list[torch.Tensor]:
+    """``tensors`` (views of the inputs) as leaves of a graph of their own, each requiring gradients where ``wanted``."""
+    return [t.detach().requires_grad_(w) for t, w in zip(tensors, wanted)]
 
 
 def _differentiate(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor],

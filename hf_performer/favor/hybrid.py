@@ -153,7 +153,7 @@ segment's fixed operations and its first block's keys); half these segments gave
 AUTOGRAD_SEGMENT_ELEMENTS = 1 << 19
 """:data:`SEGMENT_ELEMENTS` under autograd (:class:`_SegmentedHybrid`), whose backward holds one segment's graph:
 256 tokens of 8 rows with m = 256.  Forward+backward peak beyond the inputs (same shapes, fresh processes, 1 thread)
-57 / 173 / 596 MiB at 2,048 / 16,384 / 65,536 tokens against 162 / 267 MiB at 2,048 / 16,384 with 1,024-token
+55 / 175 / 596 MiB at 2,048 / 16,384 / 65,536 tokens against 162 / 267 MiB at 2,048 / 16,384 with 1,024-token
 segments (SDPA: 22 / 162 / 642); 128-token segments (two windows, under :func:`_segment_length`'s floor): 40 / 178 / 674 (each segment's entry summary is kept) in 1.19× /
 1.18× the time at 2,048 / 16,384 tokens, 512-token ones: 98 / 206 / 557 in 0.96× / 0.90× (interleaved, 2 threads).  Time
 1.05× / 1.02× of the re-entrantly checkpointed 1,024-token segments before them at 2,048 / 16,384 tokens

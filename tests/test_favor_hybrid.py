@@ -117,57 +117,92 @@ def test_query_blocks_in_steps_match_the_naive_hybrid(causal, blocks_per_step, m
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def segments_of_four_windows(monkeypatch, causal, window=5, recording=False):
+    """Sequences of 70 tokens (4 rows: B × 2 key heads) go through segments of four windows; bidirectionally a row
+    is then more than a group (ROW_ELEMENTS).  Returns the list of the sequences' plans, to check they ran."""
+    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS" if recording else "SEGMENT_ELEMENTS", 4 * window * B * 2 * M)
+    monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS" if recording else "ROW_ELEMENTS", 2 * window * M)
+    plans, segments = [], hybrid._segments
+
+    def recorded(x, weight, segment, **settings):
+        plans.append(segment)
+        return segments(x, weight, segment, **settings)
+
+    monkeypatch.setattr(hybrid, "_segments", recorded)
+    return plans
+
+
 @pytest.mark.parametrize("blocks_per_step", [2, 1000])  # query blocks per step of the query side
 @pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("window, sinks, left_padding", [(5, 3, 6), (4, 0, 0), (5, 3, 30)])  # 30: sinks beyond
-def test_causal_segments_match_the_naive_hybrid(window, sinks, left_padding, far_part, blocks_per_step, monkeypatch):
-    # long causal sequences go through segments of 4 windows here, each continuing from the one before (its last
-    # block, its FAVOR+ summary, the sinks); where a sequence's sinks are not all in the first segment, in one pass
-    monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * window * B * 2 * M)
+@pytest.mark.parametrize("length", [70, 63])  # 63: with W = 5, the last segment is shorter than a window
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_match_the_naive_hybrid(causal, length, window, sinks, left_padding, far_part, blocks_per_step,
+                                         monkeypatch):
+    # long sequences go through segments of 4 windows here, each between the neighbouring segments' end blocks with
+    # the sinks and a FAVOR+ summary: causally each continues from the one before (where a sequence's sinks are not
+    # all in the first segment, in one pass), bidirectionally each reads the summary of all far keys
+    plans = segments_of_four_windows(monkeypatch, causal, window)
     monkeypatch.setattr(hybrid, "STEP_ELEMENTS", blocks_per_step * 2 * window * M)
-    q, k, v = qkv(70)
-    mask = torch.ones(B, 70, dtype=torch.bool)
+    q, k, v = qkv(length)
+    mask = torch.ones(B, length, dtype=torch.bool)
     mask[0, :left_padding] = False
-    mask[1, 61:] = False
+    mask[1, 55:] = False
     weight = FAR_LOG_WEIGHT if far_part == "favor" else None
-    out, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window,
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=window,
                              sink_tokens=sinks, far_part=far_part, far_log_weight=weight)
     expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window,
-                                sinks=sinks, far=far_part == "favor", causal=True, key_padding_mask=mask,
+                                sinks=sinks, far=far_part == "favor", causal=causal, key_padding_mask=mask,
                                 far_log_weight=weight).nan_to_num()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert len(plans) == (0 if causal and left_padding > 4 * window else 1)
+
+
+def test_bidirectional_sequences_with_fewer_real_tokens_than_sinks_go_in_one_pass(monkeypatch):
+    # every query sees the sinks; a sequence of fewer real tokens than S has fewer sinks than the segments' carry
+    plans = segments_of_four_windows(monkeypatch, causal=False)
+    q, k, v = qkv(70)
+    mask = torch.ones(B, 70, dtype=torch.bool)
+    mask[1, 2:] = False
+    out, _ = favor_attention(q, k, v, projection(), key_padding_mask=mask, local_window=5, sink_tokens=3)
+    torch.testing.assert_close(out, naive(q, k, v, window=5, sinks=3, causal=False, mask=mask), rtol=1e-4, atol=1e-5)
+    assert not plans
 
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
-def test_checkpointed_causal_segments_give_the_naive_gradients(far_part, monkeypatch):
-    # under autograd each segment runs again in backward, and gradients reach earlier segments through the carry
-    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_run_again_in_backward_give_the_naive_gradients(causal, far_part, monkeypatch):
+    # under autograd each segment runs again in backward; causally gradients reach earlier segments through the
+    # carry, bidirectionally the summary's gradient reaches every segment's keys
+    plans = segments_of_four_windows(monkeypatch, causal, recording=True)
     inputs = [t.requires_grad_() for t in qkv(70)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     mask = torch.ones(B, 70, dtype=torch.bool)
     mask[1, 61:] = False  # right padding only: the reference's gradient of a query that sees no key is NaN
     weight = FAR_LOG_WEIGHT.clone().requires_grad_() if far_part == "favor" else None
     reference_weight = FAR_LOG_WEIGHT.clone().requires_grad_() if far_part == "favor" else None
-    out, _ = favor_attention(*inputs, projection(), causal=True, key_padding_mask=mask, local_window=5,
+    out, _ = favor_attention(*inputs, projection(), causal=causal, key_padding_mask=mask, local_window=5,
                              sink_tokens=3, far_part=far_part, far_log_weight=weight)
     expected = hybrid_attention(reference_inputs[0], *(t.repeat_interleave(2, 1) for t in reference_inputs[1:]),
-                                projection().double(), window=5, sinks=3, far=far_part == "favor", causal=True,
+                                projection().double(), window=5, sinks=3, far=far_part == "favor", causal=causal,
                                 key_padding_mask=mask, far_log_weight=reference_weight)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
     if weight is not None:
         torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=1e-3, atol=1e-5)
+    assert len(plans) == 1
 
 
-def test_causal_segments_take_autograd_grad(monkeypatch):
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_take_autograd_grad(causal, monkeypatch):
     # torch.autograd.grad (not only loss.backward()) goes through the segments, and they leave no .grad behind
-    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)
+    segments_of_four_windows(monkeypatch, causal, recording=True)
     q, k, v = (t.requires_grad_() for t in qkv(70))
-    out, _ = favor_attention(q, k, v, projection(), causal=True, local_window=5, sink_tokens=3)
+    out, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     expected = hybrid_attention(reference[0], *(t.repeat_interleave(2, 1) for t in reference[1:]),
-                                projection().double(), window=5, sinks=3, causal=True)
+                                projection().double(), window=5, sinks=3, causal=causal)
     expected_grads = torch.autograd.grad(expected.square().sum(), reference)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-4)
@@ -188,14 +223,17 @@ def test_checkpointed_groups_of_rows_give_the_naive_gradients(causal, monkeypatc
     assert_same_input_gradients(out, expected, inputs, reference_inputs)
 
 
-@pytest.mark.parametrize("causal, constant, pieces, length", [
-    (True, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M, 70),  # causal segments of four windows
-    (False, "AUTOGRAD_ROW_ELEMENTS", L * M, L),  # bidirectional groups of one row
+@pytest.mark.parametrize("causal, pieces, length", [
+    (True, "segments", 70),  # causal segments of four windows
+    (False, "segments", 70),  # bidirectional segments of four windows
+    (False, "groups", L),  # bidirectional groups of one row
 ])
-def test_pieces_run_again_in_backward_give_the_naive_gradient_of_the_features(causal, constant, pieces, length,
-                                                                             monkeypatch):
+def test_pieces_run_again_in_backward_give_the_naive_gradient_of_the_features(causal, pieces, length, monkeypatch):
     # ω alone requiring gradients (attention transfer trains it on the teacher's fixed inputs) gets every piece's share
-    monkeypatch.setattr(hybrid, constant, pieces)
+    if pieces == "segments":
+        segments_of_four_windows(monkeypatch, causal, recording=True)
+    else:
+        monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS", L * M)
     q, k, v = qkv(length)
     features, reference_features = (projection().requires_grad_() for _ in range(2))
     out, _ = favor_attention(q, k, v, features, causal=causal, local_window=5, sink_tokens=3)

@@ -140,11 +140,16 @@ AUTOGRAD_ROW_ELEMENTS = 1 << 19
 2,048 tokens with m = 256.  Bidirectional forward+backward peak beyond the inputs (8 heads × 64, W = 64, S = 4, fresh
 processes, 1 thread) 40 / 108 MiB at 2,048 / 4,096 tokens against 275 / 350 with :data:`ROW_ELEMENTS` (SDPA: 22 /
 42), in 1.07–1.18× the time at 2,048 (the groups run again in backward; interleaved, 2 threads) and the same time for
-a batch of 32 × 12 heads × 128 tokens (MiniLM's shapes, W = 16)."""
+a batch of 32 × 12 heads × 128 tokens (MiniLM's shapes, W = 16).  A longer row goes through segments of tokens
+(:func:`_segments`) instead, whose backward holds one segment's graph: 107 / 132 / 178 / 469 MiB at 4,096 / 8,192 /
+16,384 / 65,536 tokens against 137 / 248 / about 530 / about 1,430 in groups of one row (SDPA: 42 / 82 / 162 / 644),
+in 1.27–1.38× the time at 4,096 and 8,192 tokens and 1.12–1.16× at 16,384 (interleaved, 1 and 2 threads): the
+segments' context blocks and the second pass over the keys for the summary's gradient."""
 
 
 SEGMENT_ELEMENTS = 1 << 21
-"""Key-feature elements per segment of a long causal sequence without autograd (:func:`_segments`), all (batch, key
+"""Key-feature elements per segment of a long sequence without autograd (:func:`_segments`; bidirectionally only where
+one row is more than :data:`ROW_ELEMENTS`: 161 MiB at 65,536 tokens against 271 in groups, SDPA's 130), all (batch, key
 head) rows together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  Forward peak beyond the inputs (8 heads ×
 64, W = 64, S = 4, fresh processes) 27 / 61 / 156 MiB at 2,048 / 16,384 / 65,536 tokens against 33 / 68 / 263 in one
 pass (SDPA: 6 / 34 / 132), in 1.03–1.07× one pass's time (interleaved, 1 thread, 2,048 and 16,384 tokens: a
@@ -191,77 +196,94 @@ def _sinks_within(keep: torch.Tensor | None, sinks: int, tokens: int) -> bool:
 
 
 class _Carry(NamedTuple):
-    """What causal hybrid attention of a segment (:func:`_segments`) takes from the tokens before it."""
+    """What hybrid attention of a segment (:func:`_segments`) takes from the rest of the sequence."""
 
-    summary: torch.Tensor | None  # [B·Hk, m, Dv + 1]: FAVOR+ summary of the far keys before the segment's first
-    # block (None without a FAVOR+ part)
+    summary: torch.Tensor | None  # [B·Hk, m, Dv + 1]: FAVOR+ summary of the far keys its queries read: causally those
+    # before the segment's first block, bidirectionally all (None without a FAVOR+ part)
     reference: torch.Tensor | None  # [B·Hk, m]: its per-feature reference
     sink_key: torch.Tensor  # [B, Hk, S, D], not scaled
     sink_value: torch.Tensor  # [B, Hk, S, Dv]
 
 
 class _Plan(NamedTuple):
-    """How :func:`_segments` cuts a causal sequence: what every segment's call takes besides the tensors."""
+    """How :func:`_segments` cuts a sequence: what every segment's call takes besides the tensors."""
 
-    keep: torch.Tensor  # [B, 1, L]: real tokens, the sinks masked out (a later segment gets them from the carry)
-    first_keep: torch.Tensor | None  # [B, 1, segment]: the first segment's real tokens (it finds its own sinks)
+    keep: torch.Tensor  # [B, 1, L]: real tokens, the sinks masked out (a segment gets them from the carry)
+    first_keep: torch.Tensor | None  # causal: [B, 1, segment], the first segment's real tokens (it finds its own
+    # sinks); bidirectional: None (every segment reads the sinks from the carry)
     order: torch.Tensor  # [B, 1, S, 1]: the sinks' positions
     segment: int
     window: int
     sinks: int
     far_part: str
+    causal: bool
     tail: tuple  # _Inputs' input scale and dtype
 
     def count(self) -> int:
         return math.ceil(self.keep.shape[-1] / self.segment)
 
-    def pieces(self, tensors, index: int) -> tuple[tuple, tuple | None]:
-        """Segment ``index`` of ``tensors`` (``query [B, Hk, G, L, D]``, ``key``, ``value``, ``keep``) and the last
-        block (``W`` tokens) of the segment before it (None for the first), as views."""
+    def tokens(self, index: int) -> tuple[int, int]:
+        """``(start, size)`` of segment ``index``'s tokens."""
         start = index * self.segment
-        piece = tuple(t.narrow(axis, start, min(self.segment, t.shape[axis] - start))
-                      for t, axis in zip(tensors, _TOKEN_AXES))
-        context = None if not index else tuple(t.narrow(axis, start - self.window, self.window)
-                                               for t, axis in zip(tensors, _TOKEN_AXES))
-        return piece, context
+        return start, min(self.segment, self.keep.shape[-1] - start)
 
-    def run(self, index: int, projection, far_log_weight, piece, context, summary, reference, sink_key, sink_value):
-        """:func:`_hybrid_rows` of one segment after ``context`` (None for the first segment), continuing from the
-        ``summary`` and ``reference`` the segment before returned and the sinks → ``(out [B, Hk, G, T, Dv],
-        summary, reference)`` for the next segment."""
-        query, key, value, keep = piece
-        carry, sinks = None, self.sinks
-        if context is None:
-            keep = self.first_keep
-        else:
-            query, key, value, keep = (torch.cat([before, now], axis)
-                                       for before, now, axis in zip(context, piece, _TOKEN_AXES))
-            carry, sinks = _Carry(summary, reference, sink_key, sink_value), 0
+    def pieces(self, tensors, index: int) -> tuple[tuple, tuple | None, tuple | None]:
+        """Segment ``index`` of ``tensors`` (``query [B, Hk, G, L, D]``, ``key``, ``value``, ``keep``), the last block
+        (``W`` tokens) of the segment before it (None for the first) and, bidirectionally, the first block of the
+        segment after it (None for the last, and causally), as views."""
+        (start, size), length = self.tokens(index), self.keep.shape[-1]
+        stop = start + size
+        piece = tuple(t.narrow(axis, start, size) for t, axis in zip(tensors, _TOKEN_AXES))
+        before = None if not index else tuple(t.narrow(axis, start - self.window, self.window)
+                                              for t, axis in zip(tensors, _TOKEN_AXES))
+        after = None if self.causal or stop == length else tuple(
+            t.narrow(axis, stop, min(self.window, length - stop)) for t, axis in zip(tensors, _TOKEN_AXES))
+        return piece, before, after
+
+    def run(self, projection, far_log_weight, piece, before, after, summary, reference, sink_key, sink_value):
+        """:func:`_hybrid_rows` of one segment between the blocks ``before`` and ``after`` (None where there is
+        none), from the ``summary`` and ``reference`` of a :class:`_Carry` (causal: what the segment before returned;
+        bidirectional: :func:`_far_summary`'s) and the sinks → ``(out [B, Hk, G, T, Dv], summary, reference)``, the
+        last two for the next causal segment."""
+        parts = [p for p in (before, piece, after) if p is not None]
+        query, key, value, keep = (torch.cat(ts, axis) if len(ts) > 1 else ts[0]
+                                   for ts, axis in zip(zip(*parts), _TOKEN_AXES))
+        carry, sinks = _Carry(summary, reference, sink_key, sink_value), 0
+        if self.causal and before is None:  # the first segment finds its own sinks
+            carry, sinks, keep = None, self.sinks, self.first_keep
         out, (summary, reference) = _hybrid_rows(_Inputs(query, key, value, projection, keep, *self.tail),
-                                                 far_log_weight, causal=True, window=self.window, sinks=sinks,
-                                                 far_part=self.far_part, carry=carry)
+                                                 far_log_weight, causal=self.causal, window=self.window, sinks=sinks,
+                                                 far_part=self.far_part, carry=carry,
+                                                 context=(before is not None, after is not None))
         return out, summary, reference
 
 
-def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, window: int, sinks: int,
-              far_part: str, recording: bool) -> torch.Tensor:
-    """Causal :func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G,
-    L, Dv]``, so that memory holds one segment's key features, spans and masks rather than the sequence's.
+def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, causal: bool, window: int,
+              sinks: int, far_part: str, recording: bool) -> torch.Tensor:
+    """:func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G, L, Dv]``,
+    so that memory holds one segment's key features, spans and masks rather than the sequence's.
 
-    Segment ``i > 0`` runs :func:`_hybrid_rows` on its tokens after the last block (``W`` tokens) of segment ``i − 1``,
-    which holds the keys its first block's window reaches (its queries are not read out), continuing from a
-    :class:`_Carry`: the FAVOR+ summary of the keys before that block and its reference (which segment ``i − 1``
-    returns) and the sinks, gathered once and masked out of that block.  Block by block this is the arithmetic of one
-    pass over the sequence.  Every sequence must have its sinks in the first segment (:func:`_sinks_within`).
-    Under autograd the segments run as :class:`_SegmentedHybrid`, which recomputes each in backward."""
+    Each segment runs :func:`_hybrid_rows` on its tokens between the last block (``W`` tokens) of the segment before
+    and, bidirectionally, the first block of the one after, which hold the keys its end blocks' windows reach (their
+    queries are not read out), with a :class:`_Carry`: the sinks, gathered once and masked out of every segment, and
+    the FAVOR+ summary its queries read with its reference.  Causally that is the summary of the keys before the
+    segment's first block, which segment ``i − 1`` returns, and every sequence must have its sinks in the first
+    segment (:func:`_sinks_within`), which finds them itself; bidirectionally it is the summary of every far key
+    (:func:`_far_summary`), and every sequence must have ``S`` real tokens.  Block by block this is the arithmetic of
+    one pass over the sequence.  Under autograd the segments run as :class:`_SegmentedHybrid` (causal) or
+    :class:`_BidirectionalSegments`, which recompute each in backward."""
     b, key_heads, group, length, d = x.query.shape
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
     sink, order = _sinks_of(keep, sinks)
-    plan = _Plan(keep & ~sink, None if x.keep is None else keep[..., :segment], order[..., None], segment, window,
-                 sinks, far_part, tuple(x[5:]))
+    first_keep = None if x.keep is None or not causal else keep[..., :segment]
+    plan = _Plan(keep & ~sink, first_keep, order[..., None], segment, window, sinks, far_part, causal, tuple(x[5:]))
+    tensors = (x.query, x.key, x.value, x.projection, far_log_weight)
+    if causal:
+        return _SegmentedHybrid.apply(*tensors, plan) if recording else _run_segments(*tensors, plan)
+    summary, reference = _far_summary(plan, x.key, x.value, x.projection)
     if recording:
-        return _SegmentedHybrid.apply(x.query, x.key, x.value, x.projection, far_log_weight, plan)
-    return _run_segments(x.query, x.key, x.value, x.projection, far_log_weight, plan)
+        return _BidirectionalSegments.apply(*tensors, summary, reference, plan)
+    return _run_segments(*tensors, plan, summary=summary, reference=reference)
 
 
 def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,33 +292,141 @@ def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[
     return tuple(t.gather(2, plan.order.expand(b, key_heads, -1, t.shape[-1])) for t in (key, value))
 
 
-def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, entries: list | None = None):
+def _far_sum(plan: _Plan, index: int, key: torch.Tensor, value: torch.Tensor, projection: torch.Tensor,
+             reference: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FAVOR+ summary ``φ̃(K)ᵀ[V, 1]`` of the far keys (not sinks, not padding) of segment ``index``, whose keys and
+    values are ``key``, ``value`` ``[B, Hk, T, ·]`` → ``(summary [B·Hk, m, Dv + 1], reference [B·Hk, m])``,
+    relative to ``reference`` (None: to the segment's own largest log feature)."""
+    start, tokens = plan.tokens(index)
+    b, key_heads, _, d = key.shape
+    m = projection.shape[0]
+    far = plan.keep.narrow(2, start, tokens).expand(b, key_heads, tokens).reshape(-1)
+    scale = plan.tail[0]  # _Inputs' input scale
+    log_feat = _key_log_features((key * scale).reshape(-1, d), projection, far, plan.window,
+                                 records_gradients(key, projection)).view(b * key_heads, tokens, m)
+    if reference is None:
+        reference = log_feat.detach().amax(1).clamp_min(NEG_LOG_WEIGHT / 2)  # masked keys' exp is then 0
+    if log_feat.requires_grad:
+        k_feat = (log_feat - reference[:, None]).exp_()
+    else:
+        k_feat = log_feat.sub_(reference[:, None]).exp_()
+    return k_feat.transpose(-1, -2) @ _with_ones(value).reshape(b * key_heads, tokens, -1), reference
+
+
+def _far_summary(plan: _Plan, key: torch.Tensor, value: torch.Tensor,
+                 projection: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Bidirectional: the FAVOR+ summary of every far key of the sequence and its per-feature reference (the keys'
+    largest log feature) → ``([B·Hk, m, Dv + 1], [B·Hk, m])``, a segment at a time without autograd, each segment's
+    sum rescaled to the larger reference as it is added (as :func:`fold_keys` does); ``(None, None)`` without a
+    FAVOR+ part."""
+    if plan.far_part != "favor":
+        return None, None
+    summary = reference = None
+    with torch.no_grad():
+        for index in range(plan.count()):
+            start, tokens = plan.tokens(index)
+            part, part_reference = _far_sum(plan, index, key.narrow(2, start, tokens), value.narrow(2, start, tokens),
+                                            projection, None)
+            if summary is None:
+                summary, reference = part, part_reference
+                continue
+            larger = torch.maximum(reference, part_reference)
+            summary = summary * torch.exp(reference - larger)[..., None] + part * torch.exp(part_reference - larger)[..., None]
+            reference = larger
+    return summary, reference
+
+
+def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, entries: list | None = None, *,
+                  summary: torch.Tensor | None = None, reference: torch.Tensor | None = None):
     """The segments of :func:`_segments` one after another, without autograd → ``out [B, Hk, G, L, Dv]``.
-    ``entries``: a list that receives the (summary, reference) each segment starts from (``None`` for the first segment
-    and without a FAVOR+ part); only backward needs them (1 MiB per 2,048 tokens at 8 rows, m = 256)."""
+    Bidirectionally every segment reads ``summary`` and ``reference`` (:func:`_far_summary`'s).  Causally each
+    continues from the one before; ``entries``: a list that receives the (summary, reference) each segment starts
+    from (``None`` for the first segment and without a FAVOR+ part); only backward needs them (1 MiB per 2,048
+    tokens at 8 rows, m = 256)."""
     sink_key, sink_value = _gather_sinks(plan, key, value)
     out = query.new_empty(*query.shape[:-1], value.shape[-1])
     tensors = (query, key, value, plan.keep)
-    summary = reference = None
     for index in range(plan.count()):
         if entries is not None:
             entries.append((summary, reference))
-        piece, context = plan.pieces(tensors, index)
-        part, summary, reference = plan.run(index, projection, far_log_weight, piece, context, summary, reference,
-                                            sink_key, sink_value)
+        piece, before, after = plan.pieces(tensors, index)
+        part, next_summary, next_reference = plan.run(projection, far_log_weight, piece, before, after, summary,
+                                                      reference, sink_key, sink_value)
+        if plan.causal:
+            summary, reference = next_summary, next_reference
         out[..., index * plan.segment : index * plan.segment + part.shape[-2], :] = part
     return out
 
 
+class _SegmentLeaves(NamedTuple):
+    """What every segment's recomputation in backward shares: leaves of their own graph, and the gradients."""
+
+    projection: torch.Tensor  # [m, D]
+    far_log_weight: torch.Tensor | None  # [B·Hk, G]
+    sink_key: torch.Tensor  # [B, Hk, S, D]
+    sink_value: torch.Tensor  # [B, Hk, S, Dv]
+    grads: list  # zeroed gradients of query, key, value, projection, far_log_weight (None where not wanted)
+
+
+def _segment_leaves(plan: _Plan, inputs, wants) -> _SegmentLeaves:
+    """:class:`_SegmentLeaves` of the saved ``inputs`` (query, key, value, projection, far_log_weight)."""
+    query, key, value, projection, weight = inputs
+    keys_wanted = wants[1] or wants[2]
+    sink_key, sink_value = (t.detach().requires_grad_(keys_wanted) for t in _gather_sinks(plan, key, value))
+    return _SegmentLeaves(projection.detach().requires_grad_(wants[3]),
+                          None if weight is None else weight.detach().requires_grad_(wants[4]), sink_key, sink_value,
+                          [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)])
+
+
+def _segment_backward(plan: _Plan, index: int, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
+                      summary: torch.Tensor | None, reference: torch.Tensor | None,
+                      grad_exit: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Segment ``index`` run again under autograd on detached views of its tokens and differentiated at once
+    (:func:`_differentiate`); its gradients are added into ``shared.grads`` (its context blocks' keys and values and
+    the sinks' at their positions).  ``summary``: the carried summary it reads, a leaf; ``grad_exit``: causally, the
+    gradient of the summary it hands on.  Returns the gradient of ``summary`` (None if it has none)."""
+    query, key, value = inputs[:3]
+    piece, before, after = plan.pieces((query, key, value, plan.keep), index)
+    piece = (*_detached(piece[:3], wants[:3]), piece[3])
+    before, after = (None if c is None else (*_detached(c[:3], (False, *wants[1:3])), c[3]) for c in (before, after))
+    with torch.enable_grad():
+        part, summary_out, _ = plan.run(shared.projection, shared.far_log_weight, piece, before, after, summary,
+                                        reference, shared.sink_key, shared.sink_value)
+    start = index * plan.segment
+    outputs, grad_outputs = [part], [grad_out[..., start : start + part.shape[-2], :]]
+    if grad_exit is not None:
+        outputs.append(summary_out)
+        grad_outputs.append(grad_exit)
+    contexts = [(c[1], c[2]) if c is not None else (None, None) for c in (before, after)]
+    got = _differentiate(outputs, grad_outputs, [*piece[:3], shared.projection, shared.far_log_weight, summary,
+                                                 shared.sink_key, shared.sink_value, *contexts[0], *contexts[1]])
+    grads = shared.grads
+    for target, grad, axis in zip(grads, got[:3], _TOKEN_AXES):  # the segment's own tokens
+        if target is not None and grad is not None:
+            target.narrow(axis, start, grad.shape[axis]).add_(grad)
+    for target, grad in zip(grads[3:5], got[3:5]):
+        if target is not None and grad is not None:
+            target.add_(grad)
+    ends = (start - plan.window, start + piece[1].shape[2])  # where the blocks before and after start
+    for target, sink_grad, *context_grads in zip(grads[1:3], got[6:8], got[8:10], got[10:12]):  # keys, values
+        if target is None:
+            continue
+        if sink_grad is not None:  # the sinks, at their positions
+            target.scatter_add_(2, plan.order.expand(*sink_grad.shape), sink_grad)
+        for at, grad in zip(ends, context_grads):
+            if grad is not None:
+                target.narrow(2, at, grad.shape[2]).add_(grad)
+    return got[5]
+
+
 class _SegmentedHybrid(torch.autograd.Function):
-    """:func:`_segments` under autograd: ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]``, ``projection
-    [m, D]``, ``far_log_weight [B·Hk, G]`` or None, a :class:`_Plan` → ``out [B, Hk, G, L, Dv]``.
+    """Causal :func:`_segments` under autograd: ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]``,
+    ``projection [m, D]``, ``far_log_weight [B·Hk, G]`` or None, a :class:`_Plan` → ``out [B, Hk, G, L, Dv]``.
 
     Forward: the segments without autograd, keeping for backward only the inputs and the (summary, reference) each
     segment starts from (``[B·Hk, m, Dv + 1]`` per segment).  Backward: segments in reverse, each run again under
-    autograd on detached views of its tokens and differentiated at once (:func:`_differentiate`), its gradients
-    written into one gradient tensor per input (the previous segment's last block's keys and values and the sinks'
-    added to theirs), the gradient of its entry summary carried to the segment before.  So no ``split`` pieces of the
+    autograd and differentiated at once (:func:`_segment_backward`), its gradients written into one gradient tensor
+    per input, the gradient of its entry summary carried to the segment before.  So no ``split`` pieces of the
     gradients and no list of outputs are held next to their concatenation (re-entrant checkpoints of ``split`` views
     did both), and ``torch.autograd.grad`` works through it.  Not twice differentiable."""
 
@@ -313,48 +443,66 @@ class _SegmentedHybrid(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         plan, count = ctx.plan, ctx.plan.count()
-        query, key, value, projection, weight, *entries = ctx.saved_tensors
+        inputs, entries = ctx.saved_tensors[:5], ctx.saved_tensors[5:]
         summaries, references = entries[:count], entries[count:]
         wants = ctx.needs_input_grad[:5]
-        grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip((query, key, value, projection, weight), wants)]
-        keys_wanted = wants[1] or wants[2]
-        sink_key, sink_value = (t.detach().requires_grad_(keys_wanted) for t in _gather_sinks(plan, key, value))
-        leaf_projection = projection.detach().requires_grad_(wants[3])
-        leaf_weight = None if weight is None else weight.detach().requires_grad_(wants[4])
+        shared = _segment_leaves(plan, inputs, wants)
         grad_summary = None
         for index in range(count - 1, -1, -1):
-            piece, context = plan.pieces((query, key, value, plan.keep), index)
-            piece = (*_detached(piece[:3], wants[:3]), piece[3])
-            if context is not None:  # its queries are not read out
-                context = (*_detached(context[:3], (False, *wants[1:3])), context[3])
             summary = summaries[index]
             if summary is not None:
                 summary = summary.detach().requires_grad_(any(wants[1:4]))
-            with torch.enable_grad():
-                part, summary_out, _ = plan.run(index, leaf_projection, leaf_weight, piece, context, summary,
-                                                references[index], sink_key, sink_value)
-            leaves = [*piece[:3], leaf_projection, leaf_weight, summary, sink_key, sink_value,
-                      *(context[1:3] if context is not None else (None, None))]
-            start = index * plan.segment
-            outputs, grad_outputs = [part], [grad_out[..., start : start + part.shape[-2], :]]
-            if grad_summary is not None:
-                outputs.append(summary_out)
-                grad_outputs.append(grad_summary)
-            got = _differentiate(outputs, grad_outputs, leaves)
-            for target, grad, axis in zip(grads, got[:3], _TOKEN_AXES):  # the segment's own tokens
-                if target is not None and grad is not None:
-                    target.narrow(axis, start, grad.shape[axis]).add_(grad)
-            for target, grad in zip(grads[3:5], got[3:5]):
-                if target is not None and grad is not None:
-                    target.add_(grad)
-            grad_summary = got[5]
-            for target, sink_grad, context_grad in zip(grads[1:3], got[6:8], got[8:10]):  # keys, values
-                if target is not None and sink_grad is not None:  # the sinks, at their positions
-                    target.scatter_add_(2, plan.order.expand(*sink_grad.shape), sink_grad)
-                if target is not None and context_grad is not None:  # the previous segment's last block
-                    target.narrow(2, start - plan.window, plan.window).add_(context_grad)
-            del part, summary_out, got  # not alive while the segment before runs
-        return (*grads, None)
+            grad_summary = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, references[index],
+                                             grad_summary)
+        return (*shared.grads, None)
+
+
+class _BidirectionalSegments(torch.autograd.Function):
+    """Bidirectional :func:`_segments` under autograd: the inputs of :class:`_SegmentedHybrid`, then the
+    :func:`_far_summary` of the keys (``summary [B·Hk, m, Dv + 1]`` and ``reference [B·Hk, m]``, or None) and a
+    :class:`_Plan` → ``out [B, Hk, G, L, Dv]``.
+
+    Every query reads the one summary of all far keys, so backward takes two passes over the segments, each holding
+    one segment's graph: the first runs every segment again under autograd with the summary as a leaf
+    (:func:`_segment_backward`), adding up the summary's gradient; the second recomputes each segment's share of the
+    summary (:func:`_far_sum`, the reference held fixed, as the forward's maximum is) and takes that gradient into its
+    keys, values and ω.  Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, projection, far_log_weight, summary, reference, plan):
+        ctx.save_for_backward(query, key, value, projection, far_log_weight, summary, reference)
+        ctx.plan = plan
+        return _run_segments(query, key, value, projection, far_log_weight, plan, summary=summary, reference=reference)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        plan = ctx.plan
+        inputs, (summary, reference) = ctx.saved_tensors[:5], ctx.saved_tensors[5:]
+        wants = ctx.needs_input_grad[:5]
+        shared = _segment_leaves(plan, inputs, wants)
+        if summary is not None:
+            summary = summary.detach().requires_grad_(any(wants[1:4]))
+        grad_summary = None
+        for index in range(plan.count()):
+            got = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, reference)
+            if got is not None:
+                grad_summary = got if grad_summary is None else grad_summary.add_(got)
+        if grad_summary is not None:
+            _, key, value, projection, _ = inputs
+            for index in range(plan.count()):
+                start, tokens = plan.tokens(index)
+                k, v = _detached((key.narrow(2, start, tokens), value.narrow(2, start, tokens)), wants[1:3])
+                with torch.enable_grad():
+                    part = _far_sum(plan, index, k, v, shared.projection, reference)[0]
+                got = _differentiate([part], [grad_summary], [k, v, shared.projection])
+                for target, grad in zip(shared.grads[1:3], got[:2]):
+                    if target is not None and grad is not None:
+                        target.narrow(2, start, grad.shape[2]).add_(grad)
+                if shared.grads[3] is not None and got[2] is not None:
+                    shared.grads[3].add_(got[2])
+                del part, got
+        return (*shared.grads, None, None, None)
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
@@ -365,18 +513,26 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     ``far_log_weight [Hk, G]`` (of :func:`_far_log_weight`) multiplies each query head's FAVOR+ weights by its
     ``exp``.
 
-    Causal sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through :func:`_segments` (all rows, a
-    segment of tokens at a time); others in groups of (batch, key head) rows of :data:`ROW_ELEMENTS` key features, each
-    written into one output (under autograd as :class:`_GroupedHybrid`, which runs each again in backward, so that
-    backward holds one group's tensors rather than every group's)."""
+    Sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through
+    :func:`_segments` (all rows, a segment of tokens at a time): causal ones always, bidirectional ones where one
+    (batch, key head) row is more than a group.  Others go in groups of rows of :data:`ROW_ELEMENTS` key features
+    (:data:`AUTOGRAD_ROW_ELEMENTS` under autograd), each written into one output (under autograd as
+    :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
+    every group's)."""
     b, key_heads, group, length, d = x.query.shape
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS
-    rows, per_group = b * key_heads, max(1, elements // (length * x.projection.shape[0]))
+    m = x.projection.shape[0]
+    rows, per_group = b * key_heads, max(1, elements // (length * m))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
-    segment = _segment_length(rows, x.projection.shape[0], window, recording)
-    if causal and length > segment and _sinks_within(x.keep, sinks, segment):
-        return _segments(x, weight, segment, window=window, sinks=sinks, far_part=far_part, recording=recording)
+    segment = _segment_length(rows, m, window, recording)
+    if causal:
+        long = _sinks_within(x.keep, sinks, segment)
+    else:  # where one row alone is more than a group; every sequence needs S real tokens (the sinks every query sees)
+        long = length * m > elements and _sinks_within(x.keep, sinks, length)
+    if length > segment and long:
+        return _segments(x, weight, segment, causal=causal, window=window, sinks=sinks, far_part=far_part,
+                         recording=recording)
 
     def attend(inputs: _Inputs, w: torch.Tensor | None) -> torch.Tensor:
         return _hybrid_rows(inputs, w, causal=causal, window=window, sinks=sinks, far_part=far_part)[0]
@@ -463,20 +619,24 @@ def _differentiate(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]
 
 
 def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: bool, window: int, sinks: int,
-                 far_part: str, carry: _Carry | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+                 far_part: str, carry: _Carry | None = None,
+                 context: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """:func:`hybrid_favor` of all rows at once (``far_log_weight [B·Hk, G]`` or None).  Blocks
     (:func:`_block_layout`) of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads
     of a key head share its key blocks (``[R, G·block, ·]`` queries).
 
-    Causal, ``carry`` continues from the tokens before these (see :func:`_segments`: its sinks, and the FAVOR+
-    summary of the far keys before block 0, whose queries are then not read out).  Returns ``(out [B, Hk, G, L or
-    L − W, Dv], (summary, reference))``: causally with a FAVOR+ part, the summary ``[B·Hk, m, Dv + 1]`` of the far keys
-    before the last block and its reference ``[B·Hk, m]`` (a :class:`_Carry`'s), else ``(None, None)``."""
+    A segment of a longer sequence (:func:`_segments`) comes with a ``carry``: its sinks, and the FAVOR+ summary
+    its queries read — causally of the far keys before block 0, bidirectionally of every far key of the sequence
+    (these keys' features then only take the window's pairs back out).  ``context``: whether the first and the last
+    block are the neighbouring segments' (their keys count, their queries are not read out).  Returns ``(out [B,
+    Hk, G, L − W·(context blocks), Dv], (summary, reference))``: causally with a FAVOR+ part, the summary ``[B·Hk,
+    m, Dv + 1]`` of the far keys before the last block and its reference ``[B·Hk, m]`` (a :class:`_Carry`'s), else
+    ``(None, None)``."""
     query, key, value, projection, keep, scale, _ = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
     recording = records_gradients(query, key, value, projection, far_log_weight)
-    block, reach = _block_layout(length, window, causal)
+    block, reach = (window, 1) if carry is not None else _block_layout(length, window, causal)
     n = math.ceil(length / block)
     pad = n * block - length
     if keep is None:
@@ -500,15 +660,16 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
         far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], edge)[:, 0]
         log_feat = _key_log_features(key_flat, projection, far_flat, block, recording)  # [R·block + 2·edge, m]
-        block_max = log_feat[inner].detach().view(heads, n, block, m).amax(-2)  # [B·Hk, n, m]
         if causal:  # the carry's keys come before block 0
+            block_max = log_feat[inner].detach().view(heads, n, block, m).amax(-2)  # [B·Hk, n, m]
             prior = torch.full_like(block_max[:, :1], NEG_LOG_WEIGHT) if carry is None else carry.reference[:, None]
             after = torch.cummax(torch.maximum(block_max, prior), 1).values  # reference of the keys of blocks ≤ c
             key_ref = after
             reference = torch.cat([prior, after[:, :-1]], 1)  # blocks ≤ b − 1
+        elif carry is not None:  # a segment: the sequence's reference
+            reference = key_ref = carry.reference[:, None].expand(heads, n, m)
         else:
-            reference = block_max.amax(1, keepdim=True).expand_as(block_max)
-            key_ref = reference
+            reference = key_ref = log_feat[inner].detach().view(heads, 1, n * block, m).amax(-2).expand(heads, n, m)
         # a block sees no far key only where its reference is NEG_LOG_WEIGHT: halved, the masked keys' exp is 0
         key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, reach, reach))
         k_feat = log_feat.view(rows + 2 * reach, block, m)
@@ -526,6 +687,8 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
                               torch.exp(reference - after)[..., None])  # decay from blocks ≤ c − 1 to blocks ≤ c
             if recording:
                 summary = scan.states(slice(0, heads), slice(0, n), initial)[0]  # [B·Hk, n, m, Dv + 1]
+        elif carry is not None:  # all keys of the sequence, [B·Hk, 1, m, Dv + 1]
+            summary = carry.summary[:, None]
         else:  # all keys, [B·Hk, 1, m, Dv + 1]; the pairs inside the window are taken back out pair by pair
             summary = (inner_k.transpose(-1, -2) @ inner_v)[:, None]
 
@@ -561,14 +724,14 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     # query side, a few blocks at a time so that their [G·block, m] features and [G·block, span] weights stay in
     # cache; in one step when recording gradients: autograd keeps every step's tensors anyway, and each slice of
     # the shared key-side views would write a zero gradient of the whole view in backward (quadratic in L)
-    # after a carry, block 0 holds the previous segment's last tokens: their keys count, their queries are not read out
-    first = 0 if carry is None else 1
-    count = n - first  # blocks read out
-    q_rows = query.view(b, key_heads, group, n, block, d)[:, :, :, first:]
+    # a segment's context blocks (the neighbouring segments' tokens): their keys count, their queries are not read out
+    first, stop = int(context[0]), n - int(context[1])
+    count = stop - first  # blocks read out
+    q_rows = query.view(b, key_heads, group, n, block, d)[:, :, :, first:stop]
     q_rows = q_rows.transpose(2, 3).reshape(heads, count, group * block, d) * scale
     last = None  # causal FAVOR+: the state before the last block
     if recording:
-        out = _read_out(q_rows, projection, keys, slice(0, heads), slice(first, n), causal)
+        out = _read_out(q_rows, projection, keys, slice(0, heads), slice(first, stop), causal)
         if scan is not None:
             last = summary[:, -1]
     else:  # each step writes its blocks into one output (no list of them and their concatenation); causal FAVOR+
@@ -577,7 +740,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         states = carried = None  # causal: the states the step's blocks read, the state after the head's previous step
         if scan is not None:
             last = q_rows.new_empty(heads, m, dv + 1)
-        for head_rows, blocks in _steps(heads, n, max(1, STEP_ELEMENTS // (group * block * m)), first):
+        for head_rows, blocks in _steps(heads, stop, max(1, STEP_ELEMENTS // (group * block * m)), first):
             if scan is not None:
                 if blocks.start == first:  # the head's first step: from the carry, through block 0 when it is skipped
                     carried = None if initial is None else initial[head_rows]
@@ -590,7 +753,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
             out[head_rows, written] = _read_out(q_rows[head_rows, written], projection, keys, head_rows, blocks, causal,
                                                 states)
     out = out.view(b, key_heads, count, group, block, dv).transpose(2, 3).reshape(b, key_heads, group, count * block, dv)
-    return out[..., : length - first * block, :], (last, None if last is None else reference[:, -1])
+    return out[..., : min(count * block, length - first * block), :], (last, None if last is None else reference[:, -1])
 
 
 class _BlockScan(NamedTuple):
@@ -614,7 +777,7 @@ class _BlockScan(NamedTuple):
 
 def _steps(heads: int, n: int, chunk: int, first: int = 0):
     """``(heads, blocks)`` slices covering the query blocks ``first … n − 1`` of ``heads`` heads ``chunk`` blocks at
-    a time (whole heads when a head has no more than ``chunk``), each head's in order."""
+    a time (whole heads when a head has no more than ``chunk``), each head's in order (``blocks.stop`` at most ``n``)."""
     count = n - first
     if chunk >= count:
         for h in range(0, heads, chunk // count):
@@ -622,7 +785,7 @@ def _steps(heads: int, n: int, chunk: int, first: int = 0):
     else:
         for h in range(heads):
             for start in range(first, n, chunk):
-                yield slice(h, h + 1), slice(start, start + chunk)
+                yield slice(h, h + 1), slice(start, min(start + chunk, n))
 
 
 class _Keys(NamedTuple):
@@ -935,7 +1098,8 @@ def _continue(x: _Inputs, state: HybridState, keep: torch.Tensor, window: int, f
     carry = _Carry(summary, far.log_scale.reshape(rows, m), state.sink_key, state.sink_value)
     weight = None if far_log_weight is None or summary is None else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     inputs = _Inputs(query, key, value, x.projection, block_keep, *x[5:])
-    return _hybrid_rows(inputs, weight, causal=True, window=window, sinks=0, far_part=far_part, carry=carry)[0]
+    return _hybrid_rows(inputs, weight, causal=True, window=window, sinks=0, far_part=far_part, carry=carry,
+                        context=(True, False))[0]
 
 
 def _sinks_complete(state: HybridState) -> bool:

@@ -89,6 +89,14 @@ class TransferArguments(RecipeArguments):
             "the attention approximation alone (LoLCATs). With it only attention weights receive gradients."
         },
     )
+    far_share_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hybrid attention (--favor-local-window > 0, FAVOR+ far part): add this times the error of the "
+            "FAVOR+ part on its own keys (far-only attention output and log of their total weight, per layer) to the "
+            "loss, which otherwise weighs the far part only by its small share of the normaliser. 0: off."
+        },
+    )
 
 
 def parse(argv: list[str] | None = None):
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         model=student,
         teacher=teacher,
         teacher_forcing=recipe.teacher_forcing,
+        far_share_weight=recipe.far_share_weight,
         args=training,
         train_dataset=train,
         eval_dataset=held_out,

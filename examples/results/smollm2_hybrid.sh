@@ -14,6 +14,8 @@
 #   FAR_WEIGHT=1: a learnable weight per head on the FAVOR+ part (--favor-far-weight true), trained at its own
 #   learning rate (FAR_LR_TRANSFER=5e-2, FAR_LR_FINETUNE=1e-2); runs go to ..._fw
 #   M: FAVOR+ features (runs with another M go to ..._m{M})
+#   FAR_SHARE=λ: attention transfer adds λ times the error of the FAVOR+ part on its own keys (--far_share_weight;
+#   far-only attention output and log of their total weight); runs go to ..._fs{λ}
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -24,7 +26,8 @@ TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
 W=${W:-64} S=${S:-4} M=${M:-256} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
 FAR_WEIGHT=${FAR_WEIGHT:-0} FAR_LR_TRANSFER=${FAR_LR_TRANSFER:-5e-2} FAR_LR_FINETUNE=${FAR_LR_FINETUNE:-1e-2}
-RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)
+FAR_SHARE=${FAR_SHARE:-0}
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
 FAVOR="--favor-nb-features $M --favor-local-window $W --favor-sink-tokens $S"
@@ -47,7 +50,7 @@ split() {
 transfer() {
   echo "== attention transfer with the hybrid in place (W=$W S=$S far part: $FAR; projections and ω), $BLOCK-token blocks"
   time python examples/attention_transfer.py --model "$MODEL" --blocks true --data "$TRAIN" $EVAL --max_eval_samples 4 \
-    $FAVOR $TRANSFER_FAR --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
+    $FAVOR $TRANSFER_FAR --far_share_weight "$FAR_SHARE" --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
     --learning_rate 1e-3 --warmup_steps 8 --logging_steps 10 --eval_strategy steps --eval_steps 20 --save_steps 40 \
     --output_dir "$RUN/transfer" $COMMON
 }

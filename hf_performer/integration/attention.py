@@ -162,4 +162,6 @@ def favor_attention_forward(
         )
     if cache_layer is not None:
         cache_layer.advance(state)
+    elif favor.inputs_hook is not None:
+        favor.inputs_hook(query, key, value, attention_mask, scaling, causal)
     return output.transpose(1, 2).contiguous(), None

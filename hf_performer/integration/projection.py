@@ -47,6 +47,10 @@ class FavorProjection(nn.Module):
         self.register_buffer("projection", self._draw(0, head_dim))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # called by the attention function with (query, key, value, key_padding_mask, scaling, causal) of every
+        # uncached call while set: how a training loss reads the layer's queries and keys (attention transfer's
+        # far-share error); never saved
+        self.inputs_hook = None
         if self.settings.far_weight:
             self.far_log_weight = nn.Parameter(torch.zeros(config.num_attention_heads))
 

@@ -16,6 +16,11 @@ With ``teacher_forcing`` each student attention layer receives the teacher's inp
 (a forward pre-hook swaps it in), so the loss measures the attention approximation alone and errors
 of earlier layers do not compound; without it both models run freely and the loss also trains the
 student to correct what earlier layers got wrong.
+
+With ``far_share_weight > 0`` (hybrid attention with a FAVOR+ far part) the loss adds, per layer, the error of the
+FAVOR+ part on its own keys (:func:`~hf_performer.favor.far_share.far_share_error`: the softmax attention restricted
+to the far keys and the log of their total weight, against FAVOR+'s estimates), which the output error weighs only
+by the far part's small share of the normaliser.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import Trainer
+
+from hf_performer.favor.far_share import FarShareError, far_share_error
+from hf_performer.integration.projection import FavorProjection
 
 TRAINABLE = {
     "all": "all weights",
@@ -101,14 +109,59 @@ def token_mean(per_token: torch.Tensor, attention_mask: torch.Tensor | None) -> 
     return (per_token * mask).sum() / mask.sum()
 
 
+def hybrid_projections(model: nn.Module) -> list[FavorProjection]:
+    """The ``FavorProjection`` of every self-attention layer of ``model``, checked to be hybrid with a FAVOR+ far
+    part (what the far-share error measures)."""
+    projections = [m for m in model.modules() if isinstance(m, FavorProjection) and not m.stream]
+    for projection in projections:
+        settings = projection.settings
+        if not settings.local_window or settings.far_part != "favor":
+            raise ValueError(
+                f"far_share_weight trains the FAVOR+ part of hybrid attention, but this model has local_window="
+                f"{settings.local_window}, far_part={settings.far_part!r}: use far_share_weight=0, or a model with "
+                "local_window > 0 and far_part='favor'"
+            )
+    if not projections:
+        raise ValueError("far_share_weight needs a FAVOR+ model (no FavorProjection found); use far_share_weight=0")
+    return projections
+
+
+@contextmanager
+def recorded_far_share(model: nn.Module) -> Iterator[list[FarShareError]]:
+    """While active, every hybrid FAVOR+ self-attention layer of ``model`` appends the :class:`FarShareError` of its
+    queries, keys and values to the yielded list (through ``FavorProjection.inputs_hook``), in call order."""
+    projections = hybrid_projections(model)
+    errors: list[FarShareError] = []
+
+    def hook_of(projection: FavorProjection):
+        def hook(query, key, value, key_padding_mask, scaling, causal):
+            settings = projection.settings
+            errors.append(far_share_error(
+                query, key, value, projection.projection, window=settings.local_window, sinks=settings.sink_tokens,
+                scaling=scaling, causal=causal, key_padding_mask=key_padding_mask,
+                far_log_weight=projection.far_log_weights(),
+            ))
+        return hook
+
+    for projection in projections:
+        projection.inputs_hook = hook_of(projection)
+    try:
+        yield errors
+    finally:
+        for projection in projections:
+            projection.inputs_hook = None
+
+
 def attention_transfer_loss(
     student: nn.Module,
     teacher: nn.Module,
     inputs: dict[str, torch.Tensor],
     attention_classes: tuple[type, ...],
     teacher_forcing: bool = True,
+    far_share_weight: float = 0.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Mean over layers of the MSE between student and teacher attention outputs on ``inputs``.
+    """Mean over layers of the MSE between student and teacher attention outputs on ``inputs``, plus
+    ``far_share_weight`` times the mean over layers of the :class:`FarShareError` (output + log mass).
 
     ``inputs`` are model inputs (``input_ids``, ``attention_mask``; labels are dropped: no task
     loss here).  ``student`` may be wrapped (DDP); ``attention_classes`` are the classes FAVOR+
@@ -119,12 +172,19 @@ def attention_transfer_loss(
         teacher(**model_inputs)
     forced = teacher_in if teacher_forcing else None
     with recorded_attention(student, attention_classes, forced) as (_, student_out):
-        student(**model_inputs)
+        if far_share_weight:
+            with recorded_far_share(student) as far_errors:
+                student(**model_inputs)
+        else:
+            student(**model_inputs)
     mask = model_inputs.get("attention_mask")
     per_layer = [
         token_mean(((student_out[i].float() - teacher_out[i].float()) ** 2).mean(-1), mask) for i in sorted(teacher_out)
     ]
-    return torch.stack(per_layer).mean(), [value.detach() for value in per_layer]
+    loss = torch.stack(per_layer).mean()
+    if far_share_weight:
+        loss = loss + far_share_weight * torch.stack([e.output + e.log_mass for e in far_errors]).mean()
+    return loss, [value.detach() for value in per_layer]
 
 
 def make_features_learnable(model: nn.Module) -> list[nn.Parameter]:
@@ -180,28 +240,31 @@ class AttentionTransferTrainer(Trainer):
     MSEs are logged as ``mse/layer_<i>`` next to the loss.
     """
 
-    def __init__(self, *args, teacher: nn.Module, teacher_forcing: bool = True, **kwargs):
+    def __init__(self, *args, teacher: nn.Module, teacher_forcing: bool = True, far_share_weight: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.teacher_forcing = teacher_forcing
+        self.far_share_weight = far_share_weight
+        if far_share_weight:
+            hybrid_projections(self.model)  # refuse a model without a FAVOR+ far part now, not at the first step
         self._attention_classes = self.accelerator.unwrap_model(self.model).attention_classes
         self._layer_mse: dict[int, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, per_layer = attention_transfer_loss(
-            model, self.teacher, inputs, self._attention_classes, self.teacher_forcing
+            model, self.teacher, inputs, self._attention_classes, self.teacher_forcing, self.far_share_weight
         )
         for layer, value in enumerate(per_layer):
             self._layer_mse.setdefault(layer, []).append(float(value))
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation loss = the same attention-transfer loss on held-out text (no logits to return)."""
+        """Evaluation loss = the attention MSE on held-out text, without the far-share term (so that runs with and
+        without it compare); no logits to return."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss, _ = attention_transfer_loss(
-                model, self.teacher, inputs, self._attention_classes, self.teacher_forcing
-            )
+            loss, _ = attention_transfer_loss(model, self.teacher, inputs, self._attention_classes, self.teacher_forcing)
         return loss, None, None
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

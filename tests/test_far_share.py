@@ -32,8 +32,8 @@ def log_space_error(q, k, v, projection, *, window, sinks, causal, mask, far_log
     favor = favor + far_log_weight[:, None, None]
     has_far = far.any(-1).expand(B, H, L)
     output = ((torch.softmax(favor, -1) - torch.softmax(exact, -1)) @ v).pow(2).mean(-1)[has_far].mean()
-    log_mass = (favor.logsumexp(-1) - exact.logsumexp(-1)).pow(2)[has_far].mean()
-    return output, log_mass
+    difference = (favor.logsumexp(-1) - exact.logsumexp(-1))[has_far]
+    return output, difference.pow(2).mean(), difference.mean()
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])  # 3: logits wide enough that unstabilised features would overflow
@@ -48,12 +48,13 @@ def test_far_share_error_matches_the_log_space_computation(causal, scale):
     expected = log_space_error(q, k, v, projection, window=4, sinks=2, causal=causal, mask=mask, far_log_weight=weight)
     torch.testing.assert_close(got.output.double(), expected[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got.log_mass.double(), expected[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.log_mass_bias.double(), expected[2], rtol=1e-4, atol=1e-5)
 
 
 def test_no_far_keys_is_no_error():
     q, k, v, projection = inputs()
     got = far_share_error(q, k, v, projection, window=L, sinks=0, causal=True)
-    assert float(got.output) == 0.0 and float(got.log_mass) == 0.0
+    assert float(got.output) == float(got.log_mass) == float(got.log_mass_bias) == 0.0
 
 
 def test_far_share_error_trains_the_features_and_the_far_weight():
@@ -98,3 +99,24 @@ def test_far_share_weight_on_a_model_without_a_favor_far_part_is_refused():
     ids = torch.randint(0, student.config.vocab_size, (1, 8))
     with pytest.raises(ValueError, match="far_share_weight.*far_part='none'"):
         attention_transfer_loss(student, teacher, {"input_ids": ids}, student.attention_classes, far_share_weight=1.0)
+
+
+def test_the_script_tables_each_models_far_share_error_per_layer(tmp_path, byte_level_tokenizer):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import hf_performer
+    from tests.test_recipes import DATA, recipe
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(byte_level_tokenizer)
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(tmp_path / "exact")
+    tokenizer.save_pretrained(tmp_path / "exact")
+    hf_performer.convert(tmp_path / "exact", tmp_path / "hybrid", PerformerConfig(nb_features=8, local_window=4))
+    out = tmp_path / "table.md"
+    recipe("far_share").main([
+        "--text", str(DATA / "wikitext2_valid_300.txt"), "--block", "32", "--blocks", "2",
+        "--models", f"hybrid={tmp_path / 'hybrid'}", "--out", str(out),
+    ])  # fmt: skip
+    name, bias, square, output, per_layer = (cell.strip() for cell in out.read_text().splitlines()[-1].split("|")[1:-1])
+    assert name == "hybrid" and len(per_layer.split()) == 2  # one bias per layer
+    assert float(square) >= float(bias) ** 2 / 2 and float(output) >= 0  # mean square ≥ squared mean (rounded)

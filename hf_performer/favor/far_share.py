@@ -10,7 +10,8 @@ that has far keys (visible, outside the window, not sinks):
 - ``output``: the softmax attention restricted to the far keys against FAVOR+'s estimate of the same distribution
   (``Σ φ(q)ᵀφ(k_j) v_j / Σ φ(q)ᵀφ(k_j)`` over them), mean squared difference over the value dimension;
 - ``log_mass``: the log of FAVOR+'s estimate of their total weight (times the head's far weight) against the exact
-  ``log Σ exp(s²·qᵀk_j)``, squared: that total sets the far part's share of the normaliser.
+  ``log Σ exp(s²·qᵀk_j)``, squared: that total sets the far part's share of the normaliser; ``log_mass_bias``, the
+  same difference not squared (negative: FAVOR+ gives the far keys less weight than softmax does).
 
 Torch only; O(L²) time and memory per head: a loss for training blocks of a few hundred tokens, not an attention
 path.
@@ -30,6 +31,7 @@ class FarShareError(NamedTuple):
 
     output: torch.Tensor
     log_mass: torch.Tensor
+    log_mass_bias: torch.Tensor
 
 
 def far_keys(length: int, window: int, sinks: int, causal: bool, key_padding_mask: torch.Tensor | None,
@@ -82,5 +84,5 @@ def far_share_error(query, key, value, projection, *, window: int, sinks: int, s
     counted = has_far.expand_as(exact_log_mass)
     count = counted.sum().clamp_min(1)
     output = torch.where(counted, (favor_out - exact_out).pow(2).mean(-1), 0.0).sum() / count
-    log_mass = torch.where(counted, (favor_log_mass - exact_log_mass).pow(2), 0.0).sum() / count
-    return FarShareError(output, log_mass)
+    difference = torch.where(counted, favor_log_mass - exact_log_mass, 0.0)
+    return FarShareError(output, difference.pow(2).sum() / count, difference.sum() / count)

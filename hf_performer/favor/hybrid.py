@@ -489,7 +489,7 @@ class _BidirectionalSegments(torch.autograd.Function):
             if got is not None:
                 grad_summary = got if grad_summary is None else grad_summary.add_(got)
         if grad_summary is not None:
-            _, key, value, projection, _ = inputs
+            key, value = inputs[1:3]
             for index in range(plan.count()):
                 start, tokens = plan.tokens(index)
                 k, v = _detached((key.narrow(2, start, tokens), value.narrow(2, start, tokens)), wants[1:3])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,25 +24,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_performer  # noqa: F401  (registers FAVOR+)
 from hf_performer.recovery.attention_transfer import recorded_far_share
-from hf_performer.recovery.data import load_split
-
-
-def named(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {text!r}")
-    return name, path
+from hf_performer.recovery.arguments import add_text_and_models_arguments
+from hf_performer.recovery.data import stream_token_ids
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", required=True, help="A .txt file (one stream) or a Hub dataset id.")
-    parser.add_argument("--dataset_config", default=None, help="Configuration of a Hub dataset.")
-    parser.add_argument("--split", default="test", help="Split of a Hub dataset.")
-    parser.add_argument("--models", type=named, nargs="+", required=True, help="NAME=CHECKPOINT of hybrid models.")
+    add_text_and_models_arguments(parser, "NAME=CHECKPOINT of hybrid models.")
     parser.add_argument("--block", type=int, default=512, help="Tokens per block (O(block²) memory per layer).")
     parser.add_argument("--blocks", type=int, default=4, help="Blocks from the start of the text.")
-    parser.add_argument("--out", type=Path, default=None, help="Write the Markdown table here too.")
     return parser.parse_args(argv)
 
 
@@ -62,9 +51,8 @@ def layer_means(model, blocks: torch.Tensor) -> dict[str, list[float]]:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    texts = load_split(args.text, split=args.split, dataset_config=args.dataset_config, sample_by="document")
     tokenizer = AutoTokenizer.from_pretrained(args.models[0][1])
-    ids = torch.tensor(tokenizer("\n".join(texts["text"]), add_special_tokens=False)["input_ids"])
+    ids = stream_token_ids(args.text, tokenizer, split=args.split, dataset_config=args.dataset_config)
     if ids.numel() < args.block * args.blocks:
         raise ValueError(f"--text has {ids.numel()} tokens, fewer than --blocks × --block = {args.block * args.blocks}")
     blocks = ids[: args.block * args.blocks].view(args.blocks, args.block)

@@ -17,43 +17,30 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_performer  # noqa: F401  (registers FAVOR+)
-from hf_performer.recovery.data import load_split
+from hf_performer.recovery.arguments import add_text_and_models_arguments
+from hf_performer.recovery.data import stream_token_ids
 from hf_performer.recovery.long_context import tail_perplexity
-
-
-def named(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {text!r}")
-    return name, path
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", required=True, help="A .txt file (one stream) or a Hub dataset id.")
-    parser.add_argument("--dataset_config", default=None, help="Configuration of a Hub dataset.")
-    parser.add_argument("--split", default="test", help="Split of a Hub dataset.")
-    parser.add_argument("--models", type=named, nargs="+", required=True, help="NAME=CHECKPOINT; the first is the reference.")
+    add_text_and_models_arguments(parser, "NAME=CHECKPOINT; the first is the reference.")
     parser.add_argument("--span", type=int, default=2048, help="Tokens per span (the longest context).")
     parser.add_argument("--scored", type=int, default=511, help="Tokens scored at the end of each span.")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="Context lengths (> --scored).")
-    parser.add_argument("--out", type=Path, default=None, help="Write the Markdown table here too.")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse(argv)
-    texts = load_split(args.text, split=args.split, dataset_config=args.dataset_config, sample_by="document")
     tokenizer = AutoTokenizer.from_pretrained(args.models[0][1])
-    ids = torch.tensor(tokenizer("\n".join(texts["text"]), add_special_tokens=False)["input_ids"])
+    ids = stream_token_ids(args.text, tokenizer, split=args.split, dataset_config=args.dataset_config)
     rows, reference = [], None
     for name, checkpoint in args.models:
         model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()

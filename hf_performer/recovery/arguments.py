@@ -1,5 +1,6 @@
 """Command-line options the recipes share: the checkpoint and its data (:class:`RecipeArguments`),
-and the ``--favor-*`` options of :class:`PerformerConfig`, generated from its fields.
+and the ``--favor-*`` options of :class:`PerformerConfig`, generated from its fields; and those of the scripts that
+table several checkpoints on one text (:func:`add_text_and_models_arguments`).
 
 Each field ``x`` becomes ``--favor-x`` with the field's own help text, so a new setting appears in
 every recipe's ``--help`` without editing the recipes (the prefix keeps ``--favor-seed`` apart from
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hf_performer.config import PerformerConfig
 
@@ -92,6 +94,23 @@ def performer_config_from_args(namespace: argparse.Namespace) -> dict:
     :class:`PerformerConfig` fields (what ``load_student`` and ``performer_config=`` take)."""
     values = {f.name: getattr(namespace, PREFIX + f.name) for f in dataclasses.fields(PerformerConfig)}
     return {name: value for name, value in values.items() if value is not None}
+
+
+def add_text_and_models_arguments(parser: argparse.ArgumentParser, models_help: str) -> None:
+    """``--text`` (a .txt file read as one stream, or a Hub dataset id with ``--dataset_config`` and ``--split``),
+    ``--models NAME=CHECKPOINT ...`` (a list of ``(name, checkpoint)``) and ``--out`` (a file for the table)."""
+    parser.add_argument("--text", required=True, help="A .txt file (one stream) or a Hub dataset id.")
+    parser.add_argument("--dataset_config", default=None, help="Configuration of a Hub dataset.")
+    parser.add_argument("--split", default="test", help="Split of a Hub dataset.")
+    parser.add_argument("--models", type=_named, nargs="+", required=True, help=models_help)
+    parser.add_argument("--out", type=Path, default=None, help="Write the Markdown table here too.")
+
+
+def _named(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=CHECKPOINT, got {text!r}")
+    return name, path
 
 
 def _boolean(text: str) -> bool:

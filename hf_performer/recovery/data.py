@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 
 import datasets
+import torch
 
 _BUILDERS = {".txt": "text", ".tsv": "csv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -97,3 +98,10 @@ def token_blocks(dataset: datasets.Dataset, tokenizer, block_size: int, column: 
     if not blocks:
         raise ValueError(f"the text has {len(stream)} tokens, fewer than one block of {block_size}")
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks)})
+
+
+def stream_token_ids(source: str, tokenizer, *, split: str = "test", dataset_config: str | None = None) -> torch.Tensor:
+    """``[N]`` token ids of ``source`` (see :func:`load_split`) read as one stream: its documents joined by line
+    breaks, no special tokens (perplexity over a text as written)."""
+    texts = load_split(source, split=split, dataset_config=dataset_config, sample_by="document")
+    return torch.tensor(tokenizer("\n".join(texts["text"]), add_special_tokens=False)["input_ids"])

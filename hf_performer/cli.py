@@ -16,10 +16,11 @@ import sys
 
 from hf_performer.config import FAR_PARTS, PerformerConfig
 from hf_performer.export.conversion import ConversionError, convert, push
-from hf_performer.favor.features import FEATURE_SCALINGS, KERNELS
+from hf_performer.favor.features import FEATURE_MAPS, FEATURE_SCALINGS, KERNELS
 from hf_performer.models.registry import FAMILIES
 
-_CHOICES = {"kernel": sorted(KERNELS), "feature_scaling": FEATURE_SCALINGS, "far_part": FAR_PARTS}
+_CHOICES = {"kernel": sorted(KERNELS), "feature_scaling": FEATURE_SCALINGS, "far_part": FAR_PARTS,
+            "feature_map": FEATURE_MAPS}
 
 CONVERT_DESCRIPTION = (
     "Convert a BERT, GPT-2 or Llama checkpoint (any head) to FAVOR+ attention. OUT receives the weights with "

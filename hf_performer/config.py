@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_performer.favor.features import FEATURE_SCALINGS, KERNELS
+from hf_performer.favor.features import FEATURE_MAPS, FEATURE_SCALINGS, KERNELS
 from hf_performer.favor.hybrid import FAR_PARTS
 
 __version__ = "0.1.0"
 
 
-FEATURE_FIELDS = ("nb_features", "kernel", "orthogonal", "feature_scaling", "seed", "kernel_epsilon")
+FEATURE_FIELDS = ("nb_features", "kernel", "orthogonal", "feature_scaling", "seed", "kernel_epsilon", "feature_map")
 """The settings a converted model's random features were drawn and are used with.  The others
 (``redraw_interval``, ``causal_chunk_size``, ``local_window``, ``sink_tokens``, ``far_part``, ``far_weight``)
 schedule redraws or the computation, or say which keys are weighted exactly instead of by the same features
@@ -43,7 +43,8 @@ class PerformerConfig:
     )
     feature_scaling: str = field(
         default="chi",
-        metadata={"help": "Row norms of ω: 'chi' (unbiased, Gaussian-like norms) or 'sqrt_d' (all equal to √d)."},
+        metadata={"help": "Row norms of ω: 'chi' (unbiased, Gaussian-like norms), 'sqrt_d' (all equal to √d) or 'unit' "
+                  "(all 1). feature_map='softmax' always starts from unit rows."},
     )
     redraw_interval: int = field(
         default=1000,
@@ -97,6 +98,16 @@ class PerformerConfig:
             "local_window ≥ 1 and far_part='favor'.",
         },
     )
+    feature_map: str = field(
+        default="favor+",
+        metadata={
+            "help": "Hybrid FAVOR+: the features of the far part. 'favor+': the paper's positive random features, "
+            "φ(x) = m^-½ exp(ωx − ‖x‖²/2), an unbiased estimate of exp(qᵀk). 'softmax': a learned feature map, "
+            "φ(x) = softmax(ωx) over the m features (Hedgehog, arXiv 2402.04347): ω starts as unit-norm orthogonal "
+            "rows and must be trained (attention transfer, far_weight=True); needs local_window ≥ 1, "
+            "far_part='favor' and redraw_interval=0.",
+        },
+    )
 
     def __post_init__(self):
         _check_int(self, "nb_features", 1)
@@ -124,6 +135,25 @@ class PerformerConfig:
                 f"PerformerConfig.far_weight=True weighs the FAVOR+ part against a local window, but local_window="
                 f"{self.local_window}, far_part={self.far_part!r}; set local_window ≥ 1 and far_part='favor', or "
                 "far_weight=False"
+            )
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"PerformerConfig.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.feature_map != "favor+" and (not self.local_window or self.far_part != "favor"):
+            raise ValueError(
+                f"PerformerConfig.feature_map={self.feature_map!r} is a learned map for the far part of hybrid "
+                f"attention, but local_window={self.local_window}, far_part={self.far_part!r}; set local_window ≥ 1 "
+                "and far_part='favor', or feature_map='favor+'"
+            )
+        if self.feature_map != "favor+" and self.redraw_interval:
+            raise ValueError(
+                f"PerformerConfig.redraw_interval={self.redraw_interval} would replace the learned ω of "
+                f"feature_map={self.feature_map!r} by a new random draw; set redraw_interval=0"
+            )
+        if self.feature_map != "favor+" and self.feature_scaling != "chi":
+            raise ValueError(
+                f"PerformerConfig.feature_scaling={self.feature_scaling!r} sets the norms of random features, but "
+                f"feature_map={self.feature_map!r} starts ω from unit-norm rows and learns them; leave feature_scaling "
+                "at its default ('chi')"
             )
         if (self.local_window or self.sink_tokens) and self.kernel != "softmax":
             raise ValueError(

@@ -34,6 +34,9 @@ from tests.conftest import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = PerformerConfig(nb_features=16, seed=3, causal_chunk_size=2)
 HYBRID = PerformerConfig(nb_features=16, seed=3, local_window=3, sink_tokens=1)  # a window shorter than INPUT_IDS
+# the learned softmax feature map, with per-head far weights
+SOFTMAX_MAP = PerformerConfig(nb_features=16, seed=3, local_window=3, sink_tokens=1, far_weight=True,
+                              feature_map="softmax", redraw_interval=0)
 
 # family → (stock head class, Auto class that loads the converted checkpoint, tiny config)
 TINY = {
@@ -94,6 +97,7 @@ def converted(tmp_path_factory, byte_level_tokenizer) -> dict[str, dict]:
         cases[family] = dict(src=src, stock_class=stock_class, auto_class=auto_class)
     cases["minilm"] = dict(src=_minilm_path(), stock_class=BertModel, auto_class=AutoModel)
     cases["llama_hybrid"] = {**cases["llama"], "settings": HYBRID}
+    cases["llama_softmax_map"] = {**cases["llama"], "settings": SOFTMAX_MAP}
     for name, case in cases.items():
         settings = case.get("settings", SETTINGS)
         case["out"] = convert(case["src"], root / f"{name}-favor", settings, progress=_quiet)
@@ -155,7 +159,7 @@ def remote_results(converted, tmp_path_factory) -> dict:
     return torch.load(work / "results.pt")
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm", "llama_hybrid"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm", "llama_hybrid", "llama_softmax_map"])
 def test_out_loaded_with_the_plugin_matches_the_converted_in_memory_model(converted, name):
     case = converted[name]
     reloaded = case["auto_class"].from_pretrained(case["out"])
@@ -164,7 +168,7 @@ def test_out_loaded_with_the_plugin_matches_the_converted_in_memory_model(conver
     torch.testing.assert_close(_outputs(reloaded), case["expected"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm", "llama_hybrid"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "minilm", "llama_hybrid", "llama_softmax_map"])
 def test_out_loaded_with_trust_remote_code_without_hf_performer_matches(converted, remote_results, name):
     result = remote_results[name]
     assert result["class_module"].startswith("transformers_modules.")
@@ -622,3 +626,14 @@ def test_cli_converts_with_a_per_head_far_weight_that_loads_back(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     weights = [p.far_log_weight for p in model.favor_projections()]
     assert weights and all(not w.any() for w in weights)  # weight 1 at conversion
+
+
+def test_cli_converts_with_a_learned_softmax_feature_map_and_says_so_in_the_card(tmp_path):
+    src = _save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--nb-features", "8", "--local-window", "4", "--far-weight",
+                 "--feature-map", "softmax", "--redraw-interval", "0"]) == 0
+    assert json.loads((out / "config.json").read_text())["performer_config"]["feature_map"] == "softmax"
+    assert "Its features are a learned map" in " ".join((out / "README.md").read_text().split())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.allclose(p.projection.norm(dim=1), torch.ones(8)) for p in model.favor_projections())

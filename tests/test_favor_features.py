@@ -46,7 +46,7 @@ def test_same_seed_same_draw_and_different_seed_different_draw():
 
 def test_unknown_scaling_is_refused():
     with pytest.raises(ValueError, match="scaling must be one of"):
-        orthogonal_random_matrix(8, 8, scaling="unit")
+        orthogonal_random_matrix(8, 8, scaling="uniform")
 
 
 @pytest.mark.parametrize("orthogonal", [True, False])

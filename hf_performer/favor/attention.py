@@ -29,7 +29,13 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, key_log_features, query_features
+from hf_performer.favor.features import (
+    NEG_LOG_WEIGHT,
+    key_features,
+    key_log_features,
+    log_normaliser,
+    query_features,
+)
 
 KernelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -173,9 +179,10 @@ class _Inputs(NamedTuple):
     keep: torch.Tensor | None  # [B, 1, Lk] bool
     input_scale: float
     dtype: torch.dtype
+    feature_map: str = "favor+"  # hybrid attention's normaliser of the features (see features.log_normaliser)
 
 
-def _inputs(query, key, value, projection, scaling, key_padding_mask) -> _Inputs:
+def _inputs(query, key, value, projection, scaling, key_padding_mask, feature_map: str = "favor+") -> _Inputs:
     b, heads, q_len, d = query.shape
     key_heads = key.shape[1]
     if heads % key_heads:
@@ -189,6 +196,7 @@ def _inputs(query, key, value, projection, scaling, key_padding_mask) -> _Inputs
         keep,
         math.sqrt(scaling if scaling is not None else d**-0.5),
         query.dtype,
+        feature_map,
     )
 
 
@@ -811,17 +819,21 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def _fold_token(state: FavorState, key_logits: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                keep: torch.Tensor | None) -> FavorState:
+                keep: torch.Tensor | None, feature_map: str = "favor+") -> FavorState:
     """``state`` (``[B, Hk, ...]``) after one more key per row, without autograd: ``key_logits`` ``ωk``
     ``[B·Hk, m]`` (overwritten) of the scaled ``key`` ``[B·Hk, D]`` (``s·k``), ``value [B·Hk, Dv]``, ``keep
     [B·Hk, 1]`` bool or None → the state with ``B·Hk`` rows (``summary [B·Hk, m, Dv + 1]``, ``log_scale [B·Hk, m]``).
 
     The arithmetic of :func:`fold_keys` with one key in a handful of operations: the key norm rides in ``sub_``'s
-    ``alpha`` (``log φ(k) + ½ log m = ωk − ½‖k‖²``), ``m^-½`` in ``addcmul``'s ``value``, and the numerator and
+    ``alpha`` (``log φ(k) + ½ log m = ωk − ½‖k‖²``; another ``feature_map``'s normaliser, see
+    :func:`~hf_performer.favor.features.log_normaliser`), ``m^-½`` in ``addcmul``'s ``value``, and the numerator and
     the denominator of the state take the key in one update.  A padding key on an empty state (reference
     ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0."""
     rows, m = key_logits.shape
-    log_feat = key_logits.sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5)
+    if feature_map == "favor+":
+        log_feat = key_logits.sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5)
+    else:
+        log_feat = key_logits.sub_(log_normaliser(key, key_logits, feature_map))
     if keep is not None:
         log_feat.masked_fill_(~keep, NEG_LOG_WEIGHT)
     previous = state.log_scale.reshape(rows, m)
@@ -878,6 +890,7 @@ def favor_attention(
     sink_tokens: int = 0,
     far_part: str = "favor",
     far_log_weight: torch.Tensor | None = None,
+    feature_map: str = "favor+",
 ) -> tuple[torch.Tensor, FavorState | None]:
     """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``: picks :func:`bidirectional_favor`,
     :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`; with a local window
@@ -907,6 +920,8 @@ def favor_attention(
             (dropped: window-only attention).
         far_log_weight: with a window, ``[H]``: each query head's FAVOR+ weights times ``exp`` of its entry
             (a learnable per-head weight on the far part; None: ×1).
+        feature_map: with a window, ``"favor+"`` (the paper's features) or ``"softmax"`` (a learned feature
+            map; see :func:`~hf_performer.favor.features.log_normaliser`).
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
@@ -920,11 +935,13 @@ def favor_attention(
         raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
     if local_window or sink_tokens:
         return _hybrid(query, key, value, projection, local_window, sink_tokens, far_part, far_log_weight, scaling,
-                       causal, key_padding_mask, kernel_fn, initial_state)
+                       causal, key_padding_mask, kernel_fn, initial_state, feature_map)
     if far_part != "favor":
         raise ValueError(f"far_part={far_part!r} drops the keys beyond a local window: it needs local_window ≥ 1")
     if far_log_weight is not None:
         raise ValueError("far_log_weight weighs the FAVOR+ part against a local window: it needs local_window ≥ 1")
+    if feature_map != "favor+":
+        raise ValueError(f"feature_map={feature_map!r} is a learned feature map of hybrid attention: it needs local_window ≥ 1")
     features = dict(
         scaling=scaling, key_padding_mask=key_padding_mask, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon
     )
@@ -939,7 +956,7 @@ def favor_attention(
 
 
 def _hybrid(query, key, value, projection, window, sinks, far_part, far_log_weight, scaling, causal, key_padding_mask,
-            kernel_fn, initial_state):
+            kernel_fn, initial_state, feature_map):
     """:func:`favor_attention` with a local window or sinks: the cases hybrid attention does not cover yet raise."""
     from hf_performer.favor.hybrid import hybrid_favor_attention  # hybrid builds on this module
 
@@ -961,6 +978,7 @@ def _hybrid(query, key, value, projection, window, sinks, far_part, far_log_weig
     out = hybrid_favor_attention(
         query, key, value, projection, local_window=window, sink_tokens=sinks, far_part=far_part,
         far_log_weight=far_log_weight, scaling=scaling, causal=causal, key_padding_mask=key_padding_mask,
+        feature_map=feature_map,
     )[..., k_len - q_len if causal else 0 :, :]
     # the state of a hybrid pass would be FAVOR+ over all keys, which no hybrid continuation could use
     return out, None

@@ -50,10 +50,11 @@ def far_keys(length: int, window: int, sinks: int, causal: bool, key_padding_mas
 
 def far_share_error(query, key, value, projection, *, window: int, sinks: int, scaling: float | None = None,
                     causal: bool = True, key_padding_mask: torch.Tensor | None = None,
-                    far_log_weight: torch.Tensor | None = None) -> FarShareError:
+                    far_log_weight: torch.Tensor | None = None, feature_map: str = "favor+") -> FarShareError:
     """:class:`FarShareError` of hybrid attention's FAVOR+ part: ``query [B, H, L, D]``, ``key [B, Hk, L, D]``,
     ``value [B, Hk, L, Dv]`` (``H`` a multiple of ``Hk``), ``projection [m, D]`` (ω, differentiable),
-    ``key_padding_mask [B, L]`` (``True`` for real tokens), ``far_log_weight [H]`` or None; differentiable in all.
+    ``key_padding_mask [B, L]`` (``True`` for real tokens), ``far_log_weight [H]`` or None, ``feature_map`` (see
+    :func:`~hf_performer.favor.features.log_normaliser`); differentiable in all.
     Queries that are padding count as long as they see far keys, as in the attention itself."""
     group = query.shape[1] // key.shape[1]
     key, value = (t.repeat_interleave(group, 1).float() for t in (key, value))
@@ -70,7 +71,7 @@ def far_share_error(query, key, value, projection, *, window: int, sinks: int, s
     exact_log_mass = logits.logsumexp(-1)  # [B, H, L]
     exact_out = torch.softmax(logits, -1) @ value
 
-    q_log, k_log = (positive_softmax_log_features(x, projection.float()) for x in (q, k))
+    q_log, k_log = (positive_softmax_log_features(x, projection.float(), feature_map) for x in (q, k))
     k_ref = k_log.detach().amax(-2, keepdim=True)  # [B, H, 1, m]: per feature, over keys
     q_rel = q_log + k_ref
     q_top = q_rel.detach().amax(-1, keepdim=True)  # [B, H, L, 1]

@@ -9,7 +9,8 @@ Notation follows the paper: ``d`` is the head dimension, ``m`` the number of ran
     φ(x) = m^-½ · exp(ωx − ‖x‖²/2)          (paper eq. 7 with h(x) = exp(−‖x‖²/2), f = exp)
 
 so that ``E[φ(x)ᵀφ(y)] = exp(xᵀy)``.  Generalised attention (paper §2.2) replaces ``exp`` by any
-non-negative ``f``: ``φ(x) = m^-½ · (f(ωx) + ε)``.
+non-negative ``f``: ``φ(x) = m^-½ · (f(ωx) + ε)``.  The learned ``"softmax"`` feature map keeps the form
+``log φ(x) = ωx − c(x) − ½ log m`` with another normaliser ``c`` (:func:`log_normaliser`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Callable
 
 import torch
 
-FEATURE_SCALINGS = ("chi", "sqrt_d")
+FEATURE_SCALINGS = ("chi", "sqrt_d", "unit")
+
+FEATURE_MAPS = ("favor+", "softmax")
+"""The normalisers ``c(x)`` of ``log φ(x) = ωx − c(x) − ½ log m`` (see :func:`log_normaliser`)."""
 
 NEG_LOG_WEIGHT = -1e30
 """Log-weight of a padding key: exp(NEG_LOG_WEIGHT − anything finite) is exactly 0."""
@@ -45,7 +49,8 @@ def orthogonal_random_matrix(
     ``scaling`` sets the row norms: ``"chi"`` gives each row the norm of an independent
     ``N(0, I_d)`` vector (chi-distributed with ``d`` degrees of freedom), which keeps every row
     marginally ``N(0, I_d)`` and so the estimator unbiased; ``"sqrt_d"`` fixes all norms at ``√d``
-    (the regularised variant of the paper's code).
+    (the regularised variant of the paper's code); ``"unit"`` at 1 (the start of a learned ``"softmax"``
+    feature map, whose logits ``ωx`` then stay of the order of ``‖x‖/√d``: soft, with gradients).
 
     The draw happens on the CPU from ``generator`` so that the same seed gives the same matrix on
     every device and every process of a distributed run; move it where it is needed.
@@ -66,8 +71,40 @@ def orthogonal_random_matrix(
     if scaling == "chi":
         norms = torch.randn(nb_features, dim, generator=generator).norm(dim=1, keepdim=True)
     else:
-        norms = torch.full((nb_features, 1), math.sqrt(dim))
+        norms = torch.full((nb_features, 1), math.sqrt(dim) if scaling == "sqrt_d" else 1.0)
     return directions * norms
+
+
+def log_normaliser(x: torch.Tensor, logits: torch.Tensor, feature_map: str = "favor+", *,
+                   scale: float = 1.0) -> torch.Tensor:
+    """``c(s·x)`` ``[..., L, 1]`` of ``log φ(s·x) = ω(s·x) − c(s·x) − ½ log m`` for inputs ``x [..., L, d]`` (``s =
+    scale``) and their logits ``ω(s·x)`` ``[..., L, m]``:
+
+    - ``"favor+"``: ``‖s·x‖²/2``, the positive random features of the paper (eq. 7): ``E[φ(q)ᵀφ(k)] = exp(qᵀk)``.
+      With ``‖q‖, ‖k‖`` of a pretrained model the estimate is an average of log-normal terms whose mean rests on
+      rare large ones: 256 features give the far keys of a hybrid about e^-9 of their weight
+      (``examples/results/smollm2_hybrid.md``).
+    - ``"softmax"``: ``logsumexp(ω(s·x)) − ½ log m``, so ``φ(x) = softmax(ωx)`` over the ``m`` features: a learned
+      feature map (Hedgehog, Zhang et al., ICLR 2024, arXiv 2402.04347; LoLCATs) with bounded features that sum
+      to 1. It estimates nothing until ω (and the hybrid's far weight) are trained, by attention transfer.
+    """
+    if feature_map == "favor+":
+        return x.pow(2).sum(-1, keepdim=True).mul_(0.5 * scale**2)
+    if feature_map == "softmax":
+        return torch.logsumexp(logits, -1, keepdim=True) - 0.5 * math.log(logits.shape[-1])  # (backward reads lse)
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def query_log_features(q: torch.Tensor, projection: torch.Tensor, key_reference: torch.Tensor,
+                       feature_map: str = "favor+") -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled queries ``q [..., L, d]`` → ``(ωq + R [..., L, m], c(q) [..., L, 1])``: the logits of the query side of
+    a hybrid's FAVOR+ part against keys kept relative to ``R`` (``key_reference``, broadcast over ``L``), and the
+    normaliser (:func:`log_normaliser`) that no longer cancels against the exact part."""
+    logits = torch.matmul(q, projection.transpose(0, 1))
+    normaliser = log_normaliser(q, logits, feature_map)
+    if feature_map != "favor+" and logits.requires_grad:  # the normaliser's backward reads the logits
+        return logits + key_reference, normaliser
+    return logits.add_(key_reference), normaliser
 
 
 def query_features(
@@ -109,12 +146,18 @@ def key_log_features(
     *,
     input_scale: float = 1.0,
     out: torch.Tensor | None = None,
+    feature_map: str = "favor+",
 ) -> torch.Tensor:
-    """``log φ(s·k) + ½ log m = ω(s·k) − ‖s·k‖²/2`` (paper eq. 7 with ``h(k) = exp(−‖k‖²/2)``):
-    ``[..., L, d] → [..., L, m]``; keys where ``keep`` (``[..., L]`` bool) is False get ``NEG_LOG_WEIGHT``.
-    ``out``: a buffer to compute them in (see :func:`query_features`)."""
+    """``log φ(s·k) + ½ log m = ω(s·k) − c(s·k)``, by default ``c(s·k) = ‖s·k‖²/2`` (paper eq. 7 with ``h(k) =
+    exp(−‖k‖²/2)``; :func:`log_normaliser` for ``feature_map``): ``[..., L, d] → [..., L, m]``; keys where ``keep``
+    (``[..., L]`` bool) is False get ``NEG_LOG_WEIGHT``.  ``out``: a buffer to compute them in (see
+    :func:`query_features`); written in place unless autograd needs the logits."""
     logits = torch.matmul(k, (projection * input_scale).transpose(0, 1), out=out)
-    logits = logits.sub_(k.pow(2).sum(-1, keepdim=True).mul(0.5 * input_scale**2))
+    if feature_map == "favor+":  # the norms from k, not from a scaled copy of it
+        logits = logits.sub_(k.pow(2).sum(-1, keepdim=True).mul(0.5 * input_scale**2))
+    else:  # the normaliser's backward reads the logits
+        normaliser = log_normaliser(k, logits, feature_map)
+        logits = logits - normaliser if logits.requires_grad else logits.sub_(normaliser)
     return logits if keep is None else logits.masked_fill_(~keep[..., None], NEG_LOG_WEIGHT)
 
 
@@ -128,6 +171,7 @@ def key_features(
     input_scale: float = 1.0,
     out: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
+    feature_map: str = "favor+",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """φ(s·k) for ``k [..., L, d]`` (``s = input_scale``, folded into ``ω``) as ``(φ̃, R)`` with
     ``φ(s·k)_j = exp(R_j) · φ̃_j``: features ``[..., L, m]`` and a per-feature reference ``R [..., m]``.
@@ -135,7 +179,7 @@ def key_features(
     ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.  ``out``: a
     buffer for the softmax features (see :func:`query_features`).  ``reference`` (``[..., m]``, softmax kernel):
     a given ``R`` instead of the keys' own maximum, e.g. the one a summary of several blocks was kept relative to
-    (it must be ≥ their log-features, or features exceed ``m^-½``).
+    (it must be ≥ their log-features, or features exceed ``m^-½``).  ``feature_map``: see :func:`log_normaliser`.
 
     For the softmax kernel ``R_j = max_s (ω_j k_s − ‖k_s‖²/2)`` over the real keys (detached;
     ``NEG_LOG_WEIGHT`` when there is none), so every ``φ̃ ≤ m^-½`` and no feature's sum over the keys
@@ -151,7 +195,7 @@ def key_features(
         if keep is not None:
             features = features * keep[..., None]
         return features, features.new_zeros(*features.shape[:-2], m)
-    logits = key_log_features(k, projection, keep, input_scale=input_scale, out=out)
+    logits = key_log_features(k, projection, keep, input_scale=input_scale, out=out, feature_map=feature_map)
     reference = logits.detach().amax(-2) if reference is None else reference
     features = logits.sub_((reference + 0.5 * math.log(m)).unsqueeze(-2)).exp_()
     return (features, reference) if keep is None else (features.mul_(keep[..., None]), reference)

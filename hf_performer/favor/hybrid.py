@@ -45,7 +45,14 @@ from hf_performer.favor.attention import (
     fold_keys,
     records_gradients,
 )
-from hf_performer.favor.features import NEG_LOG_WEIGHT, key_features, key_log_features
+from hf_performer.favor.features import (
+    FEATURE_MAPS,
+    NEG_LOG_WEIGHT,
+    key_features,
+    key_log_features,
+    log_normaliser,
+    query_log_features,
+)
 
 FAR_PARTS = ("favor", "none")
 """What weights the keys beyond the window and the sinks: FAVOR+, or nothing ("none": window-only
@@ -74,16 +81,16 @@ def _slices(count: int, size: int) -> list[slice]:
 
 
 def _key_log_features(key_flat: torch.Tensor, projection: torch.Tensor, far: torch.Tensor, block: int,
-                      recording: bool) -> torch.Tensor:
+                      recording: bool, feature_map: str) -> torch.Tensor:
     """:func:`key_log_features` of ``key_flat [N, D]`` (``far [N]``: the keys FAVOR+ weighs) → ``[N, m]``, computed a
     few blocks at a time into one tensor so that each slice's passes run in cache (unless ``recording`` gradients)."""
     m = projection.shape[0]
     if recording:
-        out = key_log_features(key_flat, projection)
+        out = key_log_features(key_flat, projection, feature_map=feature_map)
     else:
         out = key_flat.new_empty(key_flat.shape[0], m)
         for part in _slices(key_flat.shape[0], _blocks_per_slice(block, m) * block):
-            key_log_features(key_flat[part], projection, out=out[part])
+            key_log_features(key_flat[part], projection, out=out[part], feature_map=feature_map)
     # the few rows FAVOR+ does not weigh (sinks, padding, the zero blocks) by index: a broadcast mask over all
     # rows costs a pass as long as the product's
     return out.index_fill_(0, (~far).nonzero().squeeze(-1), NEG_LOG_WEIGHT)
@@ -217,7 +224,7 @@ class _Plan(NamedTuple):
     sinks: int
     far_part: str
     causal: bool
-    tail: tuple  # _Inputs' input scale and dtype
+    tail: tuple  # _Inputs' input scale, dtype and feature map
 
     def count(self) -> int:
         return math.ceil(self.keep.shape[-1] / self.segment)
@@ -301,9 +308,9 @@ def _far_sum(plan: _Plan, index: int, key: torch.Tensor, value: torch.Tensor, pr
     b, key_heads, _, d = key.shape
     m = projection.shape[0]
     far = plan.keep.narrow(2, start, tokens).expand(b, key_heads, tokens).reshape(-1)
-    scale = plan.tail[0]  # _Inputs' input scale
+    scale, _, feature_map = plan.tail
     log_feat = _key_log_features((key * scale).reshape(-1, d), projection, far, plan.window,
-                                 records_gradients(key, projection)).view(b * key_heads, tokens, m)
+                                 records_gradients(key, projection), feature_map).view(b * key_heads, tokens, m)
     if reference is None:
         reference = log_feat.detach().amax(1).clamp_min(NEG_LOG_WEIGHT / 2)  # masked keys' exp is then 0
     if log_feat.requires_grad:
@@ -553,7 +560,7 @@ class _Groups(NamedTuple):
     keep: torch.Tensor | None  # [R, 1, L] bool
     parts: list[slice]  # the groups' rows
     attend: Callable  # (_Inputs, far_log_weight or None) → one group's output
-    tail: tuple  # _Inputs' input scale and dtype
+    tail: tuple  # _Inputs' input scale, dtype and feature map
 
     def group(self, part: slice, query, key, value, projection, far_log_weight) -> torch.Tensor:
         """One group's output, from its rows of ``query``, ``key``, ``value`` and ``far_log_weight`` (or None)."""
@@ -632,7 +639,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     Hk, G, L − W·(context blocks), Dv], (summary, reference))``: causally with a FAVOR+ part, the summary ``[B·Hk,
     m, Dv + 1]`` of the far keys before the last block and its reference ``[B·Hk, m]`` (a :class:`_Carry`'s), else
     ``(None, None)``."""
-    query, key, value, projection, keep, scale, _ = x
+    query, key, value, projection, keep, scale, _, feature_map = x
     b, key_heads, group, length, d = query.shape
     dv, m = value.shape[-1], projection.shape[0]
     recording = records_gradients(query, key, value, projection, far_log_weight)
@@ -659,7 +666,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         # FAVOR+ key features relative to a per-feature reference every query of the block may use:
         # causal, the keys of blocks ≤ b − 1 (block b's own keys are all inside the window); bidirectional, all keys
         far_flat = _flat_blocks((keep & ~sink).expand(b, key_heads, -1)[..., None], edge)[:, 0]
-        log_feat = _key_log_features(key_flat, projection, far_flat, block, recording)  # [R·block + 2·edge, m]
+        log_feat = _key_log_features(key_flat, projection, far_flat, block, recording, feature_map)  # [R·block + 2·edge, m]
         if causal:  # the carry's keys come before block 0
             block_max = log_feat[inner].detach().view(heads, n, block, m).amax(-2)  # [B·Hk, n, m]
             prior = torch.full_like(block_max[:, :1], NEG_LOG_WEIGHT) if carry is None else carry.reference[:, None]
@@ -702,6 +709,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         hidden.reshape(heads, n, group * block, -1), summary,
         None if reference is None else reference.reshape(heads, n, 1, m), None, None, None,
         None if far_log_weight is None else far_log_weight.repeat_interleave(block, 1)[:, None, :, None],
+        feature_map,
     )
     if sinks:  # sinks beyond the span, gathered once: [B, 1, S] positions
         sinks = min(sinks, n * block)
@@ -803,6 +811,7 @@ class _Keys(NamedTuple):
     sink_visible: torch.Tensor | None  # [H, n, 1, 1, S] bool: sinks beyond the span
     sink_values: torch.Tensor | None  # [H, S, Dv + 1]
     far_log_weight: torch.Tensor | None  # [H, 1, G·W, 1]: added to the log of each query's FAVOR+ weights
+    feature_map: str  # the features' normaliser (features.log_normaliser)
 
 
 def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads: slice, blocks: slice, causal: bool,
@@ -817,11 +826,12 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
 
     if far:  # features relative to the keys' reference, then their own maximum T
         # (matmul, not mm + view: in-place changes of a view would each copy the whole tensor in backward)
-        q_logits = torch.matmul(q_rows, projection.transpose(0, 1)).add_(keys.reference[heads, blocks])
+        q_logits, normaliser = query_log_features(q_rows, projection, keys.reference[heads, blocks], keys.feature_map)
         top = q_logits.detach().amax(-1, keepdim=True)
         q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
-        # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): ‖s·q‖²/2 and m no longer cancel against the exact part
-        favor_ref = top - q_rows.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+        # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): c(s·q) (‖s·q‖²/2 for FAVOR+) and m no longer cancel against
+        # the exact part
+        favor_ref = top - normaliser - math.log(m)
         if keys.far_log_weight is not None:
             favor_ref = favor_ref + keys.far_log_weight[heads]
         if summary is None:
@@ -886,15 +896,18 @@ def _visible(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return torch.where(hidden, 0.0, weights)
 
 
-def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str) -> None:
+def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str, feature_map: str) -> None:
     """The window includes the current token (``W ≥ 1``); sinks are a count (``S ≥ 0``); the keys beyond
-    them are weighted by FAVOR+ or dropped (``far_part`` ``"favor"`` or ``"none"``)."""
+    them are weighted by FAVOR+ or dropped (``far_part`` ``"favor"`` or ``"none"``), with features of one of
+    :data:`~hf_performer.favor.features.FEATURE_MAPS`."""
     if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
         raise ValueError(f"local_window must be an integer ≥ 1 for hybrid attention, got {local_window!r}")
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an integer ≥ 0, got {sink_tokens!r}")
     if far_part not in FAR_PARTS:
         raise ValueError(f"far_part must be one of {FAR_PARTS}, got {far_part!r}")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
 
 
 def _far_log_weight(far_log_weight: torch.Tensor | None, x: _Inputs) -> torch.Tensor | None:
@@ -923,6 +936,7 @@ def hybrid_favor_attention(
     scaling: float | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    feature_map: str = "favor+",
 ) -> torch.Tensor:
     """Hybrid FAVOR+ self-attention: ``query [B, H, L, D]``, ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
     → ``[B, H, L, Dv]`` (see the module docstring); ``key_padding_mask [B, L]``, ``True`` for real tokens.
@@ -932,15 +946,17 @@ def hybrid_favor_attention(
     FAVOR+ (window-only attention, the ablation).  ``far_log_weight [H]`` (one per query head, differentiable;
     LoLCATs' learnable per-head factor): head ``h``'s FAVOR+ weights are multiplied by ``exp(far_log_weight[h])``
     before the one normaliser, so training can turn each head's far part up or down; None (or zeros) is ×1.
+    ``feature_map``: ``"favor+"`` (the paper's random features) or ``"softmax"`` (a learned feature map,
+    :func:`~hf_performer.favor.features.log_normaliser`).
     Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
     """
-    _check_hybrid_settings(local_window, sink_tokens, far_part)
+    _check_hybrid_settings(local_window, sink_tokens, far_part, feature_map)
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"hybrid attention (local_window={local_window}) needs as many queries as keys (self-attention), got "
             f"{query.shape[-2]} queries and {key.shape[-2]} keys"
         )
-    x = _inputs(query, key, value, projection, scaling, key_padding_mask)
+    x = _inputs(query, key, value, projection, scaling, key_padding_mask, feature_map)
     out = hybrid_favor(x, causal=causal, window=local_window, sinks=sink_tokens, far_part=far_part,
                        far_log_weight=_far_log_weight(far_log_weight, x))
     return _ungroup(out, x.dtype)
@@ -994,13 +1010,14 @@ class HybridState(NamedTuple):
         return sum(tensor.nbytes for tensor in (*self.far, *self[1:]))
 
 
-def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, projection, scale,
+def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, x: _Inputs,
              far: bool) -> HybridState:
     """``state`` after the tokens ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]`` (``keep [B, L]``: real ones).
 
     The first ``S`` real tokens go to the sinks; the last ``W − 1`` positions become the window; the
     tokens pushed out of the window (real, not sinks) fold into the FAVOR+ state (``far``; otherwise
-    they are dropped), as one block, which equals folding them one by one up to float rounding."""
+    they are dropped), as one block, which equals folding them one by one up to float rounding.  ``x``: the
+    :class:`_Inputs` whose ω, scale and feature map they take."""
     sinks, kept = state.sink_key.shape[2], state.window_key.shape[2]
     rank = state.real_seen[:, None] + keep.cumsum(-1)  # 1-based rank of each real token
     is_sink = keep & (rank <= sinks)
@@ -1017,7 +1034,8 @@ def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: t
     if leaving and far:
         far_state = fold_keys(
             far_state,
-            *key_features(keys[:, :, :leaving], projection, keep=far_keep[:, None, :leaving], input_scale=scale),
+            *key_features(keys[:, :, :leaving], x.projection, keep=far_keep[:, None, :leaving],
+                          input_scale=x.input_scale, feature_map=x.feature_map),
             values[:, :, :leaving],
         )
     return HybridState(
@@ -1036,7 +1054,7 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
     beyond a later query's window meet it through their features (pair by pair: at most ``L − 1``).
     One normaliser, each part relative to its own reference as in :func:`hybrid_favor` (``far_log_weight
     [Hk, G]`` or None: see there).  Without ``far`` only the exact part counts."""
-    query, key, value, projection, _, scale, _ = x
+    query, key, value, projection, _, scale, _, feature_map = x
     length, m, kept = query.shape[-2], projection.shape[0], state.window_key.shape[2]
     q_scaled = query * scale
     # exact part: [sinks seen before, kept window, new tokens]; query i sits at position kept + i
@@ -1060,13 +1078,14 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
         if length > 1:
             pair_keep = state.window_keep[:, None, : length - 1]
             beyond = pair_keep & (distance[:, : length - 1] >= kept + 1)  # [B, L, L − 1]
-            pair_log = key_log_features(state.window_key[:, :, : length - 1], projection, pair_keep, input_scale=scale)
+            pair_log = key_log_features(state.window_key[:, :, : length - 1], projection, pair_keep, input_scale=scale,
+                                        feature_map=feature_map)
             reference = torch.maximum(reference, pair_log.detach().amax(-2))
-        q_logits = q_scaled @ projection.transpose(0, 1) + reference[:, :, None, None]
+        q_logits, normaliser = query_log_features(q_scaled, projection, reference[:, :, None, None], feature_map)
         top = q_logits.detach().amax(-1, keepdim=True)
         q_feat = (q_logits - top).exp()
         # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref) with the features relative to `reference` and m^-½ each
-        favor_ref = top - q_scaled.pow(2).sum(-1, keepdim=True) / 2 - math.log(m)
+        favor_ref = top - normaliser - math.log(m)
         if far_log_weight is not None:
             favor_ref = favor_ref + far_log_weight[:, :, None, None]
         summary = state.far.summary * torch.exp(state.far.log_scale - reference + 0.5 * math.log(m))[..., None]
@@ -1119,7 +1138,7 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
     one of them.  The query reads the far state before the oldest kept position (if real) folds into it
     (:func:`~hf_performer.favor.attention._fold_token`; its features come out of the query's product with ``s·ω``).
     Exact part and FAVOR+ part relative to the larger of their references, as in :func:`hybrid_favor`."""
-    query, key, value, projection, _, scale, _ = x
+    query, key, value, projection, _, scale, _, feature_map = x
     b, key_heads, group, _, d = query.shape
     rows, m, dv, sinks = b * key_heads, projection.shape[0], value.shape[-1], state.sink_key.shape[2]
     window_key, window_value = torch.cat([state.window_key, key], 2), torch.cat([state.window_value, value], 2)
@@ -1135,11 +1154,15 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
         # the queries and the leaving key, scaled once, and their logits ωx: [B·Hk·G + B·Hk, m]
         scaled = torch.cat([q.reshape(rows * group, d), window_key[:, :, 0].reshape(rows, d)]).mul_(scale)
         products = torch.mm(scaled, projection.t())
+        if feature_map == "favor+":
+            normaliser = torch.linalg.vecdot(q, q).unsqueeze(-1).mul_(0.5 * scale * scale)
+        else:
+            normaliser = log_normaliser(q, products[: rows * group].view(rows, group, m), feature_map)
         q_log = products[: rows * group].view(rows, group, m).add_(state.far.log_scale.reshape(rows, 1, m))
         top = q_log.amax(-1, keepdim=True)
         q_feat = q_log.sub_(top).exp_()
-        # φ(q)ᵀφ(k) = q_feat·kv_j · exp(top − ‖s·q‖²/2 − ½ log m): the state's rows carry exp(log_scale) and m^-½
-        favor_ref = top.sub_(torch.linalg.vecdot(q, q).unsqueeze(-1), alpha=0.5 * scale * scale).sub_(0.5 * math.log(m))
+        # φ(q)ᵀφ(k) = q_feat·kv_j · exp(top − c(s·q) − ½ log m): the state's rows carry exp(log_scale) and m^-½
+        favor_ref = top.sub_(normaliser).sub_(0.5 * math.log(m))
         if far_log_weight is not None:
             favor_ref = favor_ref.add_(far_log_weight.expand(b, key_heads, group).reshape(rows, group, 1))
         reference = torch.maximum(reference, favor_ref)
@@ -1148,7 +1171,7 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
                                   q_feat.mul_(favor_ref.sub_(reference).exp_()), summary)
         leaving_keep = window_keep[:, :1].expand(b, key_heads).reshape(rows, 1)
         folded = _fold_token(state.far, products[rows * group :], scaled[rows * group :],
-                             window_value[:, :, 0].reshape(rows, dv), leaving_keep)
+                             window_value[:, :, 0].reshape(rows, dv), leaving_keep, feature_map)
         far_state = FavorState(*(t.view(b, key_heads, *t.shape[1:]) for t in folded))
     else:
         numerator = torch.bmm(logits.sub_(reference).exp_(), values)
@@ -1171,6 +1194,7 @@ def recurrent_hybrid_favor(
     far_log_weight: torch.Tensor | None = None,
     scaling: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    feature_map: str = "favor+",
 ) -> tuple[torch.Tensor, HybridState]:
     """Causal hybrid FAVOR+ that continues from ``initial_state`` (decoding): ``query [B, H, L, D]`` are
     the positions of the new ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]`` (``key_padding_mask [B, L]``,
@@ -1179,24 +1203,24 @@ def recurrent_hybrid_favor(
     Without a state (a prefill) the outputs are :func:`hybrid_favor_attention`'s; after one, the tokens
     go through in pieces of ``W``, each O(L·(W + S + m)·d): one decoding step costs the same whatever
     the context.  Any split of a sequence into calls gives the same outputs and state (up to float
-    rounding).  With ``far_part="none"`` the far state stays empty and unread; ``far_log_weight``: see
-    :func:`hybrid_favor_attention`.  Reference:
+    rounding).  With ``far_part="none"`` the far state stays empty and unread; ``far_log_weight`` and
+    ``feature_map``: see :func:`hybrid_favor_attention`.  Reference:
     :func:`~hf_performer.favor.naive.hybrid_attention` (causal)."""
-    _check_hybrid_settings(local_window, sink_tokens, far_part)
+    _check_hybrid_settings(local_window, sink_tokens, far_part, feature_map)
     far = far_part == "favor"
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"recurrent hybrid attention takes the queries of the new keys, got {query.shape[-2]} queries and "
             f"{key.shape[-2]} keys"
         )
-    x = _inputs(query, key, value, projection, scaling, key_padding_mask)
+    x = _inputs(query, key, value, projection, scaling, key_padding_mask, feature_map)
     keep = torch.ones_like(x.key[:, 0, :, 0], dtype=torch.bool) if x.keep is None else x.keep[:, 0]
     weight = _far_log_weight(far_log_weight, x)
     if initial_state is None:
         out = hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens, far_part=far_part, far_log_weight=weight)
         out = _ungroup(out, x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
-        return out, _advance(empty, x.key, x.value, keep, x.projection, x.input_scale, far)
+        return out, _advance(empty, x.key, x.value, keep, x, far)
     fast = not records_gradients(*x[:4], weight, *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state)
     if key.shape[-2] == 1 and fast:
         out, state = _one_token_step(x, initial_state, keep, far, weight)
@@ -1208,12 +1232,12 @@ def recurrent_hybrid_favor(
             piece = slice(start, start + segment)
             part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
             out[..., piece, :] = _continue(part, state, keep[:, piece], local_window, far_part, weight)
-            state = _advance(state, part.key, part.value, keep[:, piece], x.projection, x.input_scale, far)
+            state = _advance(state, part.key, part.value, keep[:, piece], x, far)
         return _ungroup(out, x.dtype), state
     state, outputs = initial_state, []
     for start in range(0, key.shape[-2], local_window):
         piece = slice(start, start + local_window)
         part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
         outputs.append(_hybrid_step(part, state, keep[:, piece], far, weight))
-        state = _advance(state, part.key, part.value, keep[:, piece], x.projection, x.input_scale, far)
+        state = _advance(state, part.key, part.value, keep[:, piece], x, far)
     return _ungroup(torch.cat(outputs, -2), x.dtype), state

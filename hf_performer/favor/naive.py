@@ -42,8 +42,11 @@ def quadratic_linear_attention(q_feat, k_feat, value, *, causal=False, key_paddi
     return (scores @ value) / scores.sum(-1, keepdim=True)
 
 
-def positive_softmax_log_features(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """``log φ(x) = ωx − ‖x‖²/2 − ½ log m`` (paper eq. 7): ``[..., L, d] → [..., L, m]``, usable at any norm."""
+def positive_softmax_log_features(x: torch.Tensor, projection: torch.Tensor, feature_map: str = "favor+") -> torch.Tensor:
+    """``log φ(x) = ωx − ‖x‖²/2 − ½ log m`` (paper eq. 7): ``[..., L, d] → [..., L, m]``, usable at any norm;
+    ``feature_map="softmax"``: ``log φ(x) = log softmax(ωx)`` (the learned feature map)."""
+    if feature_map == "softmax":
+        return torch.log_softmax(x @ projection.transpose(0, 1), -1)
     m = projection.shape[0]
     return x @ projection.transpose(0, 1) - x.pow(2).sum(-1, keepdim=True) / 2 - 0.5 * math.log(m)
 
@@ -58,11 +61,12 @@ def log_space_linear_attention(q_log, k_log, value, *, causal=False, key_padding
 
 
 def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, scaling=None, causal=False,
-                     key_padding_mask=None, far_log_weight=None):
+                     key_padding_mask=None, far_log_weight=None, feature_map="favor+"):
     """Hybrid FAVOR+ as written: a masked O(L²) softmax whose weights are ``exp(s·qᵀk)`` for keys in the
     local window (causal ``i − W < j ≤ i``, bidirectional ``|i − j| < W``) or among the first ``sinks``
     real tokens, and ``φ(q)ᵀφ(k)`` (in log space) for every other visible key (``far=False``: 0, the
-    window-only ablation), times ``exp(far_log_weight[h])`` in head ``h`` when given (``[H]``).  Shapes as
+    window-only ablation), times ``exp(far_log_weight[h])`` in head ``h`` when given (``[H]``), with the
+    features of ``feature_map`` (:func:`positive_softmax_log_features`).  Shapes as
     :func:`softmax_attention` (``H == Hk``); rows that see no key come back as NaN."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, k_len = query.shape[-2], key.shape[-2]
@@ -76,8 +80,8 @@ def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, 
     exact = visible & (near | is_sink)
     s = scaling**0.5
     exact_logits = (query * s) @ (key * s).transpose(-1, -2)
-    q_log = positive_softmax_log_features(query * s, projection)
-    k_log = positive_softmax_log_features(key * s, projection)
+    q_log = positive_softmax_log_features(query * s, projection, feature_map)
+    k_log = positive_softmax_log_features(key * s, projection, feature_map)
     far_logits = torch.logsumexp(q_log[..., :, None, :] + k_log[..., None, :, :], -1)
     if far_log_weight is not None:
         far_logits = far_logits + far_log_weight[:, None, None]

@@ -141,6 +141,7 @@ def favor_attention_forward(
             far_log_weight=favor.far_log_weights(),
             scaling=scaling,
             key_padding_mask=attention_mask,
+            feature_map=settings.feature_map,
         )
     else:
         output, state = favor_attention(
@@ -159,6 +160,7 @@ def favor_attention_forward(
             sink_tokens=sinks,
             far_part=settings.far_part,
             far_log_weight=favor.far_log_weights(),
+            feature_map=settings.feature_map,
         )
     if cache_layer is not None:
         cache_layer.advance(state)

@@ -97,7 +97,8 @@ class FavorProjection(nn.Module):
                 head_dim,
                 generator=generator,
                 orthogonal=self.settings.orthogonal,
-                scaling=self.settings.feature_scaling,
+                # a learned softmax feature map starts soft: unit rows keep its logits ωx near ‖x‖/√d
+                scaling="unit" if self.settings.feature_map == "softmax" else self.settings.feature_scaling,
             )
         finally:
             torch.set_default_dtype(default_dtype)

@@ -139,7 +139,7 @@ def recorded_far_share(model: nn.Module) -> Iterator[list[FarShareError]]:
             errors.append(far_share_error(
                 query, key, value, projection.projection, window=settings.local_window, sinks=settings.sink_tokens,
                 scaling=scaling, causal=causal, key_padding_mask=key_padding_mask,
-                far_log_weight=projection.far_log_weights(),
+                far_log_weight=projection.far_log_weights(), feature_map=settings.feature_map,
             ))
         return hook
 

@@ -9,9 +9,11 @@ from hf_performer.favor.attention import (
     recurrent_favor_step,
 )
 from hf_performer.favor.features import (
+    FEATURE_MAPS,
     KERNELS,
     key_features,
     key_log_features,
+    log_normaliser,
     orthogonal_random_matrix,
     query_features,
     register_kernel,
@@ -19,6 +21,7 @@ from hf_performer.favor.features import (
 from hf_performer.favor.hybrid import HybridState, hybrid_favor_attention, recurrent_hybrid_favor
 
 __all__ = [
+    "FEATURE_MAPS",
     "FavorState",
     "HybridState",
     "KERNELS",
@@ -29,6 +32,7 @@ __all__ = [
     "hybrid_favor_attention",
     "key_features",
     "key_log_features",
+    "log_normaliser",
     "orthogonal_random_matrix",
     "query_features",
     "recurrent_favor_step",

@@ -104,8 +104,8 @@ class PerformerConfig:
             "help": "Hybrid FAVOR+: the features of the far part. 'favor+': the paper's positive random features, "
             "φ(x) = m^-½ exp(ωx − ‖x‖²/2), an unbiased estimate of exp(qᵀk). 'softmax': a learned feature map, "
             "φ(x) = softmax(ωx) over the m features (Hedgehog, arXiv 2402.04347): ω starts as unit-norm orthogonal "
-            "rows and must be trained (attention transfer, far_weight=True); needs local_window ≥ 1, "
-            "far_part='favor' and redraw_interval=0.",
+            "rows and must be trained (attention transfer, far_weight=True); needs local_window ≥ 1 and "
+            "redraw_interval=0 (with far_part='none' it is unused: a trained model's far part switched off).",
         },
     )
 
@@ -138,11 +138,10 @@ class PerformerConfig:
             )
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"PerformerConfig.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
-        if self.feature_map != "favor+" and (not self.local_window or self.far_part != "favor"):
+        if self.feature_map != "favor+" and not self.local_window:
             raise ValueError(
                 f"PerformerConfig.feature_map={self.feature_map!r} is a learned map for the far part of hybrid "
-                f"attention, but local_window={self.local_window}, far_part={self.far_part!r}; set local_window ≥ 1 "
-                "and far_part='favor', or feature_map='favor+'"
+                "attention, but local_window=0; set local_window ≥ 1, or feature_map='favor+'"
             )
         if self.feature_map != "favor+" and self.redraw_interval:
             raise ValueError(

@@ -126,7 +126,6 @@ def test_decoding_matches_the_naive_hybrid(window, sinks, splits):
     [
         (dict(feature_map="hedgehog"), "feature_map"),
         (dict(feature_map="softmax", redraw_interval=0), "feature_map"),  # no window: no far part to learn
-        (dict(local_window=8, far_part="none", feature_map="softmax", redraw_interval=0), "feature_map"),
         (dict(local_window=8, feature_map="softmax", redraw_interval=0, feature_scaling="sqrt_d"), "feature_scaling"),
         (dict(local_window=8, feature_map="softmax"), "redraw_interval"),  # a redraw would replace the learned ω
     ],
@@ -175,6 +174,11 @@ def test_a_model_converts_trains_saves_loads_and_generates_with_it(tmp_path):
     for _ in range(5):
         full = torch.cat([full, loaded(input_ids=full, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(generated, full)
-    # ω was learned for this map: loading it as FAVOR+ features is refused
+    # ω was learned for this map: loading it as FAVOR+ features is refused; its far part may be switched off
     with pytest.raises(ValueError, match="feature_map"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path, performer_config={"feature_map": "favor+"})
+    off = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, performer_config={"far_part": "none", "far_weight": False}).eval()
+    window_only = hf_performer.to_performer(stock, PerformerConfig(nb_features=16, local_window=3, sink_tokens=1,
+                                                                   far_part="none")).eval()
+    torch.testing.assert_close(off(ids, use_cache=False).logits, window_only(ids, use_cache=False).logits)

@@ -21,6 +21,10 @@ logit, the FAVOR+ part relative to its own stabiliser (``T − ‖s·q‖²/2 �
 adds both after rescaling them to the larger reference, so neither overflows and neither is lost.  Taking
 the window's feature products back out of a summary rounds like the summary itself: ~1e-7 of the FAVOR+
 mass of those keys.
+
+The far part's features are FAVOR+'s by default, or a learned map (``feature_map="softmax"``, ``φ(x) =
+softmax(ωx)``): both are ``log φ(x) = ωx − c(x) − ½ log m`` and differ only in the normaliser ``c``
+(:func:`~hf_performer.favor.features.log_normaliser`; ``‖s·q‖²/2`` in the stabiliser above is FAVOR+'s ``c``).
 """
 
 from __future__ import annotations

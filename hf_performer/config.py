@@ -138,22 +138,8 @@ class PerformerConfig:
             )
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"PerformerConfig.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
-        if self.feature_map != "favor+" and not self.local_window:
-            raise ValueError(
-                f"PerformerConfig.feature_map={self.feature_map!r} is a learned map for the far part of hybrid "
-                "attention, but local_window=0; set local_window ≥ 1, or feature_map='favor+'"
-            )
-        if self.feature_map != "favor+" and self.redraw_interval:
-            raise ValueError(
-                f"PerformerConfig.redraw_interval={self.redraw_interval} would replace the learned ω of "
-                f"feature_map={self.feature_map!r} by a new random draw; set redraw_interval=0"
-            )
-        if self.feature_map != "favor+" and self.feature_scaling != "chi":
-            raise ValueError(
-                f"PerformerConfig.feature_scaling={self.feature_scaling!r} sets the norms of random features, but "
-                f"feature_map={self.feature_map!r} starts ω from unit-norm rows and learns them; leave feature_scaling "
-                "at its default ('chi')"
-            )
+        if self.feature_map != "favor+":
+            self._check_learned_feature_map()
         if (self.local_window or self.sink_tokens) and self.kernel != "softmax":
             raise ValueError(
                 f"PerformerConfig.local_window/sink_tokens need kernel='softmax' (exact and FAVOR+ weights share one "
@@ -174,6 +160,25 @@ class PerformerConfig:
             self.kernel_epsilon >= 0
         ):
             raise ValueError(f"PerformerConfig.kernel_epsilon must be a number ≥ 0, got {self.kernel_epsilon!r}")
+
+    def _check_learned_feature_map(self) -> None:
+        """A learned ``feature_map`` needs a far part to serve, an ω that is never redrawn, and no row norms of its own."""
+        learned = f"feature_map={self.feature_map!r}"
+        if not self.local_window:
+            raise ValueError(
+                f"PerformerConfig.{learned} is a learned map for the far part of hybrid attention, but local_window=0; "
+                "set local_window ≥ 1, or feature_map='favor+'"
+            )
+        if self.redraw_interval:
+            raise ValueError(
+                f"PerformerConfig.redraw_interval={self.redraw_interval} would replace the learned ω of {learned} by "
+                "a new random draw; set redraw_interval=0"
+            )
+        if self.feature_scaling != "chi":
+            raise ValueError(
+                f"PerformerConfig.feature_scaling={self.feature_scaling!r} sets the norms of random features, but "
+                f"{learned} starts ω from unit-norm rows and learns them; leave feature_scaling at its default ('chi')"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The fields, stamped with the hf-performer version that wrote them."""

@@ -70,3 +70,13 @@ def assert_same_input_gradients(out, expected, inputs, reference_inputs) -> None
     expected.backward(grad_out)
     for got, want in zip(inputs, reference_inputs):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-3, atol=1e-5)
+
+
+def assert_cached_generation_recomputes(model, prompt: torch.Tensor, new_tokens: int = 5) -> None:
+    """Greedy ``generate`` of ``new_tokens`` after ``prompt`` (with the model's cache) equals greedy decoding by
+    hand, every step a full forward of the whole sequence without a cache."""
+    generated = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    full = prompt
+    for _ in range(new_tokens):
+        full = torch.cat([full, model(input_ids=full, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, full)

@@ -824,16 +824,13 @@ def _fold_token(state: FavorState, key_logits: torch.Tensor, key: torch.Tensor, 
     ``[B·Hk, m]`` (overwritten) of the scaled ``key`` ``[B·Hk, D]`` (``s·k``), ``value [B·Hk, Dv]``, ``keep
     [B·Hk, 1]`` bool or None → the state with ``B·Hk`` rows (``summary [B·Hk, m, Dv + 1]``, ``log_scale [B·Hk, m]``).
 
-    The arithmetic of :func:`fold_keys` with one key in a handful of operations: the key norm rides in ``sub_``'s
-    ``alpha`` (``log φ(k) + ½ log m = ωk − ½‖k‖²``; another ``feature_map``'s normaliser, see
-    :func:`~hf_performer.favor.features.log_normaliser`), ``m^-½`` in ``addcmul``'s ``value``, and the numerator and
+    The arithmetic of :func:`fold_keys` with one key in a handful of operations: ``log φ(k) + ½ log m = ωk − c(k)``
+    (``c(k) = ½‖k‖²`` for FAVOR+; :func:`~hf_performer.favor.features.log_normaliser`), ``m^-½`` in ``addcmul``'s
+    ``value``, and the numerator and
     the denominator of the state take the key in one update.  A padding key on an empty state (reference
     ``NEG_LOG_WEIGHT``) gets weight ``exp(NEG_LOG_WEIGHT / 2)`` = 0."""
     rows, m = key_logits.shape
-    if feature_map == "favor+":
-        log_feat = key_logits.sub_(torch.linalg.vecdot(key, key).unsqueeze(-1), alpha=0.5)
-    else:
-        log_feat = key_logits.sub_(log_normaliser(key, key_logits, feature_map))
+    log_feat = key_logits.sub_(log_normaliser(key, key_logits, feature_map))
     if keep is not None:
         log_feat.masked_fill_(~keep, NEG_LOG_WEIGHT)
     previous = state.log_scale.reshape(rows, m)

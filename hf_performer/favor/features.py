@@ -88,8 +88,8 @@ def log_normaliser(x: torch.Tensor, logits: torch.Tensor, feature_map: str = "fa
       feature map (Hedgehog, Zhang et al., ICLR 2024, arXiv 2402.04347; LoLCATs) with bounded features that sum
       to 1. It estimates nothing until ω (and the hybrid's far weight) are trained, by attention transfer.
     """
-    if feature_map == "favor+":
-        return x.pow(2).sum(-1, keepdim=True).mul_(0.5 * scale**2)
+    if feature_map == "favor+":  # from x, not from a scaled copy of it
+        return torch.linalg.vecdot(x, x).unsqueeze(-1).mul_(0.5 * scale**2)
     if feature_map == "softmax":
         return torch.logsumexp(logits, -1, keepdim=True) - 0.5 * math.log(logits.shape[-1])  # (backward reads lse)
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
@@ -153,11 +153,11 @@ def key_log_features(
     (``[..., L]`` bool) is False get ``NEG_LOG_WEIGHT``.  ``out``: a buffer to compute them in (see
     :func:`query_features`); written in place unless autograd needs the logits."""
     logits = torch.matmul(k, (projection * input_scale).transpose(0, 1), out=out)
-    if feature_map == "favor+":  # the norms from k, not from a scaled copy of it
-        logits = logits.sub_(k.pow(2).sum(-1, keepdim=True).mul(0.5 * input_scale**2))
-    else:  # the normaliser's backward reads the logits
-        normaliser = log_normaliser(k, logits, feature_map)
-        logits = logits - normaliser if logits.requires_grad else logits.sub_(normaliser)
+    normaliser = log_normaliser(k, logits, feature_map, scale=input_scale)
+    if feature_map != "favor+" and logits.requires_grad:  # the normaliser's backward reads the logits
+        logits = logits - normaliser
+    else:
+        logits = logits.sub_(normaliser)
     return logits if keep is None else logits.masked_fill_(~keep[..., None], NEG_LOG_WEIGHT)
 
 

@@ -1158,10 +1158,7 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
         # the queries and the leaving key, scaled once, and their logits ωx: [B·Hk·G + B·Hk, m]
         scaled = torch.cat([q.reshape(rows * group, d), window_key[:, :, 0].reshape(rows, d)]).mul_(scale)
         products = torch.mm(scaled, projection.t())
-        if feature_map == "favor+":
-            normaliser = torch.linalg.vecdot(q, q).unsqueeze(-1).mul_(0.5 * scale * scale)
-        else:
-            normaliser = log_normaliser(q, products[: rows * group].view(rows, group, m), feature_map)
+        normaliser = log_normaliser(q, products[: rows * group].view(rows, group, m), feature_map, scale=scale)
         q_log = products[: rows * group].view(rows, group, m).add_(state.far.log_scale.reshape(rows, 1, m))
         top = q_log.amax(-1, keepdim=True)
         q_feat = q_log.sub_(top).exp_()

@@ -42,7 +42,7 @@ from hf_performer.recovery.checkpoints import (
     save_recovered,
 )
 from hf_performer.recovery.curves import RecoveryCurve
-from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks, tokenized
+from hf_performer.recovery.data import card_dataset, load_split, skipped_positions, text_examples, token_blocks, tokenized
 from hf_performer.recovery.provenance import Stage, provenance_of
 from hf_performer.recovery.training import (
     check_features_agree,
@@ -107,8 +107,11 @@ def parse(argv: list[str] | None = None):
     return recipe, training, performer_config_from_args(favor)
 
 
-def training_texts(recipe: TransferArguments, tokenizer) -> tuple[Dataset, Dataset]:
-    """Tokenized training and held-out examples: one per line/cell, or ``--blocks`` of one stream."""
+def training_texts(recipe: TransferArguments, tokenizer, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Tokenized training and held-out examples: one per line/cell, or ``--blocks`` of one stream (training blocks
+    with ``--positions_up_to`` position ids drawn from ``seed``)."""
+    if recipe.positions_up_to and not recipe.blocks:
+        raise ValueError("--positions_up_to moves the positions of causal-LM blocks: it needs --blocks true")
     sample_by = "document" if recipe.blocks else "line"
 
     def examples(source: str, split: str) -> Dataset:
@@ -133,6 +136,8 @@ def training_texts(recipe: TransferArguments, tokenizer) -> tuple[Dataset, Datas
     if recipe.max_eval_samples:
         held_out = held_out.select(range(min(recipe.max_eval_samples, len(held_out))))
     if recipe.blocks:
+        if recipe.positions_up_to:
+            train = skipped_positions(train, recipe.positions_up_to, seed=seed)
         return train, held_out
     return tokenized(train, tokenizer, recipe.max_length), tokenized(held_out, tokenizer, recipe.max_length)
 
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     trainable = select_trainable(student, recipe.train_what)
 
     with training.main_process_first(desc="tokenizing"):
-        train, held_out = training_texts(recipe, tokenizer)
+        train, held_out = training_texts(recipe, tokenizer, training.seed)
 
     curve = RecoveryCurve(
         training.output_dir, "loss", title=f"attention transfer: held-out attention MSE ({recipe.model})"

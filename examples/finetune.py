@@ -58,7 +58,7 @@ import hf_performer  # noqa: F401  (registers FAVOR+)
 from hf_performer.recovery.arguments import RecipeArguments, add_performer_arguments, performer_config_from_args
 from hf_performer.recovery.checkpoints import load_student, load_teacher, prepare_padding, save_recovered
 from hf_performer.recovery.curves import RecoveryCurve
-from hf_performer.recovery.data import card_dataset, load_split, text_examples, token_blocks
+from hf_performer.recovery.data import card_dataset, load_split, skipped_positions, text_examples, token_blocks
 from hf_performer.recovery.distillation import DistillationTrainer
 from hf_performer.recovery.lora import merged, with_lora
 from hf_performer.recovery.provenance import Stage, provenance_of
@@ -137,8 +137,10 @@ def parse(argv):
     return recipe, training, performer_config_from_args(favor)
 
 
-def prepare(recipe: FinetuneArguments, tokenizer, source: str, split: str, limit: int | None):
-    """The tokenized examples of one data source for the task."""
+def prepare(recipe: FinetuneArguments, tokenizer, source: str, split: str, limit: int | None, *,
+            positions_seed: int | None = None):
+    """The tokenized examples of one data source for the task; with ``positions_seed``, causal-LM blocks get
+    ``--positions_up_to`` position ids drawn from it (training data only)."""
     rows = load_split(
         source,
         split=split,
@@ -149,6 +151,8 @@ def prepare(recipe: FinetuneArguments, tokenizer, source: str, split: str, limit
     if recipe.task == "causal-lm":
         blocks = token_blocks(text_examples(rows, recipe.text_columns), tokenizer, recipe.max_length)
         blocks = blocks.select(range(min(limit, len(blocks)))) if limit else blocks
+        if positions_seed is not None and recipe.positions_up_to:
+            blocks = skipped_positions(blocks, recipe.positions_up_to, seed=positions_seed)
         return blocks.map(lambda block: {"labels": block["input_ids"]})
     rows = rows.select(range(min(limit, len(rows)))) if limit else rows
     if recipe.task == "sentence-embedding":
@@ -228,10 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     if training.resume_from_checkpoint:
         training.resume_from_checkpoint = resume_checkpoint(training.output_dir, training.resume_from_checkpoint)
     training.remove_unused_columns = False
-    if recipe.distill_from and recipe.task != "causal-lm":
-        raise ValueError(
-            f"--distill_from distils next-token distributions: it needs --task causal-lm, not {recipe.task}"
-        )
+    for option, given in (("--distill_from", recipe.distill_from), ("--positions_up_to", recipe.positions_up_to)):
+        if given and recipe.task != "causal-lm":
+            raise ValueError(f"{option} is for causal-LM training blocks: it needs --task causal-lm, not {recipe.task}")
     auto_class, _, key, hub_task = TASKS[recipe.task]
     training.metric_for_best_model = key
     extra = {}
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         model = load_student(recipe.model, settings, auto_class, **extra)
         prepare_padding(tokenizer, model)
     with training.main_process_first(desc="tokenizing"):
-        train = prepare(recipe, tokenizer, recipe.train_data, recipe.split, recipe.max_train_samples)
+        train = prepare(recipe, tokenizer, recipe.train_data, recipe.split, recipe.max_train_samples,
+                        positions_seed=training.seed)
         held_out = prepare(recipe, tokenizer, recipe.eval_data, recipe.eval_split, recipe.max_eval_samples)
 
     reference = None

@@ -27,7 +27,7 @@ import hf_performer
 from hf_performer.recovery.arguments import add_performer_arguments, performer_config_from_args
 from hf_performer.recovery.attention_transfer import attention_transfer_loss
 from hf_performer.recovery.checkpoints import load_student
-from hf_performer.recovery.data import card_dataset, load_split, token_blocks
+from hf_performer.recovery.data import card_dataset, load_split, skipped_positions, token_blocks
 from hf_performer.recovery.provenance import Provenance, provenance_of
 from hf_performer.recovery.training import features_fingerprint
 from tests.conftest import tiny_bert_config, tiny_llama_config
@@ -332,6 +332,73 @@ def test_classification_finetune_lowers_loss_and_reports_accuracy(tiny_bert, tmp
     result = json.loads((out / "eval_results.json").read_text())[0]
     assert result["metric_type"] == "accuracy" and 0 <= result["metric_value"] <= 100
     assert type(AutoModel.from_pretrained(out)).__name__ == "PerformerBertModel"
+
+
+def test_skipped_positions_jump_once_within_the_target_and_keep_the_first_tokens(tokenizer):
+    """PoSE positions: 0, 1, … up to a cut, then on after one skip; never beyond the target; seeded."""
+    blocks = token_blocks(load_split(str(DATA / "wikitext2_valid_300.txt"), sample_by="document"), tokenizer, 64)
+    positions = torch.tensor(skipped_positions(blocks, 256, seed=0)["position_ids"])
+    steps = positions.diff(dim=-1)
+    assert (positions[:, 0] == 0).all() and (steps >= 1).all() and ((steps > 1).sum(-1) <= 1).all()
+    assert positions.max() <= 255 and positions[:, -1].max() > 200  # the skips reach the far end
+    assert (steps > 1).any(-1).float().mean() > 0.9  # a skip of 0 is one draw of 193
+    assert torch.equal(positions, torch.tensor(skipped_positions(blocks, 256, seed=0)["position_ids"]))
+    assert not torch.equal(positions, torch.tensor(skipped_positions(blocks, 256, seed=1)["position_ids"]))
+    assert torch.equal(torch.tensor(skipped_positions(blocks, 64)["position_ids"]), torch.arange(64).expand(len(blocks), -1))
+    with pytest.raises(ValueError, match=r"positions up to 32 cannot hold blocks of 64 tokens: give --positions_up_to"):
+        skipped_positions(blocks, 32)
+
+
+@pytest.fixture
+def rotary_positions(monkeypatch) -> list[torch.Tensor]:
+    """Every ``position_ids`` a Llama's rotary embedding is asked for while the test runs."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    seen, forward = [], LlamaRotaryEmbedding.forward
+
+    def recording(self, x, position_ids, *args, **kwargs):
+        seen.append(position_ids.detach().clone())
+        return forward(self, x, position_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaRotaryEmbedding, "forward", recording)
+    return seen
+
+
+def assert_trained_on_skipped_positions(seen: list[torch.Tensor], up_to: int, length: int) -> None:
+    """Training batches jumped (within ``up_to``); evaluation read positions 0 … length − 1."""
+    skipped = [p for p in seen if (p.diff(dim=-1) > 1).any()]
+    assert skipped and max(int(p.max()) for p in skipped) < up_to
+    assert any(torch.equal(p, torch.arange(length).expand_as(p)) for p in seen)
+
+
+def test_causal_lm_recipes_train_on_skipped_positions(tiny_llama, tmp_path, rotary_positions):
+    """--positions_up_to: the training blocks' position ids reach the student and the exact teacher (transfer and
+    distillation), the held-out blocks keep theirs."""
+    text = str(DATA / "wikitext2_valid_300.txt")
+    hybrid = ["--favor-local-window", "8", "--favor-sink-tokens", "1", "--positions_up_to", "512"]
+    transfer = [
+        "--model", str(tiny_llama), "--data", text, "--blocks", "true", "--max_length", "64", "--max_eval_samples", "2",
+        "--output_dir", str(tmp_path / "transfer"), "--per_device_train_batch_size", "2", "--max_steps", "2",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no", "--favor-nb-features", "16",
+        *hybrid, *TINY_TRAINING,
+    ]  # fmt: skip
+    recipe("attention_transfer").main(transfer)
+    assert_trained_on_skipped_positions(rotary_positions, 512, 64)
+    rotary_positions.clear()
+    task = ["--task", "causal-lm", "--train_data", text, "--eval_data", text, "--max_length", "64"]
+    recipe("finetune").main(finetune_args(tmp_path / "transfer", tmp_path / "lm", *task, *hybrid, "--max_steps", "2",
+                                          "--evaluate_exact", "false", "--distill_from", str(tiny_llama)))
+    assert_trained_on_skipped_positions(rotary_positions, 512, 64)
+
+
+def test_skipped_positions_need_causal_lm_blocks(tiny_llama, tmp_path):
+    text = str(DATA / "wikitext2_valid_300.txt")
+    with pytest.raises(ValueError, match="--positions_up_to moves the positions of causal-LM blocks: it needs --blocks true"):
+        recipe("attention_transfer").main(transfer_args(tiny_llama, tmp_path / "t", "--positions_up_to", "256"))
+    task = ["--task", "classification", "--train_data", str(DATA / "sst2_train_256.tsv"), "--eval_data",
+            str(DATA / "sst2_train_256.tsv"), "--text_columns", "sentence", "--positions_up_to", "256"]
+    with pytest.raises(ValueError, match="--positions_up_to is for causal-LM training blocks: it needs --task causal-lm"):
+        recipe("finetune").main(finetune_args(tiny_llama, tmp_path / "c", *task))
 
 
 def test_causal_lm_finetune_lowers_perplexity(tiny_llama, tmp_path):

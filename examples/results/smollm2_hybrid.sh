@@ -18,6 +18,8 @@
 #   far-only attention output and log of their total weight); runs go to ..._fs{λ}
 #   FEATURE_MAP=softmax: the far part's features are a learned map, φ(x) = softmax(ωx) (--favor-feature-map softmax;
 #   Hedgehog), trained by the transfer; runs go to ..._softmax
+#   POSE=N: training blocks get position ids that jump once by a random skip up to N (--positions_up_to; PoSE), so the
+#   far part trained on 512-token blocks sees the distances of an N-token context; runs go to ..._pose{N}
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -28,14 +30,15 @@ TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
 W=${W:-64} S=${S:-4} M=${M:-256} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
 FAR_WEIGHT=${FAR_WEIGHT:-0} FAR_LR_TRANSFER=${FAR_LR_TRANSFER:-5e-2} FAR_LR_FINETUNE=${FAR_LR_FINETUNE:-1e-2}
-FAR_SHARE=${FAR_SHARE:-0} FEATURE_MAP=${FEATURE_MAP:-favor+}
-RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")$([ "$FEATURE_MAP" = favor+ ] || echo "_$FEATURE_MAP")
+FAR_SHARE=${FAR_SHARE:-0} FEATURE_MAP=${FEATURE_MAP:-favor+} POSE=${POSE:-}
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")$([ "$FEATURE_MAP" = favor+ ] || echo "_$FEATURE_MAP")$([ -z "$POSE" ] || echo "_pose$POSE")
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
 FAVOR="--favor-nb-features $M --favor-local-window $W --favor-sink-tokens $S"
 [ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
 [ "$FEATURE_MAP" = favor+ ] || FAVOR="$FAVOR --favor-feature-map $FEATURE_MAP"
 TRANSFER_FAR= FINETUNE_FAR=
+POSITIONS=$([ -z "$POSE" ] || echo "--positions_up_to $POSE")
 if [ "$FAR_WEIGHT" = 1 ]; then
   FAVOR="$FAVOR --favor-far-weight true"
   TRANSFER_FAR="--far_weight_learning_rate $FAR_LR_TRANSFER" FINETUNE_FAR="--far_weight_learning_rate $FAR_LR_FINETUNE"
@@ -53,7 +56,7 @@ split() {
 transfer() {
   echo "== attention transfer with the hybrid in place (W=$W S=$S far part: $FAR; projections and ω), $BLOCK-token blocks"
   time python examples/attention_transfer.py --model "$MODEL" --blocks true --data "$TRAIN" $EVAL --max_eval_samples 4 \
-    $FAVOR $TRANSFER_FAR --far_share_weight "$FAR_SHARE" --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
+    $FAVOR $TRANSFER_FAR $POSITIONS --far_share_weight "$FAR_SHARE" --train_what attention+features --max_steps "$TRANSFER_STEPS" --per_device_train_batch_size 1 \
     --learning_rate 1e-3 --warmup_steps 8 --logging_steps 10 --eval_strategy steps --eval_steps 20 --save_steps 40 \
     --output_dir "$RUN/transfer" $COMMON
 }
@@ -61,7 +64,7 @@ transfer() {
 finetune() {
   echo "== causal-LM fine-tuning of every weight, distilled from the exact model (KL + cross-entropy)"
   time python examples/finetune.py --task causal-lm --model "$RUN/transfer" --reference_model "$MODEL" \
-    --distill_from "$MODEL" --evaluate_exact false --train_data "$TRAIN" $EVAL $FINETUNE_FAR --max_eval_samples 8 \
+    --distill_from "$MODEL" --evaluate_exact false --train_data "$TRAIN" $EVAL $FINETUNE_FAR $POSITIONS --max_eval_samples 8 \
     --max_steps "$FINETUNE_STEPS" --per_device_train_batch_size 1 --learning_rate 1e-4 --warmup_steps 8 \
     --logging_steps 10 --eval_strategy steps --eval_steps 30 --save_steps 60 --output_dir "$RUN/finetune" $COMMON
 }

@@ -45,6 +45,15 @@ class RecipeArguments:
         metadata={"help": "Tokens per example (longer ones are truncated); the block length of causal-lm and --blocks."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
+    positions_up_to: int | None = field(
+        default=None,
+        metadata={
+            "help": "Causal-LM training blocks get position ids that jump once by a random skip, reaching up to this "
+            "(PoSE, arXiv 2309.10400): a model trained on --max_length-token blocks sees the relative distances (and "
+            "rotary angles) of a context this long. Training blocks only; held-out text keeps positions 0, 1, … "
+            "(default: no jump)."
+        },
+    )
     far_weight_learning_rate: float | None = field(
         default=None,
         metadata={

@@ -100,6 +100,32 @@ def token_blocks(dataset: datasets.Dataset, tokenizer, block_size: int, column: 
     return datasets.Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks)})
 
 
+def skipped_positions(blocks: datasets.Dataset, up_to: int, *, seed: int = 0) -> datasets.Dataset:
+    """``blocks`` (of :func:`token_blocks`, ``L`` tokens each) with ``position_ids`` that jump once, so that a model
+    trained on ``L``-token blocks sees relative distances up to ``up_to − 1`` (PoSE, Zhu et al., ICLR 2024, arXiv
+    2309.10400): block ``i``'s positions are ``0 … p − 1`` then ``p + s … L − 1 + s``, with the cut ``p`` drawn
+    from ``1 … L − 1`` and the skip ``s`` from ``0 … up_to − L`` (uniformly, seeded: the same blocks get the same
+    positions in every process).  The first tokens keep positions ``0, 1, …`` as at inference, where they are a
+    hybrid's sinks.  Why: a hybrid's far part trained on 512-token blocks only ever saw keys 64–511 tokens back
+    (and their rotary angles); at 2,048 tokens of context it meets distances it was never trained on.
+
+    The tokens stay contiguous text: only their positions move.  Pass an ``attention_mask`` with them (the blocks
+    have one): without it transformers reads a jump in ``position_ids`` as the start of another packed sequence."""
+    length = len(blocks[0]["input_ids"])
+    if up_to < length:
+        raise ValueError(
+            f"positions up to {up_to} cannot hold blocks of {length} tokens: give --positions_up_to ≥ the block "
+            f"length (--max_length {length}), or leave it unset for positions 0 … {length - 1}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    count = len(blocks)
+    cuts = torch.randint(1, length, (count, 1), generator=generator) if length > 1 else torch.ones(count, 1, dtype=torch.long)
+    skips = torch.randint(0, up_to - length + 1, (count, 1), generator=generator)
+    tokens = torch.arange(length)
+    positions = tokens + skips * (tokens >= cuts)
+    return blocks.add_column("position_ids", positions.tolist())
+
+
 def stream_token_ids(source: str, tokenizer, *, split: str = "test", dataset_config: str | None = None) -> torch.Tensor:
     """``[N]`` token ids of ``source`` (see :func:`load_split`) read as one stream: its documents joined by line
     breaks, no special tokens (perplexity over a text as written)."""

@@ -392,7 +392,6 @@ def test_causal_lm_recipes_train_on_skipped_positions(tiny_llama, tmp_path, rota
 
 
 def test_skipped_positions_need_causal_lm_blocks(tiny_llama, tmp_path):
-    text = str(DATA / "wikitext2_valid_300.txt")
     with pytest.raises(ValueError, match="--positions_up_to moves the positions of causal-LM blocks: it needs --blocks true"):
         recipe("attention_transfer").main(transfer_args(tiny_llama, tmp_path / "t", "--positions_up_to", "256"))
     task = ["--task", "classification", "--train_data", str(DATA / "sst2_train_256.tsv"), "--eval_data",

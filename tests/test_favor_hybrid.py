@@ -55,6 +55,30 @@ def test_matches_the_naive_hybrid_with_padding_and_grouped_heads(causal, window,
 
 
 @pytest.mark.parametrize("far_part", ["favor", "none"])
+@pytest.mark.parametrize("window, sinks", [(2, 1), (4, 2), (6, 0)])
+def test_bidirectional_half_blocks_match_the_naive_hybrid(monkeypatch, window, sinks, far_part):
+    """Bidirectional blocks of W/2 reaching two blocks each way (without autograd; padding, grouped heads), made to
+    run at these small windows; W = 32 below runs them at the default threshold."""
+    monkeypatch.setattr(hybrid, "HALF_BLOCKS_FROM", 2)
+    assert hybrid._block_layout(L, window, False) == (window // 2, 2)
+    assert hybrid._block_layout(L, window, False, recording=True) == (window, 1)
+    q, k, v = qkv()
+    mask = padding_mask()
+    with torch.no_grad():
+        out, _ = favor_attention(q, k, v, projection(), key_padding_mask=mask, local_window=window, sink_tokens=sinks,
+                                 far_part=far_part)
+    expected = naive(q, k, v, window=window, sinks=sinks, causal=False, mask=mask, far_part=far_part)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bidirectional_half_blocks_at_the_default_threshold():
+    q, k, v = qkv(120)
+    assert hybrid._block_layout(120, 32, False) == (16, 2)
+    out, _ = favor_attention(q, k, v, projection(), local_window=32, sink_tokens=4)
+    torch.testing.assert_close(out, naive(q, k, v, window=32, sinks=4, causal=False, mask=None), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("far_part", ["favor", "none"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window, sinks", [(5, 3), (1, 2), (8, 2)])  # (8, 2): bidirectionally one block
 def test_gradients_match_the_naive_hybrid(causal, window, sinks, far_part):

@@ -9,7 +9,7 @@ model's perplexity at each context and its ratio to the first model's (the refer
 
     python examples/long_context_perplexity.py --text examples/data/wikitext2_valid_300.txt \\
         --models exact=SMOLLM2_FOLDER hybrid=out/w64_s4_favor/finetune [--span 2048] [--scored 511] \\
-        [--contexts 512 2048] [--out table.md]
+        [--contexts 512 2048] [--far_key_limit 444] [--out table.md]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_performer  # noqa: F401  (registers FAVOR+)
 from hf_performer.recovery.arguments import add_text_and_models_arguments
@@ -34,7 +34,21 @@ def parse(argv=None):
     parser.add_argument("--span", type=int, default=2048, help="Tokens per span (the longest context).")
     parser.add_argument("--scored", type=int, default=511, help="Tokens scored at the end of each span.")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048], help="Context lengths (> --scored).")
+    parser.add_argument(
+        "--far_key_limit", type=int, default=None,
+        help="Read every hybrid FAVOR+ checkpoint with this PerformerConfig.far_key_limit (a query's far weights times "
+        "N / n beyond N far keys; e.g. 444 for a model trained on 512-token blocks with W = 64, S = 4) instead of its "
+        "own; other checkpoints load as they are.",
+    )
     return parser.parse_args(argv)
+
+
+def load(checkpoint: str, far_key_limit: int | None):
+    """The causal LM of ``checkpoint``, in eval mode; a FAVOR+ one with ``far_key_limit`` if given."""
+    settings = {}
+    if far_key_limit is not None and hasattr(AutoConfig.from_pretrained(checkpoint), "performer_config"):
+        settings["performer_config"] = {"far_key_limit": far_key_limit}
+    return AutoModelForCausalLM.from_pretrained(checkpoint, **settings).eval()
 
 
 def main(argv=None) -> None:
@@ -43,7 +57,7 @@ def main(argv=None) -> None:
     ids = stream_token_ids(args.text, tokenizer, split=args.split, dataset_config=args.dataset_config)
     rows, reference = [], None
     for name, checkpoint in args.models:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        model = load(checkpoint, args.far_key_limit)
         start = time.perf_counter()
         scores = [tail_perplexity(model, ids, span=args.span, scored=args.scored, context=c) for c in args.contexts]
         values = [ppl for ppl, _ in scores]

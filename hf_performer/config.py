@@ -108,6 +108,16 @@ class PerformerConfig:
             "redraw_interval=0 (with far_part='none' it is unused: a trained model's far part switched off).",
         },
     )
+    far_key_limit: int = field(
+        default=0,
+        metadata={
+            "help": "Hybrid FAVOR+: a query with n > N far keys (beyond the window, not sinks) has its FAVOR+ weights "
+            "times N / n; 0: no limit. Learned features are bounded and sum to 1, so the far part's share of the "
+            "attention mass grows with its number of keys: N = the most far keys a query met in training "
+            "(block length − local_window − sink_tokens) keeps that share at longer contexts. Needs local_window ≥ 1 "
+            "and far_part='favor'; may change on load.",
+        },
+    )
 
     def __post_init__(self):
         _check_int(self, "nb_features", 1)
@@ -135,6 +145,13 @@ class PerformerConfig:
                 f"PerformerConfig.far_weight=True weighs the FAVOR+ part against a local window, but local_window="
                 f"{self.local_window}, far_part={self.far_part!r}; set local_window ≥ 1 and far_part='favor', or "
                 "far_weight=False"
+            )
+        _check_int(self, "far_key_limit", 0)
+        if self.far_key_limit and (not self.local_window or self.far_part != "favor"):
+            raise ValueError(
+                f"PerformerConfig.far_key_limit={self.far_key_limit} limits the FAVOR+ part beyond a local window, but "
+                f"local_window={self.local_window}, far_part={self.far_part!r}; set local_window ≥ 1 and "
+                "far_part='favor', or far_key_limit=0"
             )
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"PerformerConfig.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
@@ -215,8 +232,8 @@ class PerformerConfig:
                 f"this checkpoint is already FAVOR+ with {saved}, and its random features were drawn for those "
                 f"settings; it cannot switch to {asked}. To get them, convert the original (softmax) checkpoint "
                 f"with these settings (`hf-performer convert`, or `from_pretrained(original, attention='favor+', "
-                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window, sink_tokens, far_part and far_weight "
-                "may change on load: pass just those, e.g. performer_config={'local_window': 64, 'sink_tokens': 4}."
+                "performer_config=...)`). Only redraw_interval, causal_chunk_size, local_window, sink_tokens, far_part, far_weight and "
+                "far_key_limit may change on load: pass just those, e.g. performer_config={'local_window': 64, 'sink_tokens': 4}."
             )
         return settings
 

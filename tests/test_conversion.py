@@ -637,3 +637,13 @@ def test_cli_converts_with_a_learned_softmax_feature_map_and_says_so_in_the_card
     assert "Its features are a learned map" in " ".join((out / "README.md").read_text().split())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.allclose(p.projection.norm(dim=1), torch.ones(8)) for p in model.favor_projections())
+
+
+def test_cli_converts_with_a_far_key_limit_that_the_card_names_and_a_load_may_change(tmp_path):
+    src = _save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--nb-features", "8", "--local-window", "4", "--far-key-limit", "5"]) == 0
+    assert json.loads((out / "config.json").read_text())["performer_config"]["far_key_limit"] == 5
+    assert "more than 5 far keys has its FAVOR+ weights scaled" in " ".join((out / "README.md").read_text().split())
+    unlimited = AutoModelForCausalLM.from_pretrained(out, performer_config={"far_key_limit": 0})
+    assert unlimited.config.performer_config.far_key_limit == 0

@@ -370,6 +370,9 @@ def test_large_norms_stay_convex_and_finite():
         (dict(far_weight=True), "far_weight"),  # no FAVOR+ part to weigh without a window
         (dict(local_window=8, far_part="none", far_weight=True), "far_weight"),
         (dict(local_window=8, far_weight=1), "far_weight"),
+        (dict(local_window=8, far_key_limit=-1), "far_key_limit"),
+        (dict(far_key_limit=100), "far_key_limit"),  # no far part beyond a window without one
+        (dict(local_window=8, far_part="none", far_key_limit=100), "far_key_limit"),
     ],
 )
 def test_bad_settings_raise_naming_the_field(values, field):
@@ -452,3 +455,62 @@ def test_a_model_with_a_far_weight_saves_loads_trains_and_decodes_with_it(tmp_pa
     plain.config.performer_config = {"far_weight": True}
     with pytest.raises(ValueError, match="far_weight=True was set after this model was built"):
         plain(ids)
+
+
+@pytest.mark.parametrize("path", ["one pass", "groups", "segments", "half blocks"])
+@pytest.mark.parametrize("recording", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window, sinks, limit", [(5, 3, 4), (4, 0, 20), (1, 1, 1)])
+def test_a_far_key_limit_matches_the_naive_hybrid(causal, recording, path, window, sinks, limit, monkeypatch):
+    """far_key_limit = N: a query with n > N far keys has its far weights times N / n, counted by every path (one
+    pass, groups of rows, segments of four windows that carry the count, bidirectional half blocks), with padding,
+    grouped heads and a per-head far weight; values and, under autograd, gradients (of q, k, v and the weight)."""
+    if path == "segments":
+        segments_of_four_windows(monkeypatch, causal, window, recording=recording)
+    elif path == "groups":
+        monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS" if recording else "ROW_ELEMENTS", 70 * M)
+    elif path == "half blocks":
+        monkeypatch.setattr(hybrid, "HALF_BLOCKS_FROM", 2)
+    inputs = [*qkv(70), FAR_LOG_WEIGHT.clone()]
+    if recording:
+        inputs = [t.requires_grad_() for t in inputs]
+    reference_inputs = [t.detach().clone().requires_grad_(recording) for t in inputs]
+    mask = torch.ones(B, 70, dtype=torch.bool)
+    mask[1, 61:] = False  # right padding only: the reference's gradient of a query that sees no key is NaN
+    *qkv_, weight = inputs
+    out, _ = favor_attention(*qkv_, projection(), causal=causal, key_padding_mask=mask, local_window=window,
+                             sink_tokens=sinks, far_log_weight=weight, far_key_limit=limit)
+    q, k, v, reference_weight = reference_inputs
+    expected = hybrid_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), projection().double(),
+                                window=window, sinks=sinks, causal=causal, key_padding_mask=mask,
+                                far_log_weight=reference_weight, far_key_limit=limit)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if recording:
+        assert_same_input_gradients(out, expected, inputs, reference_inputs)
+
+
+def test_a_far_key_limit_above_every_count_changes_nothing():
+    q, k, v = qkv()
+    for causal in (False, True):
+        plain, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3)
+        limited, _ = favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3,
+                                     far_key_limit=L)
+        torch.testing.assert_close(limited, plain, rtol=0, atol=1e-12)
+
+
+def test_a_model_with_a_far_key_limit_changes_only_long_inputs_and_decodes_with_it(tmp_path):
+    """far_key_limit = 2 with W = 3, S = 1: queries past position 6 have more far keys and change; shorter inputs do
+    not; the limit is saved, may be lifted on load, and cached generation counts far keys as a full forward does."""
+    stock, plain = llama_pair(local_window=3, sink_tokens=1)
+    model = hf_performer.to_performer(stock, PerformerConfig(nb_features=16, local_window=3, sink_tokens=1,
+                                                             far_key_limit=2)).eval()
+    ids = torch.randint(3, VOCAB, (2, 14))
+    limited, unlimited = (m(ids, use_cache=False).logits for m in (model, plain))
+    torch.testing.assert_close(limited[:, :6], unlimited[:, :6])  # at most 2 far keys up to position 5
+    assert not torch.allclose(limited[:, 7:], unlimited[:, 7:])
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids, use_cache=False).logits, limited)
+    lifted = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, performer_config={"far_key_limit": 0}).eval()
+    torch.testing.assert_close(lifted(ids, use_cache=False).logits, unlimited)
+    assert_cached_generation_recomputes(loaded, ids[:, :6], new_tokens=8)

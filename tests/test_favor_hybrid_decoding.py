@@ -30,7 +30,7 @@ def left_padding(length=L):
     return mask
 
 
-def decode(q, k, v, splits, *, window, sinks, mask=None, far_part="favor", far_log_weight=None):
+def decode(q, k, v, splits, *, window, sinks, mask=None, far_part="favor", far_log_weight=None, far_key_limit=0):
     """Outputs of feeding the sequence in pieces ending at ``splits``, and the final state."""
     state, outputs, start = None, [], 0
     for end in [*splits, q.shape[-2]]:
@@ -38,10 +38,36 @@ def decode(q, k, v, splits, *, window, sinks, mask=None, far_part="favor", far_l
         out, state = recurrent_hybrid_favor(
             q[:, :, piece], k[:, :, piece], v[:, :, piece], projection(), state, local_window=window, sink_tokens=sinks,
             far_part=far_part, key_padding_mask=None if mask is None else mask[:, piece], far_log_weight=far_log_weight,
+            far_key_limit=far_key_limit,
         )
         outputs.append(out)
         start = end
     return torch.cat(outputs, -2), state
+
+
+@pytest.mark.parametrize("segment_windows", [4, None])
+@pytest.mark.parametrize("splits", [list(range(3, L)), [2, 9, 10, 20], [9, 11, 28]])  # tokens, pieces before and after the sinks
+@pytest.mark.parametrize("window, sinks, limit", [(4, 2, 3), (6, 1, 10), (1, 0, 1)])
+def test_decoding_with_a_far_key_limit_equals_one_causal_pass_and_the_naive_hybrid(window, sinks, limit, splits,
+                                                                                   segment_windows, monkeypatch):
+    """far_key_limit: each query's far weights times min(1, N / its far keys), counted alike by the one-token step,
+    the pieces (before and after the sinks, in segments or not) and one causal pass, with padding inside."""
+    if segment_windows:
+        monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", segment_windows * window * B * 2 * M)
+    q, k, v = qkv()
+    mask = left_padding()
+    mask[:, [12, 13, 20]] = False
+    weight = torch.tensor([0.5, -1.0, 0.0, 1.5], dtype=torch.float64)
+    settings = dict(local_window=window, sink_tokens=sinks, far_log_weight=weight, far_key_limit=limit)
+    full, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, **settings)
+    expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window,
+                                sinks=sinks, causal=True, key_padding_mask=mask, far_log_weight=weight,
+                                far_key_limit=limit)
+    stepped, _ = decode(q, k, v, splits, window=window, sinks=sinks, mask=mask, far_log_weight=weight,
+                        far_key_limit=limit)
+    real = mask[:, None, :, None].expand_as(full)
+    torch.testing.assert_close(full[real], expected[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("window, sinks", SETTINGS)

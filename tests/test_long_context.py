@@ -74,3 +74,10 @@ def test_the_script_tables_every_model_against_the_first(tmp_path, byte_level_to
     assert table[0] == "| model | context 16 | × exact | context 64 | × exact |"
     assert table[2].startswith("| exact |") and table[2].count("| 1.000 |") == 2
     assert table[3].startswith("| hybrid |")
+    recipe("long_context_perplexity").main([
+        "--text", str(DATA / "wikitext2_valid_300.txt"), "--span", "64", "--scored", "15", "--contexts", "16", "64",
+        "--models", f"exact={tmp_path / 'exact'}", f"hybrid={tmp_path / 'hybrid'}", "--far_key_limit", "2",
+        "--out", str(out),
+    ])  # fmt: skip
+    limited = out.read_text().splitlines()
+    assert limited[2] == table[2] and limited[3] != table[3]  # the exact model as it was, the hybrid's far part capped

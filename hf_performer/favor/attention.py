@@ -888,6 +888,7 @@ def favor_attention(
     far_part: str = "favor",
     far_log_weight: torch.Tensor | None = None,
     feature_map: str = "favor+",
+    far_key_limit: int = 0,
 ) -> tuple[torch.Tensor, FavorState | None]:
     """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``: picks :func:`bidirectional_favor`,
     :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`; with a local window
@@ -919,6 +920,8 @@ def favor_attention(
             (a learnable per-head weight on the far part; None: ×1).
         feature_map: with a window, ``"favor+"`` (the paper's features) or ``"softmax"`` (a learned feature
             map; see :func:`~hf_performer.favor.features.log_normaliser`).
+        far_key_limit: with a window, ``N > 0``: a query with ``n > N`` far keys has its FAVOR+ weights times
+            ``N / n`` (0: no limit; see :func:`~hf_performer.favor.hybrid.hybrid_favor_attention`).
 
     Returns:
         ``(output [B, H, Lq, Dv], state)``: ``state`` is the causal state after all keys (for
@@ -932,13 +935,15 @@ def favor_attention(
         raise ValueError("initial_state continues a causal sequence; bidirectional attention has none")
     if local_window or sink_tokens:
         return _hybrid(query, key, value, projection, local_window, sink_tokens, far_part, far_log_weight, scaling,
-                       causal, key_padding_mask, kernel_fn, initial_state, feature_map)
+                       causal, key_padding_mask, kernel_fn, initial_state, feature_map, far_key_limit)
     if far_part != "favor":
         raise ValueError(f"far_part={far_part!r} drops the keys beyond a local window: it needs local_window ≥ 1")
     if far_log_weight is not None:
         raise ValueError("far_log_weight weighs the FAVOR+ part against a local window: it needs local_window ≥ 1")
     if feature_map != "favor+":
         raise ValueError(f"feature_map={feature_map!r} is a learned feature map of hybrid attention: it needs local_window ≥ 1")
+    if far_key_limit:
+        raise ValueError(f"far_key_limit={far_key_limit!r} limits the far part of hybrid attention: it needs local_window ≥ 1")
     features = dict(
         scaling=scaling, key_padding_mask=key_padding_mask, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon
     )
@@ -953,7 +958,7 @@ def favor_attention(
 
 
 def _hybrid(query, key, value, projection, window, sinks, far_part, far_log_weight, scaling, causal, key_padding_mask,
-            kernel_fn, initial_state, feature_map):
+            kernel_fn, initial_state, feature_map, far_key_limit):
     """:func:`favor_attention` with a local window or sinks: the cases hybrid attention does not cover yet raise."""
     from hf_performer.favor.hybrid import hybrid_favor_attention  # hybrid builds on this module
 
@@ -975,7 +980,7 @@ def _hybrid(query, key, value, projection, window, sinks, far_part, far_log_weig
     out = hybrid_favor_attention(
         query, key, value, projection, local_window=window, sink_tokens=sinks, far_part=far_part,
         far_log_weight=far_log_weight, scaling=scaling, causal=causal, key_padding_mask=key_padding_mask,
-        feature_map=feature_map,
+        feature_map=feature_map, far_key_limit=far_key_limit,
     )[..., k_len - q_len if causal else 0 :, :]
     # the state of a hybrid pass would be FAVOR+ over all keys, which no hybrid continuation could use
     return out, None

@@ -228,6 +228,7 @@ class _Carry(NamedTuple):
     reference: torch.Tensor | None  # [B·Hk, m]: its per-feature reference
     sink_key: torch.Tensor  # [B, Hk, S, D], not scaled
     sink_value: torch.Tensor  # [B, Hk, S, Dv]
+    far_count: torch.Tensor | None = None  # [B]: how many far keys the summary holds (asked for by far_key_limit)
 
 
 class _Plan(NamedTuple):
@@ -243,6 +244,7 @@ class _Plan(NamedTuple):
     far_part: str
     causal: bool
     tail: tuple  # _Inputs' input scale, dtype and feature map
+    far_key_limit: int = 0
 
     def count(self) -> int:
         return math.ceil(self.keep.shape[-1] / self.segment)
@@ -265,7 +267,7 @@ class _Plan(NamedTuple):
             t.narrow(axis, stop, min(self.window, length - stop)) for t, axis in zip(tensors, _TOKEN_AXES))
         return piece, before, after
 
-    def run(self, projection, far_log_weight, piece, before, after, summary, reference, sink_key, sink_value):
+    def run(self, index, projection, far_log_weight, piece, before, after, summary, reference, sink_key, sink_value):
         """:func:`_hybrid_rows` of one segment between the blocks ``before`` and ``after`` (None where there is
         none), from the ``summary`` and ``reference`` of a :class:`_Carry` (causal: what the segment before returned;
         bidirectional: :func:`_far_summary`'s) and the sinks → ``(out [B, Hk, G, T, Dv], summary, reference)``, the
@@ -273,18 +275,23 @@ class _Plan(NamedTuple):
         parts = [p for p in (before, piece, after) if p is not None]
         query, key, value, keep = (torch.cat(ts, axis) if len(ts) > 1 else ts[0]
                                    for ts, axis in zip(zip(*parts), _TOKEN_AXES))
-        carry, sinks = _Carry(summary, reference, sink_key, sink_value), 0
+        far_count = None
+        if self.far_key_limit:  # the far keys the summary holds: causally those before the context block, else all
+            start = self.tokens(index)[0]
+            counted = self.keep[..., : max(0, start - self.window)] if self.causal else self.keep
+            far_count = counted.sum(-1)[:, 0].float()
+        carry, sinks = _Carry(summary, reference, sink_key, sink_value, far_count), 0
         if self.causal and before is None:  # the first segment finds its own sinks
             carry, sinks, keep = None, self.sinks, self.first_keep
         out, (summary, reference) = _hybrid_rows(_Inputs(query, key, value, projection, keep, *self.tail),
                                                  far_log_weight, causal=self.causal, window=self.window, sinks=sinks,
-                                                 far_part=self.far_part, carry=carry,
+                                                 far_part=self.far_part, carry=carry, far_key_limit=self.far_key_limit,
                                                  context=(before is not None, after is not None))
         return out, summary, reference
 
 
 def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, causal: bool, window: int,
-              sinks: int, far_part: str, recording: bool) -> torch.Tensor:
+              sinks: int, far_part: str, recording: bool, far_key_limit: int = 0) -> torch.Tensor:
     """:func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G, L, Dv]``,
     so that memory holds one segment's key features, spans and masks rather than the sequence's.
 
@@ -301,7 +308,8 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
     sink, order = _sinks_of(keep, sinks)
     first_keep = None if x.keep is None or not causal else keep[..., :segment]
-    plan = _Plan(keep & ~sink, first_keep, order[..., None], segment, window, sinks, far_part, causal, tuple(x[5:]))
+    plan = _Plan(keep & ~sink, first_keep, order[..., None], segment, window, sinks, far_part, causal, tuple(x[5:]),
+                 far_key_limit)
     tensors = (x.query, x.key, x.value, x.projection, far_log_weight)
     if causal:
         return _SegmentedHybrid.apply(*tensors, plan) if recording else _run_segments(*tensors, plan)
@@ -375,7 +383,7 @@ def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, en
         if entries is not None:
             entries.append((summary, reference))
         piece, before, after = plan.pieces(tensors, index)
-        part, next_summary, next_reference = plan.run(projection, far_log_weight, piece, before, after, summary,
+        part, next_summary, next_reference = plan.run(index, projection, far_log_weight, piece, before, after, summary,
                                                       reference, sink_key, sink_value)
         if plan.causal:
             summary, reference = next_summary, next_reference
@@ -415,7 +423,7 @@ def _segment_backward(plan: _Plan, index: int, inputs, wants, shared: _SegmentLe
     piece = (*_detached(piece[:3], wants[:3]), piece[3])
     before, after = (None if c is None else (*_detached(c[:3], (False, *wants[1:3])), c[3]) for c in (before, after))
     with torch.enable_grad():
-        part, summary_out, _ = plan.run(shared.projection, shared.far_log_weight, piece, before, after, summary,
+        part, summary_out, _ = plan.run(index, shared.projection, shared.far_log_weight, piece, before, after, summary,
                                         reference, shared.sink_key, shared.sink_value)
     start = index * plan.segment
     outputs, grad_outputs = [part], [grad_out[..., start : start + part.shape[-2], :]]
@@ -531,12 +539,13 @@ class _BidirectionalSegments(torch.autograd.Function):
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
-                 far_log_weight: torch.Tensor | None = None) -> torch.Tensor:
+                 far_log_weight: torch.Tensor | None = None, far_key_limit: int = 0) -> torch.Tensor:
     """Hybrid attention of the validated inputs ``x`` (``query [B, Hk, G, L, D]``, keys and values
     ``[B, Hk, L, ·]``, the same ``L``) → ``[B, Hk, G, L, Dv]`` in float32.  ``window ≥ 1``;
     ``far_part="none"`` drops the FAVOR+ part (window + sinks only: no features are computed);
     ``far_log_weight [Hk, G]`` (of :func:`_far_log_weight`) multiplies each query head's FAVOR+ weights by its
-    ``exp``.
+    ``exp``; ``far_key_limit = N > 0``: a query with ``n > N`` far keys has its FAVOR+ weights times ``N / n``
+    (:func:`_far_key_offset`).
 
     Sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through
     :func:`_segments` (all rows, a segment of tokens at a time): causal ones always, bidirectional ones where one
@@ -557,10 +566,11 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
         long = length * m > elements and _sinks_within(x.keep, sinks, length)
     if length > segment and long:
         return _segments(x, weight, segment, causal=causal, window=window, sinks=sinks, far_part=far_part,
-                         recording=recording)
+                         recording=recording, far_key_limit=far_key_limit)
 
     def attend(inputs: _Inputs, w: torch.Tensor | None) -> torch.Tensor:
-        return _hybrid_rows(inputs, w, causal=causal, window=window, sinks=sinks, far_part=far_part)[0]
+        return _hybrid_rows(inputs, w, causal=causal, window=window, sinks=sinks, far_part=far_part,
+                            far_key_limit=far_key_limit)[0]
 
     if per_group >= rows:
         return attend(x, weight)
@@ -645,7 +655,7 @@ def _differentiate(outputs: list[torch.Tensor], grad_outputs: list[torch.Tensor]
 
 def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: bool, window: int, sinks: int,
                  far_part: str, carry: _Carry | None = None,
-                 context: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+                 context: tuple[bool, bool] = (False, False), far_key_limit: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """:func:`hybrid_favor` of all rows at once (``far_log_weight [B·Hk, G]`` or None).  Blocks
     (:func:`_block_layout`) of all heads lie one after another (``R = B·Hk·n`` of them); the ``G`` query heads
     of a key head share its key blocks (``[R, G·block, ·]`` queries).
@@ -726,7 +736,8 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         _spans(values, block, span, rows).transpose(-1, -2).view(heads, n, span * block, dv + 1),
         hidden.reshape(heads, n, group * block, -1), summary,
         None if reference is None else reference.reshape(heads, n, 1, m), None, None, None,
-        None if far_log_weight is None else far_log_weight.repeat_interleave(block, 1)[:, None, :, None],
+        _query_far_weights(far_log_weight, keep & ~sink, carry, far_part, far_key_limit, window, causal, n, heads,
+                           group),
         feature_map,
     )
     if sinks:  # sinks beyond the span, gathered once: [B, 1, S] positions
@@ -782,6 +793,41 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     return out[..., : min(count * block, length - first * block), :], (last, None if last is None else reference[:, -1])
 
 
+def _far_key_offset(eligible: torch.Tensor, far_count: torch.Tensor | None, window: int, causal: bool,
+                    limit: int) -> torch.Tensor:
+    """``min(0, log N − log n_i)`` ``[B, 1, L]``: the log factor ``min(1, N / n_i)`` on the FAVOR+ weights of query ``i``
+    with ``n_i`` far keys (``N = limit``).  ``eligible [B, 1, L]``: the keys FAVOR+ may weigh (real, not sinks);
+    ``far_count [B]`` (a segment's :class:`_Carry`): far keys before these tokens (causal) or of the whole sequence
+    (bidirectional).  Causally query ``i``'s far keys are the eligible ``j ≤ i − W``; bidirectionally all eligible keys
+    but those with ``|i − j| < W``.  Why: learned features are bounded and sum to 1, so the far part's share of the
+    attention mass grows with its number of keys; a model trained on blocks whose queries saw at most ``N`` far keys
+    keeps that share at longer contexts (``examples/results/smollm2_hybrid.md``)."""
+    length = eligible.shape[-1]
+    sums = F.pad(eligible.float().cumsum(-1), (1, 0))  # [B, 1, L + 1]: eligible keys before each position
+    position = torch.arange(length, device=eligible.device)
+    if causal:
+        count = sums[..., (position - window + 1).clamp_min(0)]
+        if far_count is not None:
+            count = count + far_count[:, None, None]
+    else:
+        total = sums[..., -1:] if far_count is None else far_count[:, None, None]
+        count = total - (sums[..., (position + window).clamp_max(length)] - sums[..., (position - window + 1).clamp_min(0)])
+    return (math.log(limit) - count.clamp_min(1).log()).clamp_max_(0)
+
+
+def _query_far_weights(far_log_weight: torch.Tensor | None, eligible: torch.Tensor, carry: _Carry | None, far_part: str,
+                       limit: int, window: int, causal: bool, n: int, heads: int, group: int) -> torch.Tensor | None:
+    """What :func:`_read_out` adds to the log of each query's FAVOR+ weights, ``[B·Hk, n, G·block, 1]`` (None: nothing):
+    the per-head ``far_log_weight [B·Hk, G]`` and, with ``limit``, each query's :func:`_far_key_offset`."""
+    b, block = eligible.shape[0], eligible.shape[-1] // n
+    weights = None if far_log_weight is None else far_log_weight.repeat_interleave(block, 1)[:, None, :, None]
+    if limit and far_part == "favor":
+        offset = _far_key_offset(eligible, None if carry is None else carry.far_count, window, causal, limit)
+        offset = offset.view(b, 1, 1, n, 1, block).expand(b, heads // b, 1, n, group, block).reshape(heads, n, -1, 1)
+        weights = offset if weights is None else weights + offset
+    return None if weights is None else weights.expand(-1, n, -1, -1)
+
+
 class _BlockScan(NamedTuple):
     """Causal FAVOR+ states of the query blocks, scanned on demand: block ``b`` reads the summary of the keys of
     blocks ``≤ b − 1``.  Without autograd the query side scans them step by step (:func:`_steps` goes through a
@@ -828,7 +874,7 @@ class _Keys(NamedTuple):
     sink_key: torch.Tensor | None  # [H, S, D], scaled
     sink_visible: torch.Tensor | None  # [H, n, 1, 1, S] bool: sinks beyond the span
     sink_values: torch.Tensor | None  # [H, S, Dv + 1]
-    far_log_weight: torch.Tensor | None  # [H, 1, G·W, 1]: added to the log of each query's FAVOR+ weights
+    far_log_weight: torch.Tensor | None  # [H, n, G·W, 1]: added to the log of each query's FAVOR+ weights
     feature_map: str  # the features' normaliser (features.log_normaliser)
 
 
@@ -851,7 +897,7 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
         # the exact part
         favor_ref = top - normaliser - math.log(m)
         if keys.far_log_weight is not None:
-            favor_ref = favor_ref + keys.far_log_weight[heads]
+            favor_ref = favor_ref + keys.far_log_weight[heads, blocks]
         if summary is None:
             summary = keys.summary[heads, blocks] if causal else keys.summary[heads]
         favor_num = q_feat @ summary if causal else (q_feat.reshape(h, c * group_w, m) @ summary[:, 0]).view(h, c, group_w, dv + 1)
@@ -914,10 +960,11 @@ def _visible(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return torch.where(hidden, 0.0, weights)
 
 
-def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str, feature_map: str) -> None:
+def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str, feature_map: str,
+                           far_key_limit: int = 0) -> None:
     """The window includes the current token (``W ≥ 1``); sinks are a count (``S ≥ 0``); the keys beyond
     them are weighted by FAVOR+ or dropped (``far_part`` ``"favor"`` or ``"none"``), with features of one of
-    :data:`~hf_performer.favor.features.FEATURE_MAPS`."""
+    :data:`~hf_performer.favor.features.FEATURE_MAPS`; ``far_key_limit`` is a count (0: no limit)."""
     if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
         raise ValueError(f"local_window must be an integer ≥ 1 for hybrid attention, got {local_window!r}")
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
@@ -926,6 +973,8 @@ def _check_hybrid_settings(local_window: int, sink_tokens: int, far_part: str, f
         raise ValueError(f"far_part must be one of {FAR_PARTS}, got {far_part!r}")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+    if isinstance(far_key_limit, bool) or not isinstance(far_key_limit, int) or far_key_limit < 0:
+        raise ValueError(f"far_key_limit must be an integer ≥ 0 (0: no limit), got {far_key_limit!r}")
 
 
 def _far_log_weight(far_log_weight: torch.Tensor | None, x: _Inputs) -> torch.Tensor | None:
@@ -955,6 +1004,7 @@ def hybrid_favor_attention(
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     feature_map: str = "favor+",
+    far_key_limit: int = 0,
 ) -> torch.Tensor:
     """Hybrid FAVOR+ self-attention: ``query [B, H, L, D]``, ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
     → ``[B, H, L, Dv]`` (see the module docstring); ``key_padding_mask [B, L]``, ``True`` for real tokens.
@@ -965,10 +1015,12 @@ def hybrid_favor_attention(
     LoLCATs' learnable per-head factor): head ``h``'s FAVOR+ weights are multiplied by ``exp(far_log_weight[h])``
     before the one normaliser, so training can turn each head's far part up or down; None (or zeros) is ×1.
     ``feature_map``: ``"favor+"`` (the paper's random features) or ``"softmax"`` (a learned feature map,
-    :func:`~hf_performer.favor.features.log_normaliser`).
+    :func:`~hf_performer.favor.features.log_normaliser`).  ``far_key_limit = N > 0``: a query with ``n > N`` far keys
+    has its FAVOR+ weights times ``N / n`` (e.g. ``N`` the most far keys a query met in training, so that the far
+    part keeps its share of the attention mass at longer contexts).
     Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
     """
-    _check_hybrid_settings(local_window, sink_tokens, far_part, feature_map)
+    _check_hybrid_settings(local_window, sink_tokens, far_part, feature_map, far_key_limit)
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
             f"hybrid attention (local_window={local_window}) needs as many queries as keys (self-attention), got "
@@ -976,7 +1028,7 @@ def hybrid_favor_attention(
         )
     x = _inputs(query, key, value, projection, scaling, key_padding_mask, feature_map)
     out = hybrid_favor(x, causal=causal, window=local_window, sinks=sink_tokens, far_part=far_part,
-                       far_log_weight=_far_log_weight(far_log_weight, x))
+                       far_log_weight=_far_log_weight(far_log_weight, x), far_key_limit=far_key_limit)
     return _ungroup(out, x.dtype)
 
 
@@ -1062,8 +1114,22 @@ def _advance(state: HybridState, key: torch.Tensor, value: torch.Tensor, keep: t
     )
 
 
+def _far_count(state: HybridState) -> torch.Tensor:
+    """``[B]`` float: the real tokens ``state``'s far part holds (seen, neither sinks nor in the kept window)."""
+    seen = state.real_seen
+    return (seen - seen.clamp(max=state.sink_key.shape[2]) - state.window_keep.sum(-1)).float()
+
+
+def _far_key_step_offset(state: HybridState, limit: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_far_key_offset` of queries after ``state``: ``[B]``, or ``[B, L]`` with ``extra [B, L]`` far keys each
+    meets beyond the state's (kept positions it has left behind)."""
+    count = _far_count(state)
+    count = count if extra is None else count[:, None] + extra
+    return (math.log(limit) - count.clamp_min(1).log()).clamp_max_(0)
+
+
 def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
-                 far_log_weight: torch.Tensor | None) -> torch.Tensor:
+                 far_log_weight: torch.Tensor | None, far_key_limit: int = 0) -> torch.Tensor:
     """Hybrid attention of ``L ≤ W`` new tokens (queries ``[B, Hk, G, L, D]`` = keys) after ``state``
     → ``[B, Hk, G, L, Dv]`` float32.
 
@@ -1106,6 +1172,9 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
         favor_ref = top - normaliser - math.log(m)
         if far_log_weight is not None:
             favor_ref = favor_ref + far_log_weight[:, :, None, None]
+        if far_key_limit:
+            extra = beyond.sum(-1) if length > 1 else torch.zeros_like(keep, dtype=torch.float32)
+            favor_ref = favor_ref + _far_key_step_offset(state, far_key_limit, extra)[:, None, None, :, None]
         summary = state.far.summary * torch.exp(state.far.log_scale - reference + 0.5 * math.log(m))[..., None]
         favor_num = q_feat @ summary[:, :, None]
         if length > 1:
@@ -1118,7 +1187,7 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
 
 
 def _continue(x: _Inputs, state: HybridState, keep: torch.Tensor, window: int, far_part: str,
-              far_log_weight: torch.Tensor | None) -> torch.Tensor:
+              far_log_weight: torch.Tensor | None, far_key_limit: int = 0) -> torch.Tensor:
     """Hybrid attention of ``L`` new tokens (queries ``[B, Hk, G, L, D]`` = keys, ``keep [B, L]``; ``far_log_weight
     [Hk, G]`` or None) after ``state``, without autograd, once the sinks are complete → ``[B, Hk, G, L, Dv]``: the block machinery of
     :func:`_hybrid_rows`, its block 0 the state's ``W − 1`` kept positions after one padding position (their queries
@@ -1132,11 +1201,11 @@ def _continue(x: _Inputs, state: HybridState, keep: torch.Tensor, window: int, f
     far = state.far
     # the far state's rows carry m^-½ (FavorState), _hybrid_rows' summaries do not
     summary = None if far_part != "favor" else far.summary.reshape(rows, m, dv + 1) * math.sqrt(m)
-    carry = _Carry(summary, far.log_scale.reshape(rows, m), state.sink_key, state.sink_value)
+    carry = _Carry(summary, far.log_scale.reshape(rows, m), state.sink_key, state.sink_value, _far_count(state))
     weight = None if far_log_weight is None or summary is None else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     inputs = _Inputs(query, key, value, x.projection, block_keep, *x[5:])
     return _hybrid_rows(inputs, weight, causal=True, window=window, sinks=0, far_part=far_part, carry=carry,
-                        context=(True, False))[0]
+                        context=(True, False), far_key_limit=far_key_limit)[0]
 
 
 def _sinks_complete(state: HybridState) -> bool:
@@ -1146,7 +1215,7 @@ def _sinks_complete(state: HybridState) -> bool:
 
 
 def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
-                    far_log_weight: torch.Tensor | None) -> tuple[torch.Tensor, HybridState]:
+                    far_log_weight: torch.Tensor | None, far_key_limit: int = 0) -> tuple[torch.Tensor, HybridState]:
     """Generation's step, without autograd, once the sinks are complete (:func:`_sinks_complete`): the query of
     one new token ``[B, Hk, G, 1, D]`` (``keep [B, 1]``) after ``state`` → ``([B, Hk, G, 1, Dv], state after)``.
 
@@ -1180,6 +1249,8 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
         favor_ref = top.sub_(normaliser).sub_(0.5 * math.log(m))
         if far_log_weight is not None:
             favor_ref = favor_ref.add_(far_log_weight.expand(b, key_heads, group).reshape(rows, group, 1))
+        if far_key_limit:  # the query reads the far state before the leaving key folds in
+            favor_ref = favor_ref.add_(_far_key_step_offset(state, far_key_limit).repeat_interleave(key_heads)[:, None, None])
         reference = torch.maximum(reference, favor_ref)
         summary = state.far.summary.reshape(rows, m, dv + 1)
         numerator = torch.baddbmm(torch.bmm(logits.sub_(reference).exp_(), values),
@@ -1210,6 +1281,7 @@ def recurrent_hybrid_favor(
     scaling: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     feature_map: str = "favor+",
+    far_key_limit: int = 0,
 ) -> tuple[torch.Tensor, HybridState]:
     """Causal hybrid FAVOR+ that continues from ``initial_state`` (decoding): ``query [B, H, L, D]`` are
     the positions of the new ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]`` (``key_padding_mask [B, L]``,
@@ -1218,10 +1290,10 @@ def recurrent_hybrid_favor(
     Without a state (a prefill) the outputs are :func:`hybrid_favor_attention`'s; after one, the tokens
     go through in pieces of ``W``, each O(L·(W + S + m)·d): one decoding step costs the same whatever
     the context.  Any split of a sequence into calls gives the same outputs and state (up to float
-    rounding).  With ``far_part="none"`` the far state stays empty and unread; ``far_log_weight`` and
-    ``feature_map``: see :func:`hybrid_favor_attention`.  Reference:
+    rounding).  With ``far_part="none"`` the far state stays empty and unread; ``far_log_weight``,
+    ``feature_map`` and ``far_key_limit``: see :func:`hybrid_favor_attention`.  Reference:
     :func:`~hf_performer.favor.naive.hybrid_attention` (causal)."""
-    _check_hybrid_settings(local_window, sink_tokens, far_part, feature_map)
+    _check_hybrid_settings(local_window, sink_tokens, far_part, feature_map, far_key_limit)
     far = far_part == "favor"
     if query.shape[-2] != key.shape[-2]:
         raise ValueError(
@@ -1232,13 +1304,14 @@ def recurrent_hybrid_favor(
     keep = torch.ones_like(x.key[:, 0, :, 0], dtype=torch.bool) if x.keep is None else x.keep[:, 0]
     weight = _far_log_weight(far_log_weight, x)
     if initial_state is None:
-        out = hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens, far_part=far_part, far_log_weight=weight)
+        out = hybrid_favor(x, causal=True, window=local_window, sinks=sink_tokens, far_part=far_part, far_log_weight=weight,
+                           far_key_limit=far_key_limit)
         out = _ungroup(out, x.dtype)
         empty = HybridState.empty(x.key, x.value, projection.shape[0], window=local_window, sinks=sink_tokens)
         return out, _advance(empty, x.key, x.value, keep, x, far)
     fast = not records_gradients(*x[:4], weight, *initial_state.far, *initial_state[1:5]) and _sinks_complete(initial_state)
     if key.shape[-2] == 1 and fast:
-        out, state = _one_token_step(x, initial_state, keep, far, weight)
+        out, state = _one_token_step(x, initial_state, keep, far, weight, far_key_limit)
         return _ungroup(out, x.dtype), state
     if fast:  # several tokens (a prompt after a cached conversation): in blocks, a segment at a time
         segment = _segment_length(x.key.shape[0] * x.key.shape[1], projection.shape[0], local_window)
@@ -1246,13 +1319,13 @@ def recurrent_hybrid_favor(
         for start in range(0, key.shape[-2], segment):
             piece = slice(start, start + segment)
             part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
-            out[..., piece, :] = _continue(part, state, keep[:, piece], local_window, far_part, weight)
+            out[..., piece, :] = _continue(part, state, keep[:, piece], local_window, far_part, weight, far_key_limit)
             state = _advance(state, part.key, part.value, keep[:, piece], x, far)
         return _ungroup(out, x.dtype), state
     state, outputs = initial_state, []
     for start in range(0, key.shape[-2], local_window):
         piece = slice(start, start + local_window)
         part = _Inputs(x.query[..., piece, :], x.key[:, :, piece], x.value[:, :, piece], *x[3:])
-        outputs.append(_hybrid_step(part, state, keep[:, piece], far, weight))
+        outputs.append(_hybrid_step(part, state, keep[:, piece], far, weight, far_key_limit))
         state = _advance(state, part.key, part.value, keep[:, piece], x, far)
     return _ungroup(torch.cat(outputs, -2), x.dtype), state

@@ -61,12 +61,13 @@ def log_space_linear_attention(q_log, k_log, value, *, causal=False, key_padding
 
 
 def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, scaling=None, causal=False,
-                     key_padding_mask=None, far_log_weight=None, feature_map="favor+"):
+                     key_padding_mask=None, far_log_weight=None, feature_map="favor+", far_key_limit=0):
     """Hybrid FAVOR+ as written: a masked O(L²) softmax whose weights are ``exp(s·qᵀk)`` for keys in the
     local window (causal ``i − W < j ≤ i``, bidirectional ``|i − j| < W``) or among the first ``sinks``
     real tokens, and ``φ(q)ᵀφ(k)`` (in log space) for every other visible key (``far=False``: 0, the
     window-only ablation), times ``exp(far_log_weight[h])`` in head ``h`` when given (``[H]``), with the
-    features of ``feature_map`` (:func:`positive_softmax_log_features`).  Shapes as
+    features of ``feature_map`` (:func:`positive_softmax_log_features`); with ``far_key_limit = N > 0``, a query
+    with ``n > N`` far keys (visible, weighted by ``φ``) has its far weights times ``N / n``.  Shapes as
     :func:`softmax_attention` (``H == Hk``); rows that see no key come back as NaN."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, k_len = query.shape[-2], key.shape[-2]
@@ -85,5 +86,8 @@ def hybrid_attention(query, key, value, projection, *, window, sinks, far=True, 
     far_logits = torch.logsumexp(q_log[..., :, None, :] + k_log[..., None, :, :], -1)
     if far_log_weight is not None:
         far_logits = far_logits + far_log_weight[:, None, None]
+    if far_key_limit:
+        far_count = (visible & ~exact).sum(-1, keepdim=True).clamp_min(1)
+        far_logits = far_logits + (math.log(far_key_limit) - far_count.log()).clamp_max(0)
     logits = torch.where(exact, exact_logits, far_logits if far else float("-inf")).masked_fill(~visible, float("-inf"))
     return torch.softmax(logits, -1) @ value

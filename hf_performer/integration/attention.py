@@ -142,6 +142,7 @@ def favor_attention_forward(
             scaling=scaling,
             key_padding_mask=attention_mask,
             feature_map=settings.feature_map,
+            far_key_limit=settings.far_key_limit,
         )
     else:
         output, state = favor_attention(
@@ -161,6 +162,7 @@ def favor_attention_forward(
             far_part=settings.far_part,
             far_log_weight=favor.far_log_weights(),
             feature_map=settings.feature_map,
+            far_key_limit=settings.far_key_limit,
         )
     if cache_layer is not None:
         cache_layer.advance(state)

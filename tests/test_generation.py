@@ -245,10 +245,12 @@ def test_smollm2_cached_greedy_decoding_matches_full_recomputation(smollm2_path)
     torch.testing.assert_close(torch.stack(cached.logits, 1), recomputed, rtol=0, atol=2e-3)
 
 
-def test_smollm2_hybrid_cached_greedy_decoding_matches_full_recomputation(smollm2_path):  # noqa: F811
-    """A real checkpoint with a window (W = 16, S = 4) shorter than its ~32-token prompts."""
+@pytest.mark.parametrize("far_key_limit", [0, 8])
+def test_smollm2_hybrid_cached_greedy_decoding_matches_full_recomputation(smollm2_path, far_key_limit):  # noqa: F811
+    """A real checkpoint with a window (W = 16, S = 4) shorter than its ~32-token prompts; with far_key_limit = 8 the
+    late queries' far parts are capped, counted alike by the decoding steps and the full forward."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path, padding_side="left")
-    settings = PerformerConfig(local_window=16, sink_tokens=4)
+    settings = PerformerConfig(local_window=16, sink_tokens=4, far_key_limit=far_key_limit)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, attention="favor+", performer_config=settings).eval()
     prompts = [
         "The history of the city goes back to Roman times, when a small fort guarded the crossing of the river "

@@ -20,6 +20,8 @@
 #   Hedgehog), trained by the transfer; runs go to ..._softmax
 #   POSE=N: training blocks get position ids that jump once by a random skip up to N (--positions_up_to; PoSE), so the
 #   far part trained on 512-token blocks sees the distances of an N-token context; runs go to ..._pose{N}
+#   FAR_KEY_LIMIT=N: a query with n > N far keys has its FAVOR+ weights times N / n (--favor-far-key-limit), in
+#   training and after; runs go to ..._fkl{N}
 #   stages: split transfer finetune (the hybrid recipe, default); exact_finetune; evaluate
 set -euo pipefail
 OUT=${1:-out/smollm2_hybrid}
@@ -30,13 +32,14 @@ TEXT=${TEXT:-../shared/data/wikitext2/valid.txt}
 W=${W:-64} S=${S:-4} M=${M:-256} FAR=${FAR:-favor} BLOCK=${BLOCK:-512}
 TRANSFER_STEPS=${TRANSFER_STEPS:-80} FINETUNE_STEPS=${FINETUNE_STEPS:-120}
 FAR_WEIGHT=${FAR_WEIGHT:-0} FAR_LR_TRANSFER=${FAR_LR_TRANSFER:-5e-2} FAR_LR_FINETUNE=${FAR_LR_FINETUNE:-1e-2}
-FAR_SHARE=${FAR_SHARE:-0} FEATURE_MAP=${FEATURE_MAP:-favor+} POSE=${POSE:-}
-RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")$([ "$FEATURE_MAP" = favor+ ] || echo "_$FEATURE_MAP")$([ -z "$POSE" ] || echo "_pose$POSE")
+FAR_SHARE=${FAR_SHARE:-0} FEATURE_MAP=${FEATURE_MAP:-favor+} POSE=${POSE:-} FAR_KEY_LIMIT=${FAR_KEY_LIMIT:-0}
+RUN=$OUT/w${W}_s${S}_${FAR}$([ "$BLOCK" = 512 ] || echo "_b$BLOCK")$([ "$M" = 256 ] || echo "_m$M")$([ "$FAR_WEIGHT" != 1 ] || echo _fw)$([ "$FAR_SHARE" = 0 ] || echo "_fs$FAR_SHARE")$([ "$FEATURE_MAP" = favor+ ] || echo "_$FEATURE_MAP")$([ -z "$POSE" ] || echo "_pose$POSE")$([ "$FAR_KEY_LIMIT" = 0 ] || echo "_fkl$FAR_KEY_LIMIT")
 HELD_OUT=examples/data/wikitext2_valid_300.txt
 TRAIN=$OUT/data/train.txt
 FAVOR="--favor-nb-features $M --favor-local-window $W --favor-sink-tokens $S"
 [ "$FAR" = favor ] || FAVOR="$FAVOR --favor-far-part $FAR"
 [ "$FEATURE_MAP" = favor+ ] || FAVOR="$FAVOR --favor-feature-map $FEATURE_MAP"
+[ "$FAR_KEY_LIMIT" = 0 ] || FAVOR="$FAVOR --favor-far-key-limit $FAR_KEY_LIMIT"
 TRANSFER_FAR= FINETUNE_FAR=
 POSITIONS=$([ -z "$POSE" ] || echo "--positions_up_to $POSE")
 if [ "$FAR_WEIGHT" = 1 ]; then

@@ -812,6 +812,12 @@ def _far_key_offset(eligible: torch.Tensor, far_count: torch.Tensor | None, wind
     else:
         total = sums[..., -1:] if far_count is None else far_count[:, None, None]
         count = total - (sums[..., (position + window).clamp_max(length)] - sums[..., (position - window + 1).clamp_min(0)])
+    return _limit_log_factor(count, limit)
+
+
+def _limit_log_factor(count: torch.Tensor, limit: int) -> torch.Tensor:
+    """``min(0, log N − log n)`` of far-key counts ``n`` (float, any shape; ``N = limit``): the log of each query's
+    ``far_key_limit`` factor ``min(1, N / n)``."""
     return (math.log(limit) - count.clamp_min(1).log()).clamp_max_(0)
 
 
@@ -1120,14 +1126,6 @@ def _far_count(state: HybridState) -> torch.Tensor:
     return (seen - seen.clamp(max=state.sink_key.shape[2]) - state.window_keep.sum(-1)).float()
 
 
-def _far_key_step_offset(state: HybridState, limit: int, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`_far_key_offset` of queries after ``state``: ``[B]``, or ``[B, L]`` with ``extra [B, L]`` far keys each
-    meets beyond the state's (kept positions it has left behind)."""
-    count = _far_count(state)
-    count = count if extra is None else count[:, None] + extra
-    return (math.log(limit) - count.clamp_min(1).log()).clamp_max_(0)
-
-
 def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
                  far_log_weight: torch.Tensor | None, far_key_limit: int = 0) -> torch.Tensor:
     """Hybrid attention of ``L ≤ W`` new tokens (queries ``[B, Hk, G, L, D]`` = keys) after ``state``
@@ -1172,9 +1170,9 @@ def _hybrid_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: bool,
         favor_ref = top - normaliser - math.log(m)
         if far_log_weight is not None:
             favor_ref = favor_ref + far_log_weight[:, :, None, None]
-        if far_key_limit:
-            extra = beyond.sum(-1) if length > 1 else torch.zeros_like(keep, dtype=torch.float32)
-            favor_ref = favor_ref + _far_key_step_offset(state, far_key_limit, extra)[:, None, None, :, None]
+        if far_key_limit:  # the state's far keys and the kept positions each query has left behind: [B, L]
+            count = _far_count(state)[:, None] + (beyond.sum(-1) if length > 1 else 0)
+            favor_ref = favor_ref + _limit_log_factor(count, far_key_limit)[:, None, None, :, None]
         summary = state.far.summary * torch.exp(state.far.log_scale - reference + 0.5 * math.log(m))[..., None]
         favor_num = q_feat @ summary[:, :, None]
         if length > 1:
@@ -1250,7 +1248,7 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
         if far_log_weight is not None:
             favor_ref = favor_ref.add_(far_log_weight.expand(b, key_heads, group).reshape(rows, group, 1))
         if far_key_limit:  # the query reads the far state before the leaving key folds in
-            favor_ref = favor_ref.add_(_far_key_step_offset(state, far_key_limit).repeat_interleave(key_heads)[:, None, None])
+            favor_ref = favor_ref.add_(_limit_log_factor(_far_count(state), far_key_limit).repeat_interleave(key_heads)[:, None, None])
         reference = torch.maximum(reference, favor_ref)
         summary = state.far.summary.reshape(rows, m, dv + 1)
         numerator = torch.baddbmm(torch.bmm(logits.sub_(reference).exp_(), values),

@@ -119,7 +119,7 @@ def skipped_positions(blocks: datasets.Dataset, up_to: int, *, seed: int = 0) ->
         )
     generator = torch.Generator().manual_seed(seed)
     count = len(blocks)
-    cuts = torch.randint(1, length, (count, 1), generator=generator) if length > 1 else torch.ones(count, 1, dtype=torch.long)
+    cuts = torch.randint(1, max(length, 2), (count, 1), generator=generator)  # a one-token block: no cut inside
     skips = torch.randint(0, up_to - length + 1, (count, 1), generator=generator)
     tokens = torch.arange(length)
     positions = tokens + skips * (tokens >= cuts)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from hf_performer.favor.features import (
     NEG_LOG_WEIGHT,
+    exp_,
     key_features,
     key_log_features,
     log_normaliser,
@@ -477,13 +478,13 @@ def _softmax_terms(query, key, values, projection, keep, reference, causal, inpu
     half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
     log_feat = key_log_features(key, projection, keep, input_scale=input_scale).view(b, key_heads, n, chunk, m)
     log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
-    k_feat = log_feat.sub_((log_weight + half_log_m)[..., None]).exp_()  # in place: no autograd op saved log_feat
+    k_feat = exp_(log_feat.sub_((log_weight + half_log_m)[..., None]))  # in place: no autograd op saved log_feat
     if keep is not None:
         k_feat = k_feat * keep.view(b, 1, n, chunk, 1)
     running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
     chunk_end = running[..., -1]  # [B, Hk, n]
     state_ref = torch.cat([reference[..., None], chunk_end[..., :-1]], -1)
-    decay = (log_weight[..., None, :] - running[..., :, None]).clamp_(max=0).exp_().masked_fill_(~causal, 0)
+    decay = exp_((log_weight[..., None, :] - running[..., :, None]).clamp_(max=0)).masked_fill_(~causal, 0)
     key_weight = torch.exp(log_weight - chunk_end[..., None])[..., None]
     scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
     carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # ≤ 1
@@ -491,7 +492,7 @@ def _softmax_terms(query, key, values, projection, keep, reference, causal, inpu
     q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m)
     floor = -QUERY_FLOOR - half_log_m
     q_floored = q_logits < floor if floor_mask else None  # clamp's gradient: 0 below the floor
-    q_feat = q_logits.clamp_(min=floor).exp_()
+    q_feat = exp_(q_logits.clamp_(min=floor))
     return _ChunkTerms(q_feat, k_feat, values, key_weight, decay[:, :, None], scan_decay, carry, chunk_end[..., -1],
                        q_floored)
 

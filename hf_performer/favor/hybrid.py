@@ -52,6 +52,7 @@ from hf_performer.favor.attention import (
 from hf_performer.favor.features import (
     FEATURE_MAPS,
     NEG_LOG_WEIGHT,
+    exp_,
     key_features,
     key_log_features,
     log_normaliser,
@@ -340,9 +341,9 @@ def _far_sum(plan: _Plan, index: int, key: torch.Tensor, value: torch.Tensor, pr
     if reference is None:
         reference = log_feat.detach().amax(1).clamp_min(NEG_LOG_WEIGHT / 2)  # masked keys' exp is then 0
     if log_feat.requires_grad:
-        k_feat = (log_feat - reference[:, None]).exp_()
+        k_feat = exp_(log_feat - reference[:, None])
     else:
-        k_feat = log_feat.sub_(reference[:, None]).exp_()
+        k_feat = exp_(log_feat.sub_(reference[:, None]))
     return k_feat.transpose(-1, -2) @ _with_ones(value).reshape(b * key_heads, tokens, -1), reference
 
 
@@ -709,10 +710,10 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         key_ref = F.pad(key_ref.clamp_min(NEG_LOG_WEIGHT / 2).reshape(rows, 1, m), (0, 0, 0, 0, reach, reach))
         k_feat = log_feat.view(rows + 2 * reach, block, m)
         if recording:  # (in place on a view, each change would copy the whole tensor in backward)
-            k_feat = (k_feat - key_ref).exp_()
+            k_feat = exp_(k_feat - key_ref)
         else:  # in place, a few blocks at a time (cache-resident)
             for part in _slices(rows + 2 * reach, _blocks_per_slice(block, m)):
-                k_feat[part].sub_(key_ref[part]).exp_()
+                exp_(k_feat[part].sub_(key_ref[part]))
         k_feat = k_feat.view(-1, m)
 
         inner_k, inner_v = k_feat[inner].view(heads, n * block, m), values[inner].view(heads, n * block, dv + 1)
@@ -898,7 +899,7 @@ def _read_out(q_rows: torch.Tensor, projection: torch.Tensor, keys: _Keys, heads
         # (matmul, not mm + view: in-place changes of a view would each copy the whole tensor in backward)
         q_logits, normaliser = query_log_features(q_rows, projection, keys.reference[heads, blocks], keys.feature_map)
         top = q_logits.detach().amax(-1, keepdim=True)
-        q_feat = q_logits.sub_(top).exp_()  # [h, c, G·W, m]
+        q_feat = exp_(q_logits.sub_(top))  # [h, c, G·W, m]
         # φ(q)ᵀφ(k) = q_feat·k_feat · exp(favor_ref): c(s·q) (‖s·q‖²/2 for FAVOR+) and m no longer cancel against
         # the exact part
         favor_ref = top - normaliser - math.log(m)
@@ -958,7 +959,7 @@ def _exp(logits: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
     a third of a span is hidden), so the logits are first clamped at ``largest − EXP_RANGE``, which changes a
     real weight by less than ``e^-80`` of its row's largest: far below float32's resolution of the row's sum
     (and its gradient there, ~0, becomes 0)."""
-    return logits.clamp_(min=largest - EXP_RANGE).exp_()
+    return exp_(logits.clamp_(min=largest - EXP_RANGE))
 
 
 def _visible(weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

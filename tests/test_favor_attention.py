@@ -487,3 +487,23 @@ def test_causal_backward_keeps_no_features_and_no_chunk_states():
     assert sum(saved) <= 4 * q.numel() + M * D + entries  # q, k, v, out, ω
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_bidirectional_default_blocks_short_in_one_long_in_lean_blocks(monkeypatch):
+    """Up to ``SHORT_ELEMENTS`` feature elements a sequence is one block (what it does is counted through the key
+    feature calls); beyond, lean blocks: both equal to the reference."""
+    from hf_performer.favor import attention, features
+
+    calls = []
+    original = features.key_features
+    monkeypatch.setattr(attention, "key_features", lambda *a, **kw: calls.append(a[0].shape[-2]) or original(*a, **kw))
+    q, k, v = qkv(40)
+    omega = projection()
+    for short_elements, blocks in ((B * H * 40 * M, [40]), (B * H * 39 * M, None)):
+        monkeypatch.setattr(attention, "SHORT_ELEMENTS", short_elements)
+        monkeypatch.setattr(attention, "LEAN_BLOCK_ELEMENTS", B * H * 16 * M)
+        monkeypatch.setattr(attention, "MIN_BLOCK_TOKENS", 16)
+        calls.clear()
+        out = bidirectional_favor(q, k, v, omega)
+        assert calls == (blocks or [16, 16, 8])
+        torch.testing.assert_close(out.double(), reference(q, k, v, omega, causal=False), atol=1e-5, rtol=1e-4)

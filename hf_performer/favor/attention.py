@@ -150,6 +150,13 @@ attention takes :func:`recompute_block_length` (softmax) or :data:`BLOCK_ELEMENT
 MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
 
+SHORT_ELEMENTS = 1 << 21
+"""Feature elements (``rows × L × m``) up to which bidirectional attention runs as one block: 8 MiB of float32,
+1,024 tokens at 8 heads with m = 256.  Each block rescales the summary of the blocks before it and reads out its
+queries in separate small operations: at 640 tokens (8 heads × 64, 2 threads, no autograd) one block took 0.81× the
+time of :data:`LEAN_BLOCK_ELEMENTS`' 128-token blocks (5.25 against 6.45 ms, SDPA 5.37), at 1,024 tokens 0.84×.  Issue
+14's memory goal starts at 2,048 tokens, where blocks stay lean."""
+
 
 def recompute_block_length(length: int, value_dim: int, group: int, chunk: int, most: int) -> int:
     """Tokens per block of causal attention under autograd (:class:`_CausalFavor`), whole chunks, at most ``most``
@@ -233,8 +240,9 @@ def bidirectional_favor(
     """
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     b, key_heads, group, q_len, d = x.query.shape
+    rows, m, longest = b * group * key_heads, projection.shape[0], max(q_len, x.key.shape[2])
     lean = LEAN_BLOCK_ELEMENTS if kernel_fn is None else None
-    block = block_size or block_length(b * group * key_heads, projection.shape[0], elements=lean)
+    block = block_size or (longest if rows * longest * m <= SHORT_ELEMENTS else block_length(rows, m, elements=lean))
     rows = x.query.reshape(b, key_heads, group * q_len, d)  # the G query heads of a key head, one after another
     if kernel_fn is None:
         out = _BidirectionalFavor.apply(rows, x.key, x.value, x.projection, x.keep, x.input_scale, block)

@@ -64,15 +64,16 @@ FAR_PARTS = ("favor", "none")
 attention, the ablation that shows what the FAVOR+ part adds)."""
 
 
-def _flat_blocks(tensor: torch.Tensor, edge: int) -> torch.Tensor:
+def _flat_blocks(tensor: torch.Tensor, edge: int, scale: float | None = None) -> torch.Tensor:
     """``[B, Hk, L, X]`` → ``[B·Hk·L + 2·edge, X]``: the blocks of every head one after another, with ``edge``
     rows of zeros (the blocks a span reaches beyond the ends) before the first and after the last, for
-    :func:`_spans`."""
+    :func:`_spans`; times ``scale`` if given (on the new tensor: no scaled copy of the input beside it)."""
     flat = tensor.reshape(-1, tensor.shape[-1])
     if not edge:
-        return flat
+        return flat if scale is None else flat * scale
     zeros = flat.new_zeros(edge, flat.shape[-1])
-    return torch.cat([zeros, flat, zeros])
+    flat = torch.cat([zeros, flat, zeros])
+    return flat if scale is None else flat.mul_(scale)
 
 
 def _blocks_per_slice(block: int, nb_features: int) -> int:
@@ -142,10 +143,13 @@ def _span_masks(keep: torch.Tensor, sink: torch.Tensor, n: int, block: int, reac
     exact ones that FAVOR+ weighs (not sinks, not padding: their features are 0)."""
     edge, span = reach * block, ((reach + 1) if causal else (2 * reach + 1)) * block
     distance = torch.arange(block, device=keep.device)[:, None] + edge - torch.arange(span, device=keep.device)  # i − j
-    seen = (distance >= 0) if causal else torch.ones_like(distance, dtype=torch.bool)
     band = distance.abs() < window
     real, is_sink = (F.pad(t[:, 0], (edge, edge)).unfold(1, span, block)[:, :n, None, :] for t in (keep, sink))  # [B, n, 1, span]
-    return ~(real & seen & (band | is_sink))[:, None, :, None]
+    exact = band | is_sink  # [B, n, block, span]: the one tensor of that size, the rest in place
+    exact &= real
+    if causal:
+        exact &= distance >= 0
+    return exact.logical_not_()[:, None, :, None]
 
 
 STEP_ELEMENTS = 1 << 18
@@ -685,7 +689,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
     edge = reach * block  # zero rows before the first block and after the last
     inner = slice(edge, edge + rows * block)
 
-    key_flat = _flat_blocks(key * scale, edge)  # [R·block + 2·edge, D]
+    key_flat = _flat_blocks(key, edge, scale)  # [R·block + 2·edge, D]
     # [R·block + 2·edge, Dv + 1]: [V, 1] with rows of ones at the edges (in place of _flat_blocks' zeros: one
     # pass, and the masks give those keys weight 0 anyway)
     values = F.pad(value.reshape(-1, dv), (0, 1, edge, edge), value=1.0)
@@ -749,7 +753,7 @@ def _hybrid_rows(x: _Inputs, far_log_weight: torch.Tensor | None, *, causal: boo
         if not causal:
             outside = outside | (order[:, :, None, :] >= block_start + block + edge)
         sink_visible = (sink.gather(-1, order)[:, :, None, :] & outside).expand(b, key_heads, n, sinks).reshape(heads, n, 1, 1, sinks)
-        sink_values = _with_ones(value).gather(2, order[..., None].expand(b, key_heads, sinks, dv + 1))
+        sink_values = _with_ones(value.gather(2, order[..., None].expand(b, key_heads, sinks, dv)))
         keys = keys._replace(sink_key=sink_key.view(heads, sinks, d), sink_visible=sink_visible,
                              sink_values=sink_values.view(heads, sinks, dv + 1))
 

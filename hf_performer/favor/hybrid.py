@@ -29,7 +29,9 @@ softmax(ωx)``): both are ``log φ(x) = ωx − c(x) − ½ log m`` and differ o
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 from typing import Callable, NamedTuple
 
 import torch
@@ -164,6 +166,24 @@ autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB), 
 heap the group before freed instead of being mapped (and page-faulted) afresh.  One head at a time at 16,384 tokens
 (8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of the
 memory.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups (+5 % time against one)."""
+
+
+@functools.cache
+def _raise_mmap_threshold() -> None:
+    """Once per process, under glibc: allocate and free 32 MiB − 4 KiB (never touched, so nothing is paged in), which
+    raises glibc's dynamic mmap threshold to its ceiling (32 MiB on 64-bit systems).
+
+    Why: glibc maps every allocation at or above its threshold afresh and raises the threshold only when it frees a
+    mapped chunk larger than it.  If the first large chunk freed is the size that every group (or segment) of
+    :func:`hybrid_favor` allocates again, e.g. one row's 16 MiB of key features at 16,384 tokens, those tensors stay
+    at the threshold and are mapped, faulted in and unmapped group after group.  Bidirectionally at 16,384 tokens (8
+    heads × 64, m = 256, fresh processes) that happened by chance in about half the processes: 88,000 page faults per
+    call and about 1.25× the time; with this, 8,193 (the output's own, as SDPA's) in every one
+    (``benchmarks/RESULTS.md``).  The cost: glibc may keep up to twice the ceiling of freed heap, as it does after
+    any such free."""
+    if platform.libc_ver()[0] == "glibc":
+        torch.empty(((32 << 20) - 4096) // 4)
+
 
 AUTOGRAD_ROW_ELEMENTS = 1 << 19
 """:data:`ROW_ELEMENTS` under autograd (:class:`_GroupedHybrid`), whose backward holds one group's graph: one row of
@@ -560,6 +580,8 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     every group's)."""
     b, key_heads, group, length, d = x.query.shape
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
+    if not recording:
+        _raise_mmap_threshold()
     elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS
     m = x.projection.shape[0]
     rows, per_group = b * key_heads, max(1, elements // (length * m))

@@ -176,11 +176,12 @@ def _raise_mmap_threshold() -> None:
     Why: glibc maps every allocation at or above its threshold afresh and raises the threshold only when it frees a
     mapped chunk larger than it.  If the first large chunk freed is the size that every group (or segment) of
     :func:`hybrid_favor` allocates again, e.g. one row's 16 MiB of key features at 16,384 tokens, those tensors stay
-    at the threshold and are mapped, faulted in and unmapped group after group.  Bidirectionally at 16,384 tokens (8
-    heads × 64, m = 256, fresh processes) that happened by chance in about half the processes: 88,000 page faults per
-    call and about 1.25× the time; with this, 8,193 (the output's own, as SDPA's) in every one
-    (``benchmarks/RESULTS.md``).  The cost: glibc may keep up to twice the ceiling of freed heap, as it does after
-    any such free."""
+    at the threshold and are mapped, faulted in and unmapped group after group.  At 16,384 tokens (8 heads × 64,
+    m = 256, fresh processes): the bidirectional forward faulted 88,000 pages per call in about half the processes
+    (1.25× the time), 8,193 with this (the output's own, as SDPA's) in every one; forward+backward 338,000–386,000
+    bidirectionally and 92,000–121,000 causally, 12,000 and 20,000–34,000 with this (``benchmarks/RESULTS.md``).  Pure
+    FAVOR+ allocates no such same-size tensors.  The cost: glibc may keep up to twice the ceiling of freed heap, as
+    it does after any such free."""
     if platform.libc_ver()[0] == "glibc":
         torch.empty(((32 << 20) - 4096) // 4)
 
@@ -579,9 +580,8 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
     every group's)."""
     b, key_heads, group, length, d = x.query.shape
+    _raise_mmap_threshold()
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
-    if not recording:
-        _raise_mmap_threshold()
     elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS
     m = x.projection.shape[0]
     rows, per_group = b * key_heads, max(1, elements // (length * m))

@@ -162,8 +162,9 @@ process, medians of 5): 0.94× the time bidirectionally and 0.93× causally at 1
 
 ROW_ELEMENTS = 1 << 22
 """Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together without
-autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB), so that a group's tensors reuse the
-heap the group before freed instead of being mapped (and page-faulted) afresh.  One head at a time at 16,384 tokens
+autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB, which :func:`_raise_mmap_threshold`
+makes the threshold), so that a group's tensors reuse the heap the group before freed instead of being mapped (and
+page-faulted) afresh.  One head at a time at 16,384 tokens
 (8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of the
 memory.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups (+5 % time against one)."""
 

@@ -182,6 +182,31 @@ def test_segments_match_the_naive_hybrid(causal, length, window, sinks, left_pad
     assert len(plans) == (0 if causal and left_padding > 4 * window else 1)
 
 
+@pytest.mark.parametrize("far_key_limit", [0, 6])
+@pytest.mark.parametrize("window, sinks, left_padding", [(5, 3, 6), (4, 0, 0), (5, 3, 30)])
+@pytest.mark.parametrize("length", [70, 20])  # 20: each row is one segment, in one pass
+def test_long_causal_rows_one_at_a_time_match_the_naive_hybrid(length, window, sinks, left_padding, far_key_limit,
+                                                               monkeypatch):
+    """Without autograd, causal rows of at least ROW_SEGMENT_ELEMENTS key features go one (batch, key head) row at a
+    time, each in segments of that size (four windows here): padding, sinks (beyond the first segment for a sequence
+    padded on its left by 30: then in one pass per row), a far weight per query head and a far-key limit."""
+    monkeypatch.setattr(hybrid, "ROW_SEGMENT_ELEMENTS", 4 * window * M)
+    plans = segments_of_four_windows(monkeypatch, causal=True, window=window)
+    q, k, v = qkv(length)
+    mask = torch.ones(B, length, dtype=torch.bool)
+    mask[0, : min(left_padding, length - 2)] = False
+    weight = FAR_LOG_WEIGHT
+    with torch.no_grad():
+        out, _ = favor_attention(q, k, v, projection(), causal=True, key_padding_mask=mask, local_window=window,
+                                 sink_tokens=sinks, far_log_weight=weight, far_key_limit=far_key_limit)
+    expected = hybrid_attention(q, *(t.repeat_interleave(2, 1) for t in (k, v)), projection().double(), window=window,
+                                sinks=sinks, causal=True, key_padding_mask=mask, far_log_weight=weight,
+                                far_key_limit=far_key_limit).nan_to_num()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    segmented = length > 4 * window and left_padding <= 4 * window
+    assert plans == ([4 * window] * B * 2 if segmented else [])  # every (batch, key head) row on its own
+
+
 def test_bidirectional_sequences_with_fewer_real_tokens_than_sinks_go_in_one_pass(monkeypatch):
     # every query sees the sinks; a sequence of fewer real tokens than S has fewer sinks than the segments' carry
     plans = segments_of_four_windows(monkeypatch, causal=False)

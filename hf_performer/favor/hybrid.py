@@ -207,6 +207,15 @@ head) rows together: 8 MiB of float32, 1,024 tokens of 8 rows with m = 256.  For
 pass (SDPA: 6 / 34 / 132), in 1.03–1.07× one pass's time (interleaved, 1 thread, 2,048 and 16,384 tokens: a
 segment's fixed operations and its first block's keys); half these segments gave 17 / 47 / 143 MiB in 1.17–1.22×."""
 
+ROW_SEGMENT_ELEMENTS = 1 << 19
+"""Key-feature elements per segment of one (batch, key head) row: a causal sequence without autograd whose rows hold at
+least this many (2,048 tokens with m = 256) runs one row at a time, each in segments of this size (one pass if it
+fits in one).  2 MiB of float32.  Forward peak beyond the inputs (8 heads × 64, W = 64, S = 4, fresh processes,
+``benchmarks/op_memory.py``) 11.9 / 11.5 / 38.6 / 146.5 MiB at 2,048 / 4,096 / 16,384 / 65,536 tokens against 27.2 /
+33.3 / 61.0 / 153 with all rows in :data:`SEGMENT_ELEMENTS`' segments (SDPA: 5.4 / 8.5 / 32.2 / 130.2), in
+1.00–1.03× their time (interleaved, 2 threads, 2,048 to 16,384 tokens): a row's segment is as many tokens as all
+rows' was, so its fixed operations and first block's keys weigh as little, and it holds an eighth of the features."""
+
 AUTOGRAD_SEGMENT_ELEMENTS = 1 << 19
 """:data:`SEGMENT_ELEMENTS` under autograd (:class:`_SegmentedHybrid`), whose backward holds one segment's graph:
 256 tokens of 8 rows with m = 256.  Forward+backward peak beyond the inputs (same shapes, fresh processes, 1 thread)
@@ -234,9 +243,11 @@ _TOKEN_AXES = (3, 2, 2, 2)
 """The token axis of ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]`` and ``keep [B, 1, L]``."""
 
 
-def _segment_length(rows: int, nb_features: int, window: int, recording: bool = False) -> int:
-    """Tokens per segment of :func:`_segments` (under autograd if ``recording``): whole windows, at least four."""
-    elements = AUTOGRAD_SEGMENT_ELEMENTS if recording else SEGMENT_ELEMENTS
+def _segment_length(rows: int, nb_features: int, window: int, recording: bool = False,
+                    elements: int | None = None) -> int:
+    """Tokens per segment of :func:`_segments` (under autograd if ``recording``; of ``elements`` key-feature elements
+    if given): whole windows, at least four."""
+    elements = elements or (AUTOGRAD_SEGMENT_ELEMENTS if recording else SEGMENT_ELEMENTS)
     return max(4 * window, elements // (rows * nb_features) // window * window)
 
 
@@ -576,7 +587,8 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
 
     Sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through
     :func:`_segments` (all rows, a segment of tokens at a time): causal ones always, bidirectional ones where one
-    (batch, key head) row is more than a group.  Others go in groups of rows of :data:`ROW_ELEMENTS` key features
+    (batch, key head) row is more than a group.  Causal ones without autograd whose rows hold at least
+    :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a time instead, each in segments of that size.  Others go in groups of rows of :data:`ROW_ELEMENTS` key features
     (:data:`AUTOGRAD_ROW_ELEMENTS` under autograd), each written into one output (under autograd as
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
     every group's)."""
@@ -587,16 +599,24 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     m = x.projection.shape[0]
     rows, per_group = b * key_heads, max(1, elements // (length * m))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
-    segment = _segment_length(rows, m, window, recording)
+    row_wise = causal and not recording and length * m >= ROW_SEGMENT_ELEMENTS  # one row at a time
+    if row_wise:
+        per_group, segment = 1, _segment_length(1, m, window, elements=ROW_SEGMENT_ELEMENTS)
+    else:
+        segment = _segment_length(rows, m, window, recording)
     if causal:
         long = _sinks_within(x.keep, sinks, segment)
     else:  # where one row alone is more than a group; every sequence needs S real tokens (the sinks every query sees)
         long = length * m > elements and _sinks_within(x.keep, sinks, length)
-    if length > segment and long:
+    segmented = length > segment and long
+    if segmented and not row_wise:
         return _segments(x, weight, segment, causal=causal, window=window, sinks=sinks, far_part=far_part,
                          recording=recording, far_key_limit=far_key_limit)
 
     def attend(inputs: _Inputs, w: torch.Tensor | None) -> torch.Tensor:
+        if segmented:  # one row, in segments
+            return _segments(inputs, w, segment, causal=True, window=window, sinks=sinks, far_part=far_part,
+                             recording=False, far_key_limit=far_key_limit)
         return _hybrid_rows(inputs, w, causal=causal, window=window, sinks=sinks, far_part=far_part,
                             far_key_limit=far_key_limit)[0]
 

@@ -240,9 +240,10 @@ def bidirectional_favor(
     """
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
     b, key_heads, group, q_len, d = x.query.shape
-    rows, m, longest = b * group * key_heads, projection.shape[0], max(q_len, x.key.shape[2])
+    query_rows, m, longest = b * group * key_heads, projection.shape[0], max(q_len, x.key.shape[2])
     lean = LEAN_BLOCK_ELEMENTS if kernel_fn is None else None
-    block = block_size or (longest if rows * longest * m <= SHORT_ELEMENTS else block_length(rows, m, elements=lean))
+    short = query_rows * longest * m <= SHORT_ELEMENTS
+    block = block_size or (longest if short else block_length(query_rows, m, elements=lean))
     rows = x.query.reshape(b, key_heads, group * q_len, d)  # the G query heads of a key head, one after another
     if kernel_fn is None:
         out = _BidirectionalFavor.apply(rows, x.key, x.value, x.projection, x.keep, x.input_scale, block)

@@ -85,3 +85,19 @@ def test_exp_in_place_matches_exp_to_float_rounding():
     leaf = torch.linspace(-5.0, 0.0, 11, dtype=torch.float64, requires_grad=True)
     exp_(leaf * 1.0).sum().backward()
     torch.testing.assert_close(leaf.grad, leaf.detach().exp())
+
+
+def test_key_features_at_least_a_given_reference_describe_the_same_features():
+    """``key_features(..., at_least=R₀)``: the reference is ``max(R_own, R₀)`` per feature, and ``exp(R)·φ̃`` are the
+    same features as with the keys' own reference (what lets bidirectional FAVOR+ add a block's sum to a summary
+    kept relative to ``R₀`` without rescaling the block's)."""
+    from hf_performer.favor.features import key_features
+
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64)
+    projection = orthogonal_random_matrix(16, 8, generator=generator).double()
+    own_features, own_reference = key_features(keys, projection)
+    floor = own_reference + torch.randn(2, 16, generator=generator, dtype=torch.float64)  # above for some features
+    features, reference = key_features(keys, projection, at_least=floor)
+    torch.testing.assert_close(reference, torch.maximum(own_reference, floor))
+    torch.testing.assert_close(features * reference.exp()[:, None], own_features * own_reference.exp()[:, None])

@@ -295,14 +295,14 @@ class _BidirectionalFavor(torch.autograd.Function):
         top, summary = None, None
         for k_block, v_block, keep_block in _key_blocks(key, value, keep, block):
             buffer = _buffer(features, b, key_heads, k_block.shape[2], m)
-            k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale, out=buffer)
-            part = k_feat.transpose(-1, -2) @ _with_ones(v_block)
-            if top is None:
-                top, summary = reference, part
-            else:  # both to the larger reference, per feature
-                new_top = torch.maximum(top, reference)
-                summary = summary.mul_(torch.exp(top - new_top)[..., None]).add_(part.mul_(torch.exp(reference - new_top)[..., None]))
-                top = new_top
+            # relative to the larger of their own and the summary's reference, per feature: only the summary is
+            # rescaled; ([V, 1]ᵀφ̃(K))ᵀ rather than φ̃(K)ᵀ[V, 1]: 0.95× the op's time (the transposed left operand
+            # ran at half the matmul rate)
+            k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale, out=buffer,
+                                             at_least=top)
+            part = (_with_ones(v_block).transpose(-1, -2) @ k_feat).transpose(-1, -2)
+            summary = part if top is None else summary.mul_(torch.exp(top - reference)[..., None]).add_(part)
+            top = reference
         out = rows.new_empty(*rows.shape[:-1], dv)
         products = rows.new_empty(b * key_heads * block * (dv + 1))
         for q_block, out_block in zip(_split(rows, block), _split(out, block)):
@@ -329,7 +329,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         ):
             q_feat = query_features(q_block, projection, input_scale=scale, key_reference=top)
             d_combined = _combined_gradient(g_block, out_block, q_feat @ summary[..., -1:])
-            grad_summary.add_(q_feat.transpose(-1, -2) @ d_combined)
+            grad_summary.add_((d_combined.transpose(-1, -2) @ q_feat).transpose(-1, -2))  # as forward's summary
             if wants_rows or wants_projection:
                 d_logits = (d_combined @ summary.transpose(-1, -2)).mul_(q_feat)  # d(s·ωq) per feature
                 _logit_gradients(d_logits, q_block, projection, scale, grad_block, grad_projection)

@@ -187,6 +187,7 @@ def key_features(
     out: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
     feature_map: str = "favor+",
+    at_least: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """φ(s·k) for ``k [..., L, d]`` (``s = input_scale``, folded into ``ω``) as ``(φ̃, R)`` with
     ``φ(s·k)_j = exp(R_j) · φ̃_j``: features ``[..., L, m]`` and a per-feature reference ``R [..., m]``.
@@ -194,7 +195,9 @@ def key_features(
     ``keep`` (``[..., L]`` bool, broadcastable) marks real keys; the others get ``φ(k) = 0``.  ``out``: a
     buffer for the softmax features (see :func:`query_features`).  ``reference`` (``[..., m]``, softmax kernel):
     a given ``R`` instead of the keys' own maximum, e.g. the one a summary of several blocks was kept relative to
-    (it must be ≥ their log-features, or features exceed ``m^-½``).  ``feature_map``: see :func:`log_normaliser`.
+    (it must be ≥ their log-features, or features exceed ``m^-½``).  ``at_least`` (``[..., m]``): a floor for the
+    keys' own ``R``, e.g. the reference of a summary these keys are added to, which then needs no rescaling
+    of their sum.  ``feature_map``: see :func:`log_normaliser`.
 
     For the softmax kernel ``R_j = max_s (ω_j k_s − ‖k_s‖²/2)`` over the real keys (detached;
     ``NEG_LOG_WEIGHT`` when there is none), so every ``φ̃ ≤ m^-½`` and no feature's sum over the keys
@@ -212,6 +215,8 @@ def key_features(
         return features, features.new_zeros(*features.shape[:-2], m)
     logits = key_log_features(k, projection, keep, input_scale=input_scale, out=out, feature_map=feature_map)
     reference = logits.detach().amax(-2) if reference is None else reference
+    if at_least is not None:
+        reference = torch.maximum(reference, at_least)
     features = exp_(logits.sub_((reference + 0.5 * math.log(m)).unsqueeze(-2)))
     return (features, reference) if keep is None else (features.mul_(keep[..., None]), reference)
 

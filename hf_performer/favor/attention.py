@@ -467,10 +467,10 @@ def _chunk_terms(
         query, key, value = F.pad(query, (0, 0, 0, pad)), F.pad(key, (0, 0, 0, pad)), F.pad(value, (0, 0, 0, pad))
         keep = torch.ones(b, 1, length, dtype=torch.bool, device=key.device) if keep is None else keep
         keep = F.pad(keep, (0, pad), value=False)
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
     values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
     if kernel_fn is None:
-        return _softmax_terms(query, key, values, projection, keep, reference, causal, input_scale, floor_mask)
+        return _softmax_terms(query, key, values, projection, keep, reference, input_scale, floor_mask)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=input_scale)
     k_feat = key_features(key, projection, keep=keep, **features)[0].view(b, key_heads, n, chunk, -1)
     q_feat = query_features(query, projection, **features).unflatten(-2, (n, chunk))
@@ -478,10 +478,10 @@ def _chunk_terms(
     return _ChunkTerms(q_feat, k_feat, values, None, causal.to(k_feat.dtype), scan_decay, None, None, None)
 
 
-def _softmax_terms(query, key, values, projection, keep, reference, causal, input_scale: float,
+def _softmax_terms(query, key, values, projection, keep, reference, input_scale: float,
                    floor_mask: bool) -> _ChunkTerms:
-    """:func:`_chunk_terms` for the softmax kernel, inputs padded to whole chunks (``values [B, Hk, n, C, Dv + 1]``,
-    ``causal [C, C]`` bool).  Every stabiliser is detached: a constant, in autograd and in :class:`_CausalFavor`."""
+    """:func:`_chunk_terms` for the softmax kernel, inputs padded to whole chunks (``values [B, Hk, n, C, Dv + 1]``).
+    Every stabiliser is detached: a constant, in autograd and in :class:`_CausalFavor`."""
     b, key_heads, n, chunk, _ = values.shape
     m = projection.shape[0]
     half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
@@ -493,7 +493,9 @@ def _softmax_terms(query, key, values, projection, keep, reference, causal, inpu
     running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
     chunk_end = running[..., -1]  # [B, Hk, n]
     state_ref = torch.cat([reference[..., None], chunk_end[..., :-1]], -1)
-    decay = exp_((log_weight[..., None, :] - running[..., :, None]).clamp_(max=0)).masked_fill_(~causal, 0)
+    # exp(c_s − M_t) for s ≤ t, ≤ 1 since M_t ≥ c_s; −inf, so 0, for the future keys s > t
+    future = torch.full((chunk, chunk), -math.inf, device=key.device).triu_(1)
+    decay = exp_((log_weight[..., None, :] - running[..., :, None]).add_(future))
     key_weight = torch.exp(log_weight - chunk_end[..., None])[..., None]
     scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
     carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # ≤ 1

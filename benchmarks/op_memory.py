@@ -9,6 +9,7 @@ The parent fits ``memory ∝ L^b`` on lengths ≥ ``--fit-from`` (``b = 1``: lin
     python benchmarks/op_memory.py                       # 2048 … 65536 tokens
     python benchmarks/op_memory.py --lengths 1024 2048   # a quick check
     python benchmarks/op_memory.py --providers hf-performer-hybrid sdpa --name op_memory_hybrid   # the hybrid (W=64 S=4)
+    python benchmarks/op_memory.py --providers hf-performer sdpa --passes forward   # forward only
 
 SDPA and performer-pytorch stop at the ``--*-max`` lengths (time, and performer-pytorch's causal
 ``[L, m, d]`` tensors: it needed GBs at 2048 tokens).
@@ -102,6 +103,7 @@ def main() -> None:
     add_causal_chunk_argument(parser)
     add_hybrid_arguments(parser)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + (HYBRID,))
+    parser.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES, help="(default: both)")
     parser.add_argument("--name", default="op_memory", help="results/<name>.csv, .png (default: op_memory)")
     parser.add_argument("--sdpa-max", type=int, default=16384)
     parser.add_argument("--performer-pytorch-max", type=int, default=16384, help="bidirectional (default: 16384)")
@@ -120,7 +122,7 @@ def main() -> None:
     run = Run(args.name)
     rows = []
     for mode in MODES:
-        for pass_ in PASSES:
+        for pass_ in args.passes:
             for provider in args.providers:
                 for length in (n for n in args.lengths if n <= cap(args, provider, mode, pass_)):
                     result = measure(provider, mode, pass_, length, args)

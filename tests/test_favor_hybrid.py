@@ -541,14 +541,17 @@ def test_a_model_with_a_far_key_limit_changes_only_long_inputs_and_decodes_with_
     assert_cached_generation_recomputes(loaded, ids[:, :6], new_tokens=8)
 
 
-def test_hybrid_raises_glibcs_mmap_threshold_once_per_process():
-    """The allocator nudge (:func:`hybrid._raise_mmap_threshold`) runs once per process, on the first call (with or
-    without autograd); it changes no output."""
+def test_hybrid_and_causal_favor_raise_glibcs_mmap_threshold_once_per_process():
+    """The allocator nudge (:func:`attention._raise_mmap_threshold`) runs once per process, on the first call of the
+    hybrid or of causal FAVOR+ (with or without autograd); it changes no output."""
+    from hf_performer.favor import attention
+
     q, k, v = (t.float().requires_grad_() for t in qkv())
-    hybrid._raise_mmap_threshold.cache_clear()
+    attention._raise_mmap_threshold.cache_clear()
     recorded = hybrid.hybrid_favor_attention(q, k, v, projection(), local_window=5, sink_tokens=2, causal=True)
     with torch.no_grad():
         plain = hybrid.hybrid_favor_attention(q, k, v, projection(), local_window=5, sink_tokens=2, causal=True)
-    info = hybrid._raise_mmap_threshold.cache_info()
-    assert (info.misses, info.hits) == (1, 1)
+        attention.causal_favor(q, k, v, projection())
+    info = attention._raise_mmap_threshold.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
     torch.testing.assert_close(plain, recorded.detach())

@@ -29,9 +29,7 @@ softmax(ωx)``): both are ``log φ(x) = ωx − c(x) − ½ log m`` and differ o
 
 from __future__ import annotations
 
-import functools
 import math
-import platform
 from typing import Callable, NamedTuple
 
 import torch
@@ -46,6 +44,7 @@ from hf_performer.favor.attention import (
     _fold_token,
     _inputs,
     _Inputs,
+    _raise_mmap_threshold,
     _ungroup,
     _with_ones,
     fold_keys,
@@ -162,29 +161,11 @@ process, medians of 5): 0.94× the time bidirectionally and 0.93× causally at 1
 
 ROW_ELEMENTS = 1 << 22
 """Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together without
-autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB, which :func:`_raise_mmap_threshold`
+autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB, which :func:`~hf_performer.favor.attention._raise_mmap_threshold`
 makes the threshold), so that a group's tensors reuse the heap the group before freed instead of being mapped (and
 page-faulted) afresh.  One head at a time at 16,384 tokens
 (8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of the
 memory.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups (+5 % time against one)."""
-
-
-@functools.cache
-def _raise_mmap_threshold() -> None:
-    """Once per process, under glibc: allocate and free 32 MiB − 4 KiB (never touched, so nothing is paged in), which
-    raises glibc's dynamic mmap threshold to its ceiling (32 MiB on 64-bit systems).
-
-    Why: glibc maps every allocation at or above its threshold afresh and raises the threshold only when it frees a
-    mapped chunk larger than it.  If the first large chunk freed is the size that every group (or segment) of
-    :func:`hybrid_favor` allocates again, e.g. one row's 16 MiB of key features at 16,384 tokens, those tensors stay
-    at the threshold and are mapped, faulted in and unmapped group after group.  At 16,384 tokens (8 heads × 64,
-    m = 256, fresh processes): the bidirectional forward faulted 88,000 pages per call in about half the processes
-    (1.25× the time), 8,193 with this (the output's own, as SDPA's) in every one; forward+backward 338,000–386,000
-    bidirectionally and 92,000–121,000 causally, 12,000 and 20,000–34,000 with this (``benchmarks/RESULTS.md``).  Pure
-    FAVOR+ allocates no such same-size tensors.  The cost: glibc may keep up to twice the ceiling of freed heap, as
-    it does after any such free."""
-    if platform.libc_ver()[0] == "glibc":
-        torch.empty(((32 << 20) - 4096) // 4)
 
 
 AUTOGRAD_ROW_ELEMENTS = 1 << 19
@@ -593,7 +574,8 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
     every group's)."""
     b, key_heads, group, length, d = x.query.shape
-    _raise_mmap_threshold()
+    if not torch.compiler.is_compiling():  # (a process-wide side effect dynamo cannot trace)
+        _raise_mmap_threshold()
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS
     m = x.projection.shape[0]

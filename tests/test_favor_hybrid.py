@@ -118,12 +118,23 @@ def test_window_logits_spread_far_beyond_the_exp_floor_still_give_exact_attentio
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_rows_in_groups_match_the_naive_hybrid(causal, monkeypatch):
-    # without autograd, (batch, key head) rows go through in groups of ROW_ELEMENTS key features: one row each here
-    monkeypatch.setattr(hybrid, "ROW_ELEMENTS", L * M)
+    # without autograd, (batch, key head) rows go through in groups of GROUP_ELEMENTS key features: one row each here
+    monkeypatch.setattr(hybrid, "GROUP_ELEMENTS", L * M)
     q, k, v = qkv()
     mask = padding_mask()
     out, _ = favor_attention(q, k, v, projection(), causal=causal, key_padding_mask=mask, local_window=5, sink_tokens=3)
     torch.testing.assert_close(out, naive(q, k, v, window=5, sinks=3, causal=causal, mask=mask), rtol=1e-4, atol=1e-5)
+
+
+def test_a_row_longer_than_a_group_runs_whole_and_alone(monkeypatch):
+    # GROUP_ELEMENTS sizes the groups, ROW_ELEMENTS the longest row run whole: a row between the two is a group alone,
+    # not cut into segments
+    monkeypatch.setattr(hybrid, "GROUP_ELEMENTS", L * M // 2)
+    monkeypatch.setattr(hybrid, "_segments", lambda *args, **kwargs: pytest.fail("a whole row went through segments"))
+    q, k, v = qkv()
+    mask = padding_mask()
+    out, _ = favor_attention(q, k, v, projection(), key_padding_mask=mask, local_window=5, sink_tokens=3)
+    torch.testing.assert_close(out, naive(q, k, v, window=5, sinks=3, causal=False, mask=mask), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("blocks_per_step", [2, 16])  # 2: a head's blocks over several steps; 16: two heads a step

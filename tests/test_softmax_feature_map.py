@@ -57,7 +57,7 @@ def test_the_features_are_a_softmax_over_the_features():
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_the_naive_hybrid_with_padding_grouped_heads_and_a_far_weight(causal, rows_in_groups, monkeypatch):
     if rows_in_groups:  # one (batch, key head) row per group
-        monkeypatch.setattr(hybrid, "ROW_ELEMENTS", 37 * M)
+        monkeypatch.setattr(hybrid, "GROUP_ELEMENTS", 37 * M)
     q, k, v = qkv(37)
     mask = torch.ones(B, 37, dtype=torch.bool)
     mask[0, :6] = False

@@ -9,7 +9,7 @@ weight add into one denominator, so the result is one attention distribution: wi
 exact softmax attention, and ``W = S = 0`` is pure FAVOR+ (:func:`favor_attention` does not come here).
 
 Computation, in blocks of ``W`` tokens (bidirectionally, one block for a sequence of at most ``3W``: see
-:func:`_block_layout`; ``n`` blocks of every head of a group of heads, see :data:`ROW_ELEMENTS`): the FAVOR+ part of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
+:func:`_block_layout`; ``n`` blocks of every head of a group of heads, see :data:`GROUP_ELEMENTS`): the FAVOR+ part of query block ``b`` reads one summary ``φ(K)ᵀ[V, 1]`` (``m × (Dv + 1)``) — of all keys bidirectionally,
 of the keys before block ``b`` causally (a scan over blocks) — so it costs O(L·m·d) as pure FAVOR+ does.
 Exactly weighted keys lie in the span of neighbouring blocks (``b − 1, b`` causal; ``b − 1, b, b + 1``
 bidirectional; ``unfold`` views, nothing copied) plus the ``S`` sinks gathered once: one ``[W, span]``
@@ -160,16 +160,23 @@ process, medians of 5): 0.94× the time bidirectionally and 0.93× causally at 1
 4,096, 0.95× / 1.07× at 2,048; each step's features, weights and causal states are a quarter the size."""
 
 ROW_ELEMENTS = 1 << 22
-"""Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together without
-autograd: 16 MiB of float32, under glibc's largest ``mmap`` threshold (32 MiB, which :func:`~hf_performer.favor.attention._raise_mmap_threshold`
-makes the threshold), so that a group's tensors reuse the heap the group before freed instead of being mapped (and
-page-faulted) afresh.  One head at a time at 16,384 tokens
-(8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all heads at once and an eighth of the
-memory.  A batch of 64 short sentences × 12 heads × 22 tokens is two groups (+5 % time against one)."""
+"""Most key-feature elements of one (batch, key head) row that the bidirectional hybrid runs whole without autograd
+(16,384 tokens with m = 256); a longer row goes through :func:`_segments`.  16 MiB of float32, under glibc's largest
+``mmap`` threshold (32 MiB, which :func:`~hf_performer.favor.attention._raise_mmap_threshold` makes the threshold), so
+that a row's tensors reuse the heap the row before freed instead of being mapped (and page-faulted) afresh.  One
+head at a time at 16,384 tokens (8 heads × 64, m = 256, W = 64, S = 4, 1 thread): forward 15–16 % faster than all
+heads at once and an eighth of the memory."""
 
+GROUP_ELEMENTS = 1 << 20
+"""Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together without
+autograd (a longer row is a group alone): 4 MiB of float32, two rows of 2,048 tokens with m = 256.  Against groups of
+:data:`ROW_ELEMENTS` (forward, 2 threads, interleaved in one process, medians of 12): a batch of 64 sentences × 12
+heads × 22 tokens (W = 16, S = 4) in 0.73× the time, 32 × 12 heads × 128 tokens in 0.97×, one sequence of 8 heads
+× 64 at 2,048 / 4,096 tokens (W = 64, S = 4) in 1.02× / 1.00× (causal, 1,024 tokens: 0.99×); the bidirectional forward
+peaks at 15 / 12–15 MiB beyond the inputs at 2,048 / 4,096 tokens against 33 / 39–43 (SDPA: 5.4 / 9.4)."""
 
 AUTOGRAD_ROW_ELEMENTS = 1 << 19
-""":data:`ROW_ELEMENTS` under autograd (:class:`_GroupedHybrid`), whose backward holds one group's graph: one row of
+""":data:`GROUP_ELEMENTS` and :data:`ROW_ELEMENTS` under autograd (:class:`_GroupedHybrid`), whose backward holds one group's graph: one row of
 2,048 tokens with m = 256.  Bidirectional forward+backward peak beyond the inputs (8 heads × 64, W = 64, S = 4, fresh
 processes, 1 thread) 40 / 108 MiB at 2,048 / 4,096 tokens against 275 / 350 with :data:`ROW_ELEMENTS` (SDPA: 22 /
 42), in 1.07–1.18× the time at 2,048 (the groups run again in backward; interleaved, 2 threads) and the same time for
@@ -569,7 +576,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     Sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through
     :func:`_segments` (all rows, a segment of tokens at a time): causal ones always, bidirectional ones where one
     (batch, key head) row is more than a group.  Causal ones without autograd whose rows hold at least
-    :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a time instead, each in segments of that size.  Others go in groups of rows of :data:`ROW_ELEMENTS` key features
+    :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a time instead, each in segments of that size.  Others go in groups of rows of :data:`GROUP_ELEMENTS` key features
     (:data:`AUTOGRAD_ROW_ELEMENTS` under autograd), each written into one output (under autograd as
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
     every group's)."""
@@ -577,9 +584,9 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     if not torch.compiler.is_compiling():  # (a process-wide side effect dynamo cannot trace)
         _raise_mmap_threshold()
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
-    elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS
+    elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS  # the longest row run whole, bidirectionally
     m = x.projection.shape[0]
-    rows, per_group = b * key_heads, max(1, elements // (length * m))
+    rows, per_group = b * key_heads, max(1, (elements if recording else GROUP_ELEMENTS) // (length * m))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     row_wise = causal and not recording and length * m >= ROW_SEGMENT_ELEMENTS  # one row at a time
     if row_wise:

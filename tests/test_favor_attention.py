@@ -507,3 +507,36 @@ def test_bidirectional_default_blocks_short_in_one_long_in_lean_blocks(monkeypat
         out = bidirectional_favor(q, k, v, omega)
         assert calls == (blocks or [16, 16, 8])
         torch.testing.assert_close(out.double(), reference(q, k, v, omega, causal=False), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("recording", [False, True])
+def test_batch_pieces_equal_one_call(causal, recording, monkeypatch):
+    """A batch of short sequences runs in pieces of sequences (``BATCH_PIECE_ELEMENTS``): the same outputs, causal
+    states and gradients as one call, with grouped heads, padding and (causal) an initial state; without autograd
+    the pieces are written into one output."""
+    from hf_performer.favor import attention
+
+    batch, length = 5, 11
+    q = torch.randn(batch, 4, length, D, dtype=torch.float64)
+    k, v = (torch.randn(batch, 2, length, D, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[1, :4] = False
+    mask[4, 7:] = False
+    omega = projection()
+    state = None
+    if causal:
+        _, state = favor_attention(q, k, v, omega, causal=True)
+    leaves = [t.clone().requires_grad_(recording) for t in (q, k, v)]
+    whole_leaves = [t.clone().requires_grad_(recording) for t in (q, k, v)]
+    whole, whole_state = favor_attention(*whole_leaves, omega, causal=causal, key_padding_mask=mask, initial_state=state)
+    monkeypatch.setattr(attention, "BATCH_PIECE_ELEMENTS", 2 * 4 * length * M)  # two sequences a piece: 2 + 2 + 1
+    assert len(attention._batch_pieces(batch, 4, length, M)) == 3
+    assert len(attention._batch_pieces(batch, 4, attention.MIN_BLOCK_TOKENS + 1, M)) == 1  # longer: token blocks
+    out, out_state = favor_attention(*leaves, omega, causal=causal, key_padding_mask=mask, initial_state=state)
+    torch.testing.assert_close(out, whole)
+    if causal:
+        for got, want in zip(out_state, whole_state):
+            torch.testing.assert_close(got, want)
+    if recording:
+        assert_same_input_gradients(out, whole, leaves, whole_leaves)

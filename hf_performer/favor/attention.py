@@ -982,17 +982,57 @@ def favor_attention(
         raise ValueError(f"feature_map={feature_map!r} is a learned feature map of hybrid attention: it needs local_window ≥ 1")
     if far_key_limit:
         raise ValueError(f"far_key_limit={far_key_limit!r} limits the far part of hybrid attention: it needs local_window ≥ 1")
-    features = dict(
-        scaling=scaling, key_padding_mask=key_padding_mask, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon
-    )
-    if not causal:
-        return bidirectional_favor(query, key, value, projection, block_size=block_size, **features), None
-    if query.shape[-2] == 1:  # one decoding step sees every key
-        return recurrent_favor_step(query, key, value, projection, initial_state, **features)
-    return causal_favor(
-        query, key, value, projection, chunk_size=chunk_size, block_size=block_size, initial_state=initial_state,
-        **features,
-    )
+    features = dict(scaling=scaling, kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon)
+    if causal and query.shape[-2] == 1:  # one decoding step sees every key
+        return recurrent_favor_step(query, key, value, projection, initial_state, key_padding_mask=key_padding_mask,
+                                    **features)
+    out = state = None
+    outputs, states = [], []
+    batch = query.shape[0]
+    pieces = _batch_pieces(batch, query.shape[1], key.shape[-2], projection.shape[0])
+    for piece in pieces:
+        mask = None if key_padding_mask is None else key_padding_mask[piece]
+        if causal:
+            entry = None if initial_state is None else FavorState(*(t[piece] for t in initial_state))
+            part, state = causal_favor(query[piece], key[piece], value[piece], projection, key_padding_mask=mask,
+                                       chunk_size=chunk_size, block_size=block_size, initial_state=entry, **features)
+            states.append(state)
+        else:
+            part = bidirectional_favor(query[piece], key[piece], value[piece], projection, key_padding_mask=mask,
+                                       block_size=block_size, **features)
+        if len(pieces) == 1:
+            return part, state
+        if records_gradients(part):  # the graph keeps every piece's output anyway: concatenated once
+            outputs.append(part)
+            continue
+        if out is None:  # without autograd, pieces are written into one output (not a list and its concatenation)
+            out = part.new_empty(batch, *part.shape[1:])
+        out[piece] = part
+    if outputs:
+        out = torch.cat(outputs)
+    return out, (FavorState(*(torch.cat(ts) for ts in zip(*states))) if causal else None)
+
+
+BATCH_PIECE_ELEMENTS = 1 << 20
+"""Feature elements (``H × L × m`` per sequence) per piece of a batch of short sequences (at most
+:data:`MIN_BLOCK_TOKENS` keys) that pure FAVOR+ runs separately: 4 MiB of float32, two sequences of 12 heads × 128
+tokens with m = 256, fifteen of 22 tokens.  Such a batch is one token block of every (batch, head) row at once, whose
+``[rows, L, m]`` features spill out of the caches (17 MiB at 64 × 12 heads × 22 tokens).  In pieces (2 threads,
+interleaved in one process, medians against one call): forward 0.71× / 0.65× (bidirectional / causal) at 64 × 12
+heads × 22 tokens and 0.81× / 0.64× at 32 × 12 × 128; forward+backward 0.70× / 0.62× and 0.99× / 0.74×.  Longer
+sequences run in token blocks already: pieces of one 2,048-token sequence took 1.08–1.11× the time of the whole batch
+of 8 (more blocks, each with its fixed operations), of 256–512 tokens 0.93–1.08×; they are not cut.
+(``benchmarks/RESULTS.md``)"""
+
+
+def _batch_pieces(batch: int, heads: int, keys: int, nb_features: int) -> list[slice]:
+    """Slices of the batch holding about :data:`BATCH_PIECE_ELEMENTS` feature elements each (``heads × keys ×
+    nb_features`` per sequence), at least one sequence; one slice for sequences of more than
+    :data:`MIN_BLOCK_TOKENS` keys."""
+    per_piece = max(1, BATCH_PIECE_ELEMENTS // (heads * max(1, keys) * nb_features))
+    if keys > MIN_BLOCK_TOKENS or per_piece >= batch:
+        return [slice(0, batch)]
+    return [slice(start, min(start + per_piece, batch)) for start in range(0, batch, per_piece)]
 
 
 def _hybrid(query, key, value, projection, window, sinks, far_part, far_log_weight, scaling, causal, key_padding_mask,

@@ -199,3 +199,13 @@ def test_report_writes_the_results_page_with_the_goals(op_speed_results):
     assert "## Goals" in page and "## Speed" in page
     assert "bidirectional forward, L = 16384" in page  # the goal rows are there even when not measured at 16384
     assert "results/op_speed.png" in page
+
+
+def test_minilm_batch_times_favor_in_pieces_and_in_one_call_next_to_sdpa(results):
+    run_benchmark(results, "minilm_batch", "--shapes", "4x8", "--passes", "forward", "forward+backward",
+                  "--repeats", "1")
+    rows = read_csv(results / "minilm_batch.csv")
+    assert {(r["pass"], r["setting"]) for r in rows} == {
+        (p, s) for p in ("forward", "forward+backward") for s in ("favor+ in pieces", "favor+ in one call", "sdpa")
+    }
+    assert all(float(r["seconds"]) > 0 and (r["batch"], r["tokens"]) == ("4", "8") for r in rows)

@@ -930,7 +930,8 @@ def favor_attention(
 ) -> tuple[torch.Tensor, FavorState | None]:
     """FAVOR+ estimate of ``softmax(scaling · QKᵀ) V``: picks :func:`bidirectional_favor`,
     :func:`causal_favor` or, for one causal query, :func:`recurrent_favor_step`; with a local window
-    or sinks, :func:`~hf_performer.favor.hybrid.hybrid_favor_attention`.
+    or sinks, :func:`~hf_performer.favor.hybrid.hybrid_favor_attention`.  A batch of short sequences goes to the
+    first two in pieces of sequences (:data:`BATCH_PIECE_ELEMENTS`), whose features then stay in cache.
 
     Args:
         query: ``[B, H, Lq, D]``; key ``[B, Hk, Lk, D]``; value ``[B, Hk, Lk, Dv]``; ``H % Hk == 0``.

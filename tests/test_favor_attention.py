@@ -531,8 +531,10 @@ def test_batch_pieces_equal_one_call(causal, recording, monkeypatch):
     whole_leaves = [t.clone().requires_grad_(recording) for t in (q, k, v)]
     whole, whole_state = favor_attention(*whole_leaves, omega, causal=causal, key_padding_mask=mask, initial_state=state)
     monkeypatch.setattr(attention, "BATCH_PIECE_ELEMENTS", 2 * 4 * length * M)  # two sequences a piece: 2 + 2 + 1
-    assert len(attention._batch_pieces(batch, 4, length, M)) == 3
-    assert len(attention._batch_pieces(batch, 4, attention.MIN_BLOCK_TOKENS + 1, M)) == 1  # longer: token blocks
+    cpu = torch.device("cpu")
+    assert len(attention._batch_pieces(batch, 4, length, M, cpu)) == 3
+    assert len(attention._batch_pieces(batch, 4, attention.MIN_BLOCK_TOKENS + 1, M, cpu)) == 1  # longer: token blocks
+    assert len(attention._batch_pieces(batch, 4, length, M, torch.device("meta"))) == 1  # the CPU's caches only
     out, out_state = favor_attention(*leaves, omega, causal=causal, key_padding_mask=mask, initial_state=state)
     torch.testing.assert_close(out, whole)
     if causal:

@@ -990,7 +990,7 @@ def favor_attention(
     out = state = None
     outputs, states = [], []
     batch = query.shape[0]
-    pieces = _batch_pieces(batch, query.shape[1], key.shape[-2], projection.shape[0])
+    pieces = _batch_pieces(batch, query.shape[1], key.shape[-2], projection.shape[0], query.device)
     for piece in pieces:
         mask = None if key_padding_mask is None else key_padding_mask[piece]
         if causal:
@@ -1018,7 +1018,7 @@ BATCH_PIECE_ELEMENTS = 1 << 20
 """Feature elements (``H × L × m`` per sequence) per piece of a batch of short sequences (at most
 :data:`MIN_BLOCK_TOKENS` keys) that pure FAVOR+ runs separately: 4 MiB of float32, two sequences of 12 heads × 128
 tokens with m = 256, fifteen of 22 tokens.  Such a batch is one token block of every (batch, head) row at once, whose
-``[rows, L, m]`` features spill out of the caches (17 MiB at 64 × 12 heads × 22 tokens).  In pieces (2 threads,
+``[rows, L, m]`` features spill out of the caches (17 MiB at 64 × 12 heads × 22 tokens).  On the CPU, in pieces (2 threads,
 interleaved in one process, medians against one call): forward 0.71× / 0.65× (bidirectional / causal) at 64 × 12
 heads × 22 tokens and 0.81× / 0.64× at 32 × 12 × 128; forward+backward 0.70× / 0.62× and 0.99× / 0.74×.  Longer
 sequences run in token blocks already: pieces of one 2,048-token sequence took 1.08–1.11× the time of the whole batch
@@ -1026,12 +1026,13 @@ of 8 (more blocks, each with its fixed operations), of 256–512 tokens 0.93–1
 (``benchmarks/RESULTS.md``)"""
 
 
-def _batch_pieces(batch: int, heads: int, keys: int, nb_features: int) -> list[slice]:
+def _batch_pieces(batch: int, heads: int, keys: int, nb_features: int, device: torch.device) -> list[slice]:
     """Slices of the batch holding about :data:`BATCH_PIECE_ELEMENTS` feature elements each (``heads × keys ×
     nb_features`` per sequence), at least one sequence; one slice for sequences of more than
-    :data:`MIN_BLOCK_TOKENS` keys."""
+    :data:`MIN_BLOCK_TOKENS` keys, and off the CPU (the pieces were measured against the CPU's caches; on a GPU
+    each would add its kernel launches)."""
     per_piece = max(1, BATCH_PIECE_ELEMENTS // (heads * max(1, keys) * nb_features))
-    if keys > MIN_BLOCK_TOKENS or per_piece >= batch:
+    if device.type != "cpu" or keys > MIN_BLOCK_TOKENS or per_piece >= batch:
         return [slice(0, batch)]
     return [slice(start, min(start + per_piece, batch)) for start in range(0, batch, per_piece)]
 

@@ -169,7 +169,8 @@ heads at once and an eighth of the memory."""
 
 GROUP_ELEMENTS = 1 << 20
 """Key-feature elements per group of (batch, key head) rows that :func:`hybrid_favor` computes together without
-autograd (a longer row is a group alone): 4 MiB of float32, two rows of 2,048 tokens with m = 256.  Against groups of
+autograd on the CPU (a longer row is a group alone; other devices: :data:`ROW_ELEMENTS`, as the groups were measured
+against the CPU's caches): 4 MiB of float32, two rows of 2,048 tokens with m = 256.  Against groups of
 :data:`ROW_ELEMENTS` (forward, 2 threads, interleaved in one process, medians of 12): a batch of 64 sentences × 12
 heads × 22 tokens (W = 16, S = 4) in 0.73× the time, 32 × 12 heads × 128 tokens in 0.97×, one sequence of 8 heads
 × 64 at 2,048 / 4,096 tokens (W = 64, S = 4) in 1.02× / 1.00× (causal, 1,024 tokens: 0.99×); the bidirectional forward
@@ -586,7 +587,8 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS  # the longest row run whole, bidirectionally
     m = x.projection.shape[0]
-    rows, per_group = b * key_heads, max(1, (elements if recording else GROUP_ELEMENTS) // (length * m))
+    grouped = GROUP_ELEMENTS if not recording and x.query.device.type == "cpu" else elements
+    rows, per_group = b * key_heads, max(1, grouped // (length * m))
     weight = None if far_log_weight is None or far_part != "favor" else far_log_weight.expand(b, key_heads, group).reshape(rows, group)
     row_wise = causal and not recording and length * m >= ROW_SEGMENT_ELEMENTS  # one row at a time
     if row_wise:

@@ -513,8 +513,7 @@ def test_bidirectional_default_blocks_short_in_one_long_in_lean_blocks(monkeypat
 @pytest.mark.parametrize("recording", [False, True])
 def test_batch_pieces_equal_one_call(causal, recording, monkeypatch):
     """A batch of short sequences runs in pieces of sequences (``BATCH_PIECE_ELEMENTS``): the same outputs, causal
-    states and gradients as one call, with grouped heads, padding and (causal) an initial state; without autograd
-    the pieces are written into one output."""
+    states and gradients as one call, with grouped heads, padding and (causal) an initial state."""
     from hf_performer.favor import attention
 
     batch, length = 5, 11

@@ -987,31 +987,21 @@ def favor_attention(
     if causal and query.shape[-2] == 1:  # one decoding step sees every key
         return recurrent_favor_step(query, key, value, projection, initial_state, key_padding_mask=key_padding_mask,
                                     **features)
-    out = state = None
-    outputs, states = [], []
-    batch = query.shape[0]
-    pieces = _batch_pieces(batch, query.shape[1], key.shape[-2], projection.shape[0], query.device)
-    for piece in pieces:
+
+    def attend(piece: slice) -> tuple[torch.Tensor, FavorState | None]:
         mask = None if key_padding_mask is None else key_padding_mask[piece]
-        if causal:
-            entry = None if initial_state is None else FavorState(*(t[piece] for t in initial_state))
-            part, state = causal_favor(query[piece], key[piece], value[piece], projection, key_padding_mask=mask,
-                                       chunk_size=chunk_size, block_size=block_size, initial_state=entry, **features)
-            states.append(state)
-        else:
-            part = bidirectional_favor(query[piece], key[piece], value[piece], projection, key_padding_mask=mask,
-                                       block_size=block_size, **features)
-        if len(pieces) == 1:
-            return part, state
-        if records_gradients(part):  # the graph keeps every piece's output anyway: concatenated once
-            outputs.append(part)
-            continue
-        if out is None:  # without autograd, pieces are written into one output (not a list and its concatenation)
-            out = part.new_empty(batch, *part.shape[1:])
-        out[piece] = part
-    if outputs:
-        out = torch.cat(outputs)
-    return out, (FavorState(*(torch.cat(ts) for ts in zip(*states))) if causal else None)
+        if not causal:
+            return bidirectional_favor(query[piece], key[piece], value[piece], projection, key_padding_mask=mask,
+                                       block_size=block_size, **features), None
+        entry = None if initial_state is None else FavorState(*(t[piece] for t in initial_state))
+        return causal_favor(query[piece], key[piece], value[piece], projection, key_padding_mask=mask,
+                            chunk_size=chunk_size, block_size=block_size, initial_state=entry, **features)
+
+    pieces = _batch_pieces(query.shape[0], query.shape[1], key.shape[-2], projection.shape[0], query.device)
+    if len(pieces) == 1:
+        return attend(pieces[0])
+    outputs, states = zip(*(attend(piece) for piece in pieces))  # short sequences: small outputs, joined once
+    return torch.cat(outputs), (FavorState(*(torch.cat(ts) for ts in zip(*states))) if causal else None)
 
 
 BATCH_PIECE_ELEMENTS = 1 << 20

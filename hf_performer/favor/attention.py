@@ -94,10 +94,10 @@ def records_gradients(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-@functools.cache
 def _raise_mmap_threshold() -> None:
-    """Once per process, under glibc: allocate and free 32 MiB − 4 KiB (never touched, so nothing is paged in), which
-    raises glibc's dynamic mmap threshold to its ceiling (32 MiB on 64-bit systems).  Called by
+    """Once per process, under glibc (not while ``torch.compile`` traces: a process-wide side effect it cannot
+    follow), through :func:`_free_threshold_chunk`: allocate and free 32 MiB − 4 KiB (never touched, so nothing is
+    paged in), which raises glibc's dynamic mmap threshold to its ceiling (32 MiB on 64-bit systems).  Called by
     :func:`causal_favor` and :func:`~hf_performer.favor.hybrid.hybrid_favor`.
 
     Why: glibc maps every allocation at or above its threshold afresh and raises the threshold only when it frees a
@@ -112,6 +112,13 @@ def _raise_mmap_threshold() -> None:
       1,024–2,048 tokens in fresh processes, none with this: 0.87–0.90× the time at 1,024 tokens, 0.95–0.96× at 2,048,
       and a forward peak 2–4 MiB lower at 2,048–32,768 tokens.  Bidirectional FAVOR+ faulted no more without it.
     The cost: glibc may keep up to twice the ceiling of freed heap, as it does after any such free."""
+    if not torch.compiler.is_compiling():
+        _free_threshold_chunk()
+
+
+@functools.cache
+def _free_threshold_chunk() -> None:
+    """The once-per-process part of :func:`_raise_mmap_threshold`."""
     if platform.libc_ver()[0] == "glibc":
         torch.empty(((32 << 20) - 4096) // 4)
 
@@ -781,8 +788,7 @@ def causal_favor(
     :func:`~hf_performer.favor.naive.quadratic_linear_attention`.
     """
     x = _inputs(query, key, value, projection, scaling, key_padding_mask)
-    if not torch.compiler.is_compiling():  # (a process-wide side effect dynamo cannot trace)
-        _raise_mmap_threshold()
+    _raise_mmap_threshold()
     b, key_heads, group, q_len, _ = x.query.shape
     k_len, m, dv = x.key.shape[-2], projection.shape[0], x.value.shape[-1]
     if q_len > k_len:

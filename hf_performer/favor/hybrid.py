@@ -582,8 +582,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
     every group's)."""
     b, key_heads, group, length, d = x.query.shape
-    if not torch.compiler.is_compiling():  # (a process-wide side effect dynamo cannot trace)
-        _raise_mmap_threshold()
+    _raise_mmap_threshold()
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
     elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS  # the longest row run whole, bidirectionally
     m = x.projection.shape[0]

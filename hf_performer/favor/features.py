@@ -9,8 +9,8 @@ Notation follows the paper: ``d`` is the head dimension, ``m`` the number of ran
     φ(x) = m^-½ · exp(ωx − ‖x‖²/2)          (paper eq. 7 with h(x) = exp(−‖x‖²/2), f = exp)
 
 so that ``E[φ(x)ᵀφ(y)] = exp(xᵀy)``.  Generalised attention (paper §2.2) replaces ``exp`` by any
-non-negative ``f``: ``φ(x) = m^-½ · (f(ωx) + ε)``.  The learned ``"softmax"`` feature map keeps the form
-``log φ(x) = ωx − c(x) − ½ log m`` with another normaliser ``c`` (:func:`log_normaliser`).
+non-negative ``f``: ``φ(x) = m^-½ · (f(ωx) + ε)``.  The learned ``"softmax"`` and ``"hedgehog"`` feature maps keep
+the form ``log φ(x) = ωx − c(x) − ½ log m`` with another normaliser ``c`` (:func:`log_normaliser`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ import torch
 
 FEATURE_SCALINGS = ("chi", "sqrt_d", "unit")
 
-FEATURE_MAPS = ("favor+", "softmax")
+FEATURE_MAPS = ("favor+", "softmax", "hedgehog")
 """The normalisers ``c(x)`` of ``log φ(x) = ωx − c(x) − ½ log m`` (see :func:`log_normaliser`)."""
+
+LEARNED_FEATURE_MAPS = ("softmax", "hedgehog")
+"""The feature maps whose ω is learned (by attention transfer) rather than drawn: they start from unit-norm rows
+(:func:`learned_projection`) and are never redrawn."""
 
 NEG_LOG_WEIGHT = -1e30
 """Log-weight of a padding key: exp(NEG_LOG_WEIGHT − anything finite) is exactly 0."""
@@ -90,10 +94,23 @@ def orthogonal_random_matrix(
     return directions * norms
 
 
+def learned_projection(feature_map: str, nb_features: int, dim: int, *, generator: torch.Generator | None = None,
+                       orthogonal: bool = True) -> torch.Tensor:
+    """The ω ``[m, d]`` a learned feature map (:data:`LEARNED_FEATURE_MAPS`) starts from: unit-norm rows (of
+    :func:`orthogonal_random_matrix`), which keep its logits ``ωx`` of the order of ``‖x‖/√d``: soft, with gradients;
+    for ``"hedgehog"`` ``[ω₁; −ω₁]`` with ``m/2`` such rows ``ω₁``, Hedgehog's ``[softmax(ωx), softmax(−ωx)]``."""
+    check_feature_count(feature_map, nb_features)
+    draw = dict(generator=generator, orthogonal=orthogonal, scaling="unit")
+    if feature_map == "hedgehog":
+        half = orthogonal_random_matrix(nb_features // 2, dim, **draw)
+        return torch.cat([half, -half])
+    return orthogonal_random_matrix(nb_features, dim, **draw)
+
+
 def log_normaliser(x: torch.Tensor, logits: torch.Tensor, feature_map: str = "favor+", *,
                    scale: float = 1.0) -> torch.Tensor:
-    """``c(s·x)`` ``[..., L, 1]`` of ``log φ(s·x) = ω(s·x) − c(s·x) − ½ log m`` for inputs ``x [..., L, d]`` (``s =
-    scale``) and their logits ``ω(s·x)`` ``[..., L, m]``:
+    """``c(s·x)`` of ``log φ(s·x) = ω(s·x) − c(s·x) − ½ log m`` for inputs ``x [..., L, d]`` (``s = scale``) and their
+    logits ``ω(s·x)`` ``[..., L, m]``: ``[..., L, 1]``, or ``[..., L, m]`` (one per feature) for ``"hedgehog"``:
 
     - ``"favor+"``: ``‖s·x‖²/2``, the positive random features of the paper (eq. 7): ``E[φ(q)ᵀφ(k)] = exp(qᵀk)``.
       With ``‖q‖, ‖k‖`` of a pretrained model the estimate is an average of log-normal terms whose mean rests on
@@ -102,21 +119,48 @@ def log_normaliser(x: torch.Tensor, logits: torch.Tensor, feature_map: str = "fa
     - ``"softmax"``: ``logsumexp(ω(s·x)) − ½ log m``, so ``φ(x) = softmax(ωx)`` over the ``m`` features: a learned
       feature map (Hedgehog, Zhang et al., ICLR 2024, arXiv 2402.04347; LoLCATs) with bounded features that sum
       to 1. It estimates nothing until ω (and the hybrid's far weight) are trained, by attention transfer.
+    - ``"hedgehog"``: the features in two halves, each a softmax of its own: ``φ(x) = [softmax(ω₁x), softmax(ω₂x)]``
+      (``m`` even), started at ``ω₂ = −ω₁`` (:func:`learned_projection`): Hedgehog's own map, whose
+      ``[softmax(ωx), softmax(−ωx)]`` pair weighs keys by their large negative products with the query as well as
+      their large positive ones (a single softmax only sees the latter). ``c_j`` is the log-sum-exp of feature
+      ``j``'s half, ``− ½ log m``.
     """
     if feature_map == "favor+":  # from x, not from a scaled copy of it
         return torch.linalg.vecdot(x, x).unsqueeze(-1).mul_(0.5 * scale**2)
     if feature_map == "softmax":
         return torch.logsumexp(logits, -1, keepdim=True) - 0.5 * math.log(logits.shape[-1])  # (backward reads lse)
+    if feature_map == "hedgehog":
+        m = logits.shape[-1]
+        halves = logits.unflatten(-1, (2, m // 2))
+        return (torch.logsumexp(halves, -1, keepdim=True) - 0.5 * math.log(m)).expand_as(halves).flatten(-2)
     raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def per_query_normaliser(logits: torch.Tensor, normaliser: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query logits ``ωq`` ``[..., L, m]`` and their :func:`log_normaliser` → ``(logits', c' [..., L, 1])`` with
+    ``logits' − c' = ωq − c``: a normaliser of one value per feature (``"hedgehog"``) goes into the logits (``c' =
+    0``), so that the query side, which keeps ``c`` apart from the logits it exponentiates, has one per query."""
+    if normaliser.shape[-1] == 1:
+        return logits, normaliser
+    logits = logits - normaliser if logits.requires_grad else logits.sub_(normaliser)
+    return logits, normaliser.new_zeros(*normaliser.shape[:-1], 1)
+
+
+def check_feature_count(feature_map: str, nb_features: int) -> None:
+    """``"hedgehog"`` splits the ``m`` features into two halves: ``m`` must be even (ValueError otherwise)."""
+    if feature_map == "hedgehog" and nb_features % 2:
+        raise ValueError(f"feature_map='hedgehog' splits the features into two halves: nb_features must be even, "
+                         f"got {nb_features}")
 
 
 def query_log_features(q: torch.Tensor, projection: torch.Tensor, key_reference: torch.Tensor,
                        feature_map: str = "favor+") -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled queries ``q [..., L, d]`` → ``(ωq + R [..., L, m], c(q) [..., L, 1])``: the logits of the query side of
     a hybrid's FAVOR+ part against keys kept relative to ``R`` (``key_reference``, broadcast over ``L``), and the
-    normaliser (:func:`log_normaliser`) that no longer cancels against the exact part."""
+    normaliser (:func:`log_normaliser`) that no longer cancels against the exact part (one of one value per feature
+    goes into the logits instead: :func:`per_query_normaliser`)."""
     logits = torch.matmul(q, projection.transpose(0, 1))
-    normaliser = log_normaliser(q, logits, feature_map)
+    logits, normaliser = per_query_normaliser(logits, log_normaliser(q, logits, feature_map))
     if feature_map != "favor+" and logits.requires_grad:  # the normaliser's backward reads the logits
         return logits + key_reference, normaliser
     return logits.add_(key_reference), normaliser

@@ -23,8 +23,10 @@ the window's feature products back out of a summary rounds like the summary itse
 mass of those keys.
 
 The far part's features are FAVOR+'s by default, or a learned map (``feature_map="softmax"``, ``φ(x) =
-softmax(ωx)``): both are ``log φ(x) = ωx − c(x) − ½ log m`` and differ only in the normaliser ``c``
-(:func:`~hf_performer.favor.features.log_normaliser`; ``‖s·q‖²/2`` in the stabiliser above is FAVOR+'s ``c``).
+softmax(ωx)``; ``"hedgehog"``, a softmax over each half of the features): all are ``log φ(x) = ωx − c(x) − ½ log m``
+and differ only in the normaliser ``c`` (:func:`~hf_performer.favor.features.log_normaliser`; ``‖s·q‖²/2`` in the
+stabiliser above is FAVOR+'s ``c``; the query side folds a normaliser of one value per feature into its logits,
+:func:`~hf_performer.favor.features.per_query_normaliser`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from hf_performer.favor.features import (
     key_features,
     key_log_features,
     log_normaliser,
+    per_query_normaliser,
     query_log_features,
 )
 
@@ -1058,8 +1061,8 @@ def hybrid_favor_attention(
     FAVOR+ (window-only attention, the ablation).  ``far_log_weight [H]`` (one per query head, differentiable;
     LoLCATs' learnable per-head factor): head ``h``'s FAVOR+ weights are multiplied by ``exp(far_log_weight[h])``
     before the one normaliser, so training can turn each head's far part up or down; None (or zeros) is ×1.
-    ``feature_map``: ``"favor+"`` (the paper's random features) or ``"softmax"`` (a learned feature map,
-    :func:`~hf_performer.favor.features.log_normaliser`).  ``far_key_limit = N > 0``: a query with ``n > N`` far keys
+    ``feature_map``: ``"favor+"`` (the paper's random features), ``"softmax"`` or ``"hedgehog"`` (learned feature
+    maps, :func:`~hf_performer.favor.features.log_normaliser`).  ``far_key_limit = N > 0``: a query with ``n > N`` far keys
     has its FAVOR+ weights times ``N / n`` (e.g. ``N`` the most far keys a query met in training, so that the far
     part keeps its share of the attention mass at longer contexts).
     Reference: :func:`~hf_performer.favor.naive.hybrid_attention`.
@@ -1277,8 +1280,9 @@ def _one_token_step(x: _Inputs, state: HybridState, keep: torch.Tensor, far: boo
         # the queries and the leaving key, scaled once, and their logits ωx: [B·Hk·G + B·Hk, m]
         scaled = torch.cat([q.reshape(rows * group, d), window_key[:, :, 0].reshape(rows, d)]).mul_(scale)
         products = torch.mm(scaled, projection.t())
-        normaliser = log_normaliser(q, products[: rows * group].view(rows, group, m), feature_map, scale=scale)
-        q_log = products[: rows * group].view(rows, group, m).add_(state.far.log_scale.reshape(rows, 1, m))
+        q_logits = products[: rows * group].view(rows, group, m)
+        q_logits, normaliser = per_query_normaliser(q_logits, log_normaliser(q, q_logits, feature_map, scale=scale))
+        q_log = q_logits.add_(state.far.log_scale.reshape(rows, 1, m))
         top = q_log.amax(-1, keepdim=True)
         q_feat = q_log.sub_(top).exp_()
         # φ(q)ᵀφ(k) = q_feat·kv_j · exp(top − c(s·q) − ½ log m): the state's rows carry exp(log_scale) and m^-½

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hf_performer.config import PerformerConfig
-from hf_performer.favor.features import orthogonal_random_matrix
+from hf_performer.favor.features import LEARNED_FEATURE_MAPS, learned_projection, orthogonal_random_matrix
 
 
 def feature_seed(seed: int, layer_idx: int, stream: int, draw: int) -> int:
@@ -92,13 +92,15 @@ class FavorProjection(nn.Module):
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)
         try:
+            if self.settings.feature_map in LEARNED_FEATURE_MAPS:
+                return learned_projection(self.settings.feature_map, self.settings.nb_features, head_dim,
+                                          generator=generator, orthogonal=self.settings.orthogonal)
             return orthogonal_random_matrix(
                 self.settings.nb_features,
                 head_dim,
                 generator=generator,
                 orthogonal=self.settings.orthogonal,
-                # a learned softmax feature map starts soft: unit rows keep its logits ωx near ‖x‖/√d
-                scaling="unit" if self.settings.feature_map == "softmax" else self.settings.feature_scaling,
+                scaling=self.settings.feature_scaling,
             )
         finally:
             torch.set_default_dtype(default_dtype)

@@ -46,13 +46,12 @@ def positive_softmax_log_features(x: torch.Tensor, projection: torch.Tensor, fea
     """``log φ(x) = ωx − ‖x‖²/2 − ½ log m`` (paper eq. 7): ``[..., L, d] → [..., L, m]``, usable at any norm;
     ``feature_map="softmax"``: ``log φ(x) = log softmax(ωx)`` (the learned feature map); ``"hedgehog"``: each half of
     the features a log-softmax of its own."""
+    logits, m = x @ projection.transpose(0, 1), projection.shape[0]
     if feature_map == "softmax":
-        return torch.log_softmax(x @ projection.transpose(0, 1), -1)
+        return torch.log_softmax(logits, -1)
     if feature_map == "hedgehog":
-        m = projection.shape[0]
-        return torch.log_softmax((x @ projection.transpose(0, 1)).unflatten(-1, (2, m // 2)), -1).flatten(-2)
-    m = projection.shape[0]
-    return x @ projection.transpose(0, 1) - x.pow(2).sum(-1, keepdim=True) / 2 - 0.5 * math.log(m)
+        return torch.log_softmax(logits.unflatten(-1, (2, m // 2)), -1).flatten(-2)
+    return logits - x.pow(2).sum(-1, keepdim=True) / 2 - 0.5 * math.log(m)
 
 
 def log_space_linear_attention(q_log, k_log, value, *, causal=False, key_padding_mask=None):

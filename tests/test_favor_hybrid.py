@@ -153,9 +153,13 @@ def test_query_blocks_in_steps_match_the_naive_hybrid(causal, blocks_per_step, m
 
 
 def segments_of_four_windows(monkeypatch, causal, window=5, recording=False):
-    """Sequences of 70 tokens (4 rows: B × 2 key heads) go through segments of four windows; bidirectionally a row
-    is then more than a group (ROW_ELEMENTS).  Returns the list of the sequences' plans, to check they ran."""
-    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS" if recording else "SEGMENT_ELEMENTS", 4 * window * B * 2 * M)
+    """Sequences of 70 tokens (4 rows: B × 2 key heads) go through segments of four windows: under autograd
+    (``recording``) one row at a time, else all rows together; bidirectionally a row is then more than a group
+    (ROW_ELEMENTS).  Returns the list of the sequences' plans, to check they ran."""
+    if recording:
+        monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * window * M)
+    else:
+        monkeypatch.setattr(hybrid, "SEGMENT_ELEMENTS", 4 * window * B * 2 * M)
     monkeypatch.setattr(hybrid, "AUTOGRAD_ROW_ELEMENTS" if recording else "ROW_ELEMENTS", 2 * window * M)
     plans, segments = [], hybrid._segments
 
@@ -251,6 +255,22 @@ def test_segments_run_again_in_backward_give_the_naive_gradients(causal, far_par
     if weight is not None:
         torch.testing.assert_close(weight.grad, reference_weight.grad, rtol=1e-3, atol=1e-5)
     assert len(plans) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_under_autograd_run_one_row_at_a_time(causal, monkeypatch):
+    # backward then holds one (batch, key head) row's segment graph: every plan is one row's, and there is one per row
+    segments_of_four_windows(monkeypatch, causal, recording=True)
+    rows, plan = [], hybrid._plan
+
+    def recorded(x, segment, **settings):
+        rows.append(x.query.shape[:2])
+        return plan(x, segment, **settings)
+
+    monkeypatch.setattr(hybrid, "_plan", recorded)
+    q, k, v = (t.requires_grad_() for t in qkv(70))
+    favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3)[0].sum().backward()
+    assert rows == [(1, 1)] * (B * 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -208,18 +208,19 @@ fits in one).  2 MiB of float32.  Forward peak beyond the inputs (8 heads × 64,
 1.00–1.03× their time (interleaved, 2 threads, 2,048 to 16,384 tokens): a row's segment is as many tokens as all
 rows' was, so its fixed operations and first block's keys weigh as little, and it holds an eighth of the features."""
 
-AUTOGRAD_SEGMENT_ELEMENTS = 1 << 19
-""":data:`SEGMENT_ELEMENTS` under autograd (:class:`_SegmentedHybrid`), whose backward holds one segment's graph:
-256 tokens of 8 rows with m = 256.  Forward+backward peak beyond the inputs (same shapes, fresh processes, 1 thread)
-55 / 175 / 596 MiB at 2,048 / 16,384 / 65,536 tokens against 162 / 267 MiB at 2,048 / 16,384 with 1,024-token
-segments (SDPA: 22 / 162 / 642); 128-token segments (two windows, under :func:`_segment_length`'s floor): 40 / 178 / 674 (each segment's entry summary is kept) in 1.19× /
-1.18× the time at 2,048 / 16,384 tokens, 512-token ones: 98 / 206 / 557 in 0.96× / 0.90× (interleaved, 2 threads).  Time
-1.05× / 1.02× of the re-entrantly checkpointed 1,024-token segments before them at 2,048 / 16,384 tokens
-(interleaved, 2 threads), 1.08× / 1.13× of 1,024-token segments of :class:`_SegmentedHybrid`.  With SmolLM2's shapes
-(3 key heads: 640-token segments) 2,048 tokens take 1.3–1.4× one plain autograd pass's time and a whole training
-step 3.7–4.0 GiB instead of 6.1–6.3 (SDPA's 3.7–3.9; ``benchmarks/training_step.py``).  A sequence within one segment
-runs in one plain autograd pass: recomputed as one segment, SmolLM2's step at 512 tokens fell from 1,430 to 830 MiB
-(SDPA's 811–841) but the op took 1.5× its time, which the 512-token recovery recipe would pay on every step."""
+AUTOGRAD_SEGMENT_ELEMENTS = 1 << 18
+"""Key-feature elements per segment of one (batch, key head) row under autograd (:class:`_RowSegments`, whose backward
+holds one row's segment graph): 1,024 tokens with m = 256, 1 MiB of float32.  Forward+backward peak beyond the
+inputs (8 heads × 64, W = 64, S = 4, fresh processes, 2 threads, ``benchmarks/op_memory.py``): causal 48 / 57 / 131 /
+455 MiB at 2,048 / 4,096 / 16,384 / 65,536 tokens, bidirectional 64 / 118 / 414 MiB at 4,096 / 16,384 / 65,536,
+against 82 / 98 / 199 / 648 and 113 / 176 / 468 with segments of 256 tokens of all 8 rows (SDPA: 22 / 42 / 162 /
+644), in 0.92–1.08× their time (interleaved in one process, 2 threads, 2,048 to 16,384 tokens; SmolLM2's 3 key
+heads × 3 query heads, which had 640-token segments of 3 rows: 1.04–1.14×).  One row's 512-token segments: 36–44 MiB
+at 2,048 tokens in 1.25–1.73× the time; the time goes to the pieces' fixed operations and context blocks.  A
+bidirectional row that is one group (:data:`AUTOGRAD_ROW_ELEMENTS`, 2,048 tokens) runs whole: in 1,024-token
+segments it took 43 instead of 65 MiB but 1.37× the time (its summary's two passes).  A sequence within one segment
+runs in groups of rows (:class:`_GroupedHybrid`), or in one plain autograd pass where all rows are one group
+(SmolLM2's 512-token recovery steps)."""
 
 
 def _sinks_of(keep: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,6 +321,17 @@ class _Plan(NamedTuple):
         return out, summary, reference
 
 
+def _plan(x: _Inputs, segment: int, *, causal: bool, window: int, sinks: int, far_part: str,
+          far_key_limit: int) -> _Plan:
+    """The :class:`_Plan` that cuts the rows of ``x`` into segments of ``segment`` tokens."""
+    b, length = x.query.shape[0], x.query.shape[3]
+    keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
+    sink, order = _sinks_of(keep, sinks)
+    first_keep = None if x.keep is None or not causal else keep[..., :segment]
+    return _Plan(keep & ~sink, first_keep, order[..., None], segment, window, sinks, far_part, causal, tuple(x[5:]),
+                 far_key_limit)
+
+
 def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, causal: bool, window: int,
               sinks: int, far_part: str, recording: bool, far_key_limit: int = 0) -> torch.Tensor:
     """:func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G, L, Dv]``,
@@ -332,21 +344,27 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     segment's first block, which segment ``i − 1`` returns, and every sequence must have its sinks in the first
     segment (:func:`_sinks_within`), which finds them itself; bidirectionally it is the summary of every far key
     (:func:`_far_summary`), and every sequence must have ``S`` real tokens.  Block by block this is the arithmetic of
-    one pass over the sequence.  Under autograd the segments run as :class:`_SegmentedHybrid` (causal) or
-    :class:`_BidirectionalSegments`, which recompute each in backward."""
+    one pass over the sequence.  Without autograd the segments hold all (batch, key head) rows; under autograd they
+    run one row at a time as :class:`_RowSegments`, which recomputes each segment in backward, so that backward
+    holds one row's segment graph."""
+    settings = dict(causal=causal, window=window, sinks=sinks, far_part=far_part, far_key_limit=far_key_limit)
+    if not recording:
+        plan = _plan(x, segment, **settings)
+        tensors = (x.query, x.key, x.value, x.projection, far_log_weight)
+        if causal:
+            return _run_segments(*tensors, plan)
+        summary, reference = _far_summary(plan, x.key, x.value, x.projection)
+        return _run_segments(*tensors, plan, summary=summary, reference=reference)
     b, key_heads, group, length, d = x.query.shape
-    keep = torch.ones(b, 1, length, dtype=torch.bool, device=x.key.device) if x.keep is None else x.keep
-    sink, order = _sinks_of(keep, sinks)
-    first_keep = None if x.keep is None or not causal else keep[..., :segment]
-    plan = _Plan(keep & ~sink, first_keep, order[..., None], segment, window, sinks, far_part, causal, tuple(x[5:]),
-                 far_key_limit)
-    tensors = (x.query, x.key, x.value, x.projection, far_log_weight)
-    if causal:
-        return _SegmentedHybrid.apply(*tensors, plan) if recording else _run_segments(*tensors, plan)
-    summary, reference = _far_summary(plan, x.key, x.value, x.projection)
-    if recording:
-        return _BidirectionalSegments.apply(*tensors, summary, reference, plan)
-    return _run_segments(*tensors, plan, summary=summary, reference=reference)
+    rows = b * key_heads
+    query = x.query.reshape(rows, 1, group, length, d)
+    key, value = x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
+    keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
+    plans = [_plan(_Inputs(query[row : row + 1], key[row : row + 1], value[row : row + 1], x.projection,
+                           None if keep is None else keep[row : row + 1], *x[5:]), segment, **settings)
+             for row in range(rows)]
+    out = _RowSegments.apply(query, key, value, x.projection, far_log_weight, plans)
+    return out.view(b, key_heads, group, length, -1)
 
 
 def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,14 +418,16 @@ def _far_summary(plan: _Plan, key: torch.Tensor, value: torch.Tensor,
 
 
 def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, entries: list | None = None, *,
-                  summary: torch.Tensor | None = None, reference: torch.Tensor | None = None):
-    """The segments of :func:`_segments` one after another, without autograd → ``out [B, Hk, G, L, Dv]``.
-    Bidirectionally every segment reads ``summary`` and ``reference`` (:func:`_far_summary`'s).  Causally each
-    continues from the one before; ``entries``: a list that receives the (summary, reference) each segment starts
-    from (``None`` for the first segment and without a FAVOR+ part); only backward needs them (1 MiB per 2,048
-    tokens at 8 rows, m = 256)."""
+                  summary: torch.Tensor | None = None, reference: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None):
+    """The segments of :func:`_segments` one after another, without autograd → ``out [B, Hk, G, L, Dv]`` (written
+    into ``out`` if given).  Bidirectionally every segment reads ``summary`` and ``reference``
+    (:func:`_far_summary`'s).  Causally each continues from the one before; ``entries``: a list that receives the
+    (summary, reference) each segment starts from (``None`` for the first segment and without a FAVOR+ part); only
+    backward needs them (1 MiB per 2,048 tokens at 8 rows, m = 256)."""
     sink_key, sink_value = _gather_sinks(plan, key, value)
-    out = query.new_empty(*query.shape[:-1], value.shape[-1])
+    if out is None:
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
     tensors = (query, key, value, plan.keep)
     for index in range(plan.count()):
         if entries is not None:
@@ -422,23 +442,25 @@ def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, en
 
 
 class _SegmentLeaves(NamedTuple):
-    """What every segment's recomputation in backward shares: leaves of their own graph, and the gradients."""
+    """What every segment's recomputation of one row in backward shares: leaves of their own graph, and the
+    gradients that row's segments add into."""
 
     projection: torch.Tensor  # [m, D]
-    far_log_weight: torch.Tensor | None  # [B·Hk, G]
-    sink_key: torch.Tensor  # [B, Hk, S, D]
-    sink_value: torch.Tensor  # [B, Hk, S, Dv]
-    grads: list  # zeroed gradients of query, key, value, projection, far_log_weight (None where not wanted)
+    far_log_weight: torch.Tensor | None  # [1, G]
+    sink_key: torch.Tensor  # [1, 1, S, D]
+    sink_value: torch.Tensor  # [1, 1, S, Dv]
+    grads: list  # the gradients of query, key, value (the row's views), ω and far_log_weight (the row's view); None
+    # where not wanted
 
 
-def _segment_leaves(plan: _Plan, inputs, wants) -> _SegmentLeaves:
-    """:class:`_SegmentLeaves` of the saved ``inputs`` (query, key, value, projection, far_log_weight)."""
-    query, key, value, projection, weight = inputs
+def _segment_leaves(plan: _Plan, inputs, wants, grads: list, projection: torch.Tensor) -> _SegmentLeaves:
+    """:class:`_SegmentLeaves` of one row's saved ``inputs`` (query, key, value, projection, far_log_weight) and its
+    views of the gradients ``grads``; ``projection``: the leaf of ω that every row shares."""
+    key, value, weight = inputs[1], inputs[2], inputs[4]
     keys_wanted = wants[1] or wants[2]
     sink_key, sink_value = (t.detach().requires_grad_(keys_wanted) for t in _gather_sinks(plan, key, value))
-    return _SegmentLeaves(projection.detach().requires_grad_(wants[3]),
-                          None if weight is None else weight.detach().requires_grad_(wants[4]), sink_key, sink_value,
-                          [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)])
+    return _SegmentLeaves(projection, None if weight is None else weight.detach().requires_grad_(wants[4]), sink_key,
+                          sink_value, grads)
 
 
 def _segment_backward(plan: _Plan, index: int, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
@@ -482,90 +504,96 @@ def _segment_backward(plan: _Plan, index: int, inputs, wants, shared: _SegmentLe
     return got[5]
 
 
-class _SegmentedHybrid(torch.autograd.Function):
-    """Causal :func:`_segments` under autograd: ``query [B, Hk, G, L, D]``, ``key``, ``value`` ``[B, Hk, L, ·]``,
-    ``projection [m, D]``, ``far_log_weight [B·Hk, G]`` or None, a :class:`_Plan` → ``out [B, Hk, G, L, Dv]``.
+def _causal_row_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
+                         entries: list) -> None:
+    """One row's causal segments in reverse, each run again and differentiated (:func:`_segment_backward`), the
+    gradient of its entry summary (``entries``: the (summary, reference) each segment started from) carried to the
+    segment before."""
+    grad_summary = None
+    for index in range(plan.count() - 1, -1, -1):
+        summary, reference = entries[index]
+        if summary is not None:
+            summary = summary.detach().requires_grad_(any(wants[1:4]))
+        grad_summary = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, reference, grad_summary)
 
-    Forward: the segments without autograd, keeping for backward only the inputs and the (summary, reference) each
-    segment starts from (``[B·Hk, m, Dv + 1]`` per segment).  Backward: segments in reverse, each run again under
-    autograd and differentiated at once (:func:`_segment_backward`), its gradients written into one gradient tensor
-    per input, the gradient of its entry summary carried to the segment before.  So no ``split`` pieces of the
-    gradients and no list of outputs are held next to their concatenation (re-entrant checkpoints of ``split`` views
-    did both), and ``torch.autograd.grad`` works through it.  Not twice differentiable."""
+
+def _bidirectional_row_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
+                                entries: list) -> None:
+    """One row's bidirectional segments, in two passes: every segment run again with the row's summary of all far
+    keys (``entries``: its one (summary, reference)) as a leaf, adding up the summary's gradient; then each segment's
+    share of the summary recomputed (:func:`_far_sum`, the reference held fixed, as the forward's maximum is) to take
+    that gradient into its keys, values and ω."""
+    summary, reference = entries[0]
+    if summary is not None:
+        summary = summary.detach().requires_grad_(any(wants[1:4]))
+    grad_summary = None
+    for index in range(plan.count()):
+        got = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, reference)
+        if got is not None:
+            grad_summary = got if grad_summary is None else grad_summary.add_(got)
+    if grad_summary is None:
+        return
+    key, value = inputs[1:3]
+    for index in range(plan.count()):
+        start, tokens = plan.tokens(index)
+        k, v = _detached((key.narrow(2, start, tokens), value.narrow(2, start, tokens)), wants[1:3])
+        with torch.enable_grad():
+            part = _far_sum(plan, index, k, v, shared.projection, reference)[0]
+        got = _differentiate([part], [grad_summary], [k, v, shared.projection])
+        for target, grad in zip(shared.grads[1:3], got[:2]):
+            if target is not None and grad is not None:
+                target.narrow(2, start, grad.shape[2]).add_(grad)
+        if shared.grads[3] is not None and got[2] is not None:
+            shared.grads[3].add_(got[2])
+        del part, got
+
+
+class _RowSegments(torch.autograd.Function):
+    """:func:`_segments` under autograd, one (batch, key head) row at a time: ``query [R, 1, G, L, D]``, ``key``,
+    ``value`` ``[R, 1, L, ·]``, ``projection [m, D]``, ``far_log_weight [R, G]`` or None, one :class:`_Plan` per row
+    → ``out [R, 1, G, L, Dv]``.
+
+    Forward: each row's segments without autograd (:func:`_run_segments`), keeping for backward only the inputs and
+    what each row's segments read from the rest of it: causally the (summary, reference) each segment starts from
+    (``[1, m, Dv + 1]``), bidirectionally the row's summary of all far keys (:func:`_far_summary`).  Backward: row by
+    row, each segment run again under autograd and differentiated at once (:func:`_causal_row_backward`,
+    :func:`_bidirectional_row_backward`), its gradients written into one gradient tensor per input.  So backward
+    holds one row's segment graph, no pieces of the gradients and no list of outputs, and ``torch.autograd.grad``
+    works through it.  Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, query, key, value, projection, far_log_weight, plan):
-        entries = []
-        out = _run_segments(query, key, value, projection, far_log_weight, plan, entries)
-        summaries, references = zip(*entries)
-        ctx.save_for_backward(query, key, value, projection, far_log_weight, *summaries, *references)
-        ctx.plan = plan
+    def forward(ctx, query, key, value, projection, far_log_weight, plans):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.entries = []
+        for row, plan in enumerate(plans):
+            tensors = [t[row : row + 1] for t in (query, key, value)]
+            weight = None if far_log_weight is None else far_log_weight[row : row + 1]
+            if plan.causal:
+                entries = []
+                _run_segments(*tensors, projection, weight, plan, entries, out=out[row : row + 1])
+            else:
+                entries = [_far_summary(plan, *tensors[1:], projection)]
+                _run_segments(*tensors, projection, weight, plan, summary=entries[0][0], reference=entries[0][1],
+                              out=out[row : row + 1])
+            ctx.entries.append(entries)
+        ctx.save_for_backward(query, key, value, projection, far_log_weight)
+        ctx.plans = plans
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        plan, count = ctx.plan, ctx.plan.count()
-        inputs, entries = ctx.saved_tensors[:5], ctx.saved_tensors[5:]
-        summaries, references = entries[:count], entries[count:]
-        wants = ctx.needs_input_grad[:5]
-        shared = _segment_leaves(plan, inputs, wants)
-        grad_summary = None
-        for index in range(count - 1, -1, -1):
-            summary = summaries[index]
-            if summary is not None:
-                summary = summary.detach().requires_grad_(any(wants[1:4]))
-            grad_summary = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, references[index],
-                                             grad_summary)
-        return (*shared.grads, None)
-
-
-class _BidirectionalSegments(torch.autograd.Function):
-    """Bidirectional :func:`_segments` under autograd: the inputs of :class:`_SegmentedHybrid`, then the
-    :func:`_far_summary` of the keys (``summary [B·Hk, m, Dv + 1]`` and ``reference [B·Hk, m]``, or None) and a
-    :class:`_Plan` → ``out [B, Hk, G, L, Dv]``.
-
-    Every query reads the one summary of all far keys, so backward takes two passes over the segments, each holding
-    one segment's graph: the first runs every segment again under autograd with the summary as a leaf
-    (:func:`_segment_backward`), adding up the summary's gradient; the second recomputes each segment's share of the
-    summary (:func:`_far_sum`, the reference held fixed, as the forward's maximum is) and takes that gradient into its
-    keys, values and ω.  Not twice differentiable."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, projection, far_log_weight, summary, reference, plan):
-        ctx.save_for_backward(query, key, value, projection, far_log_weight, summary, reference)
-        ctx.plan = plan
-        return _run_segments(query, key, value, projection, far_log_weight, plan, summary=summary, reference=reference)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        plan = ctx.plan
-        inputs, (summary, reference) = ctx.saved_tensors[:5], ctx.saved_tensors[5:]
-        wants = ctx.needs_input_grad[:5]
-        shared = _segment_leaves(plan, inputs, wants)
-        if summary is not None:
-            summary = summary.detach().requires_grad_(any(wants[1:4]))
-        grad_summary = None
-        for index in range(plan.count()):
-            got = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, reference)
-            if got is not None:
-                grad_summary = got if grad_summary is None else grad_summary.add_(got)
-        if grad_summary is not None:
-            key, value = inputs[1:3]
-            for index in range(plan.count()):
-                start, tokens = plan.tokens(index)
-                k, v = _detached((key.narrow(2, start, tokens), value.narrow(2, start, tokens)), wants[1:3])
-                with torch.enable_grad():
-                    part = _far_sum(plan, index, k, v, shared.projection, reference)[0]
-                got = _differentiate([part], [grad_summary], [k, v, shared.projection])
-                for target, grad in zip(shared.grads[1:3], got[:2]):
-                    if target is not None and grad is not None:
-                        target.narrow(2, start, grad.shape[2]).add_(grad)
-                if shared.grads[3] is not None and got[2] is not None:
-                    shared.grads[3].add_(got[2])
-                del part, got
-        return (*shared.grads, None, None, None)
+        inputs, wants = ctx.saved_tensors, ctx.needs_input_grad[:5]
+        grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)]
+        projection = inputs[3].detach().requires_grad_(wants[3])
+        for row, (plan, entries) in enumerate(zip(ctx.plans, ctx.entries)):
+            rows = slice(row, row + 1)
+            row_inputs = [None if t is None else (t if position == 3 else t[rows]) for position, t in enumerate(inputs)]
+            row_grads = [None if g is None else (g if position == 3 else g[rows]) for position, g in enumerate(grads)]
+            shared = _segment_leaves(plan, row_inputs, wants, row_grads, projection)
+            backward = _causal_row_backward if plan.causal else _bidirectional_row_backward
+            backward(plan, row_inputs, wants, shared, grad_out[rows], entries)
+        return (*grads, None)
 
 
 def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part: str = "favor",
@@ -577,9 +605,9 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     ``exp``; ``far_key_limit = N > 0``: a query with ``n > N`` far keys has its FAVOR+ weights times ``N / n``
     (:func:`_far_key_offset`).
 
-    Sequences longer than a segment (:data:`SEGMENT_ELEMENTS`, :data:`AUTOGRAD_SEGMENT_ELEMENTS`) go through
-    :func:`_segments` (all rows, a segment of tokens at a time): causal ones always, bidirectional ones where one
-    (batch, key head) row is more than a group.  Causal ones without autograd whose rows hold at least
+    Sequences longer than a segment (:data:`SEGMENT_ELEMENTS` of all rows, :data:`AUTOGRAD_SEGMENT_ELEMENTS` of one
+    row under autograd) go through :func:`_segments` (a segment of tokens at a time; under autograd one row at a
+    time): causal ones always, bidirectional ones where one (batch, key head) row is more than a group.  Causal ones without autograd whose rows hold at least
     :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a time instead, each in segments of that size.  Others go in groups of rows of :data:`GROUP_ELEMENTS` key features
     (:data:`AUTOGRAD_ROW_ELEMENTS` under autograd), each written into one output (under autograd as
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
@@ -595,8 +623,8 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     row_wise = causal and not recording and length * m >= ROW_SEGMENT_ELEMENTS  # one row at a time
     if row_wise:
         per_group, segment = 1, _segment_length(1, m, window, elements=ROW_SEGMENT_ELEMENTS)
-    else:
-        segment = _segment_length(rows, m, window, recording)
+    else:  # under autograd the segments run a row at a time
+        segment = _segment_length(1 if recording else rows, m, window, recording)
     if causal:
         long = _sinks_within(x.keep, sinks, segment)
     else:  # where one row alone is more than a group; every sequence needs S real tokens (the sinks every query sees)

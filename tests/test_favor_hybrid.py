@@ -274,6 +274,33 @@ def test_segments_under_autograd_run_one_row_at_a_time(causal, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_segments_of_all_rows_under_autograd_give_the_naive_gradients(causal, monkeypatch):
+    # off the CPU a part is every row (_rows_per_part): one plan for all of them, the same values and gradients
+    segments_of_four_windows(monkeypatch, causal, recording=True)
+    monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)  # four windows of all rows
+    monkeypatch.setattr(hybrid, "_rows_per_part", lambda device, rows: rows)
+    rows, plan = [], hybrid._plan
+
+    def recorded(x, segment, **settings):
+        rows.append(x.query.shape[:2])
+        return plan(x, segment, **settings)
+
+    monkeypatch.setattr(hybrid, "_plan", recorded)
+    inputs = [t.requires_grad_() for t in qkv(70)]
+    reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    mask = torch.ones(B, 70, dtype=torch.bool)
+    mask[1, 61:] = False  # right padding only: the reference's gradient of a query that sees no key is NaN
+    out, _ = favor_attention(*inputs, projection(), causal=causal, key_padding_mask=mask, local_window=5,
+                             sink_tokens=3, far_log_weight=FAR_LOG_WEIGHT)
+    expected = hybrid_attention(reference_inputs[0], *(t.repeat_interleave(2, 1) for t in reference_inputs[1:]),
+                                projection().double(), window=5, sinks=3, causal=causal, key_padding_mask=mask,
+                                far_log_weight=FAR_LOG_WEIGHT)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert_same_input_gradients(out, expected, inputs, reference_inputs)
+    assert rows == [(B * 2, 1)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_segments_take_autograd_grad(causal, monkeypatch):
     # torch.autograd.grad (not only loss.backward()) goes through the segments, and they leave no .grad behind
     segments_of_four_windows(monkeypatch, causal, recording=True)

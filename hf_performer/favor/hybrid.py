@@ -188,7 +188,9 @@ a batch of 32 × 12 heads × 128 tokens (MiniLM's shapes, W = 16).  A longer row
 (:func:`_segments`) instead, whose backward holds one segment's graph: 107 / 132 / 178 / 469 MiB at 4,096 / 8,192 /
 16,384 / 65,536 tokens against 137 / 248 / about 530 / about 1,430 in groups of one row (SDPA: 42 / 82 / 162 / 644),
 in 1.27–1.38× the time at 4,096 and 8,192 tokens and 1.12–1.16× at 16,384 (interleaved, 1 and 2 threads): the
-segments' context blocks and the second pass over the keys for the summary's gradient."""
+segments' context blocks and the second pass over the keys for the summary's gradient.  Causal rows too: one of 2,048
+tokens runs whole in 0.87–0.97× the time of the 256-token segments of all rows before (1–4 sequences; 63 against 82
+MiB), where one-row segments of 1,024 tokens took 1.00–1.17× (48 MiB)."""
 
 
 SEGMENT_ELEMENTS = 1 << 21
@@ -209,18 +211,17 @@ fits in one).  2 MiB of float32.  Forward peak beyond the inputs (8 heads × 64,
 rows' was, so its fixed operations and first block's keys weigh as little, and it holds an eighth of the features."""
 
 AUTOGRAD_SEGMENT_ELEMENTS = 1 << 18
-"""Key-feature elements per segment of one (batch, key head) row under autograd (:class:`_RowSegments`, whose backward
-holds one row's segment graph): 1,024 tokens with m = 256, 1 MiB of float32.  Forward+backward peak beyond the
-inputs (8 heads × 64, W = 64, S = 4, fresh processes, 2 threads, ``benchmarks/op_memory.py``): causal 48 / 57 / 131 /
-455 MiB at 2,048 / 4,096 / 16,384 / 65,536 tokens, bidirectional 64 / 118 / 414 MiB at 4,096 / 16,384 / 65,536,
-against 82 / 98 / 199 / 648 and 113 / 176 / 468 with segments of 256 tokens of all 8 rows (SDPA: 22 / 42 / 162 /
-644), in 0.92–1.08× their time (interleaved in one process, 2 threads, 2,048 to 16,384 tokens; SmolLM2's 3 key
-heads × 3 query heads, which had 640-token segments of 3 rows: 1.04–1.14×).  One row's 512-token segments: 36–44 MiB
-at 2,048 tokens in 1.25–1.73× the time; the time goes to the pieces' fixed operations and context blocks.  A
-bidirectional row that is one group (:data:`AUTOGRAD_ROW_ELEMENTS`, 2,048 tokens) runs whole: in 1,024-token
-segments it took 43 instead of 65 MiB but 1.37× the time (its summary's two passes).  A sequence within one segment
-runs in groups of rows (:class:`_GroupedHybrid`), or in one plain autograd pass where all rows are one group
-(SmolLM2's 512-token recovery steps)."""
+"""Key-feature elements per segment of one part of the (batch, key head) rows under autograd (:class:`_RowSegments`,
+whose backward holds one part's segment graph; a part is one row on the CPU, :func:`_rows_per_part`): 1,024 tokens of
+one row with m = 256, 1 MiB of float32.  Rows longer than a group (:data:`AUTOGRAD_ROW_ELEMENTS`) come here.
+Forward+backward peak beyond the inputs (8 heads × 64, W = 64, S = 4, fresh processes, 2 threads,
+``benchmarks/op_memory.py``) 53 / 133 / 453 MiB causally at 4,096 / 16,384 / 65,536 tokens and 60 / 121 / 413
+bidirectionally, against 98 / 199 / 648 and 102 / 176 / 468 with segments of 256 tokens of all 8 rows (SDPA: 42 / 162 /
+644), in 1.01–1.12× their time for one sequence and 0.83–1.22× for four (interleaved in one process, 2 threads,
+4,096 and 16,384 tokens; SmolLM2's 3 key heads × 3 query heads: 1.01–1.14×): a batch's rows make that many more
+calls.  One row's 512-token segments took 1.25–1.73× the time of 1,024-token ones at 2,048 tokens (the pieces'
+fixed operations and context blocks).  SmolLM2's 512-token recovery steps run in one plain autograd pass (all rows
+one group)."""
 
 
 def _sinks_of(keep: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,6 +333,13 @@ def _plan(x: _Inputs, segment: int, *, causal: bool, window: int, sinks: int, fa
                  far_key_limit)
 
 
+def _rows_per_part(device: torch.device, rows: int) -> int:
+    """(Batch, key head) rows per part of :class:`_RowSegments`: one on the CPU, where smaller graphs pay
+    (:data:`AUTOGRAD_SEGMENT_ELEMENTS`); all ``rows`` elsewhere, where every part is another series of kernel launches
+    (not measured on accelerators)."""
+    return 1 if device.type == "cpu" else rows
+
+
 def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, causal: bool, window: int,
               sinks: int, far_part: str, recording: bool, far_key_limit: int = 0) -> torch.Tensor:
     """:func:`hybrid_favor` of a long sequence, ``segment`` tokens (whole windows) at a time → ``[B, Hk, G, L, Dv]``,
@@ -360,10 +368,10 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     query = x.query.reshape(rows, 1, group, length, d)
     key, value = x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
     keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
-    plans = [_plan(_Inputs(query[row : row + 1], key[row : row + 1], value[row : row + 1], x.projection,
-                           None if keep is None else keep[row : row + 1], *x[5:]), segment, **settings)
-             for row in range(rows)]
-    out = _RowSegments.apply(query, key, value, x.projection, far_log_weight, plans)
+    parts = _slices(rows, _rows_per_part(x.query.device, rows))
+    plans = [_plan(_Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part],
+                           *x[5:]), segment, **settings) for part in parts]
+    out = _RowSegments.apply(query, key, value, x.projection, far_log_weight, list(zip(parts, plans)))
     return out.view(b, key_heads, group, length, -1)
 
 
@@ -549,35 +557,35 @@ def _bidirectional_row_backward(plan: _Plan, inputs, wants, shared: _SegmentLeav
 
 
 class _RowSegments(torch.autograd.Function):
-    """:func:`_segments` under autograd, one (batch, key head) row at a time: ``query [R, 1, G, L, D]``, ``key``,
-    ``value`` ``[R, 1, L, ·]``, ``projection [m, D]``, ``far_log_weight [R, G]`` or None, one :class:`_Plan` per row
-    → ``out [R, 1, G, L, Dv]``.
+    """:func:`_segments` under autograd, one part of the (batch, key head) rows at a time (:func:`_rows_per_part`):
+    ``query [R, 1, G, L, D]``, ``key``, ``value`` ``[R, 1, L, ·]``, ``projection [m, D]``, ``far_log_weight [R, G]``
+    or None, ``(rows, plan)`` of each part (a slice of the rows and their :class:`_Plan`) → ``out [R, 1, G, L, Dv]``.
 
-    Forward: each row's segments without autograd (:func:`_run_segments`), keeping for backward only the inputs and
-    what each row's segments read from the rest of it: causally the (summary, reference) each segment starts from
-    (``[1, m, Dv + 1]``), bidirectionally the row's summary of all far keys (:func:`_far_summary`).  Backward: row by
-    row, each segment run again under autograd and differentiated at once (:func:`_causal_row_backward`,
+    Forward: each part's segments without autograd (:func:`_run_segments`), keeping for backward only the inputs and
+    what each part's segments read from the rest of its rows: causally the (summary, reference) each segment starts
+    from (``[P, m, Dv + 1]``), bidirectionally the rows' summary of all far keys (:func:`_far_summary`).  Backward:
+    part by part, each segment run again under autograd and differentiated at once (:func:`_causal_row_backward`,
     :func:`_bidirectional_row_backward`), its gradients written into one gradient tensor per input.  So backward
-    holds one row's segment graph, no pieces of the gradients and no list of outputs, and ``torch.autograd.grad``
+    holds one part's segment graph, no pieces of the gradients and no list of outputs, and ``torch.autograd.grad``
     works through it.  Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, query, key, value, projection, far_log_weight, plans):
+    def forward(ctx, query, key, value, projection, far_log_weight, parts):
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
         ctx.entries = []
-        for row, plan in enumerate(plans):
-            tensors = [t[row : row + 1] for t in (query, key, value)]
-            weight = None if far_log_weight is None else far_log_weight[row : row + 1]
+        for rows, plan in parts:
+            tensors = [t[rows] for t in (query, key, value)]
+            weight = None if far_log_weight is None else far_log_weight[rows]
             if plan.causal:
                 entries = []
-                _run_segments(*tensors, projection, weight, plan, entries, out=out[row : row + 1])
+                _run_segments(*tensors, projection, weight, plan, entries, out=out[rows])
             else:
                 entries = [_far_summary(plan, *tensors[1:], projection)]
                 _run_segments(*tensors, projection, weight, plan, summary=entries[0][0], reference=entries[0][1],
-                              out=out[row : row + 1])
+                              out=out[rows])
             ctx.entries.append(entries)
         ctx.save_for_backward(query, key, value, projection, far_log_weight)
-        ctx.plans = plans
+        ctx.parts = parts
         return out
 
     @staticmethod
@@ -586,8 +594,7 @@ class _RowSegments(torch.autograd.Function):
         inputs, wants = ctx.saved_tensors, ctx.needs_input_grad[:5]
         grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)]
         projection = inputs[3].detach().requires_grad_(wants[3])
-        for row, (plan, entries) in enumerate(zip(ctx.plans, ctx.entries)):
-            rows = slice(row, row + 1)
+        for (rows, plan), entries in zip(ctx.parts, ctx.entries):
             row_inputs = [None if t is None else (t if position == 3 else t[rows]) for position, t in enumerate(inputs)]
             row_grads = [None if g is None else (g if position == 3 else g[rows]) for position, g in enumerate(grads)]
             shared = _segment_leaves(plan, row_inputs, wants, row_grads, projection)
@@ -607,15 +614,16 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
 
     Sequences longer than a segment (:data:`SEGMENT_ELEMENTS` of all rows, :data:`AUTOGRAD_SEGMENT_ELEMENTS` of one
     row under autograd) go through :func:`_segments` (a segment of tokens at a time; under autograd one row at a
-    time): causal ones always, bidirectional ones where one (batch, key head) row is more than a group.  Causal ones without autograd whose rows hold at least
-    :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a time instead, each in segments of that size.  Others go in groups of rows of :data:`GROUP_ELEMENTS` key features
+    time): causal ones without autograd always, the others where one (batch, key head) row is more than a group.
+    Causal ones without autograd whose rows hold at least :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a
+    time instead, each in segments of that size.  Others go in groups of rows of :data:`GROUP_ELEMENTS` key features
     (:data:`AUTOGRAD_ROW_ELEMENTS` under autograd), each written into one output (under autograd as
     :class:`_GroupedHybrid`, which runs each again in backward, so that backward holds one group's tensors rather than
     every group's)."""
     b, key_heads, group, length, d = x.query.shape
     _raise_mmap_threshold()
     recording = records_gradients(x.query, x.key, x.value, x.projection, far_log_weight)
-    elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS  # the longest row run whole, bidirectionally
+    elements = AUTOGRAD_ROW_ELEMENTS if recording else ROW_ELEMENTS  # the longest row run whole (causally: under autograd)
     m = x.projection.shape[0]
     grouped = GROUP_ELEMENTS if not recording and x.query.device.type == "cpu" else elements
     rows, per_group = b * key_heads, max(1, grouped // (length * m))
@@ -623,10 +631,10 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     row_wise = causal and not recording and length * m >= ROW_SEGMENT_ELEMENTS  # one row at a time
     if row_wise:
         per_group, segment = 1, _segment_length(1, m, window, elements=ROW_SEGMENT_ELEMENTS)
-    else:  # under autograd the segments run a row at a time
-        segment = _segment_length(1 if recording else rows, m, window, recording)
-    if causal:
-        long = _sinks_within(x.keep, sinks, segment)
+    else:  # under autograd the segments run a part of the rows at a time
+        segment = _segment_length(_rows_per_part(x.query.device, rows) if recording else rows, m, window, recording)
+    if causal:  # under autograd, where one row alone is more than a group
+        long = (not recording or length * m > elements) and _sinks_within(x.keep, sinks, segment)
     else:  # where one row alone is more than a group; every sequence needs S real tokens (the sinks every query sees)
         long = length * m > elements and _sinks_within(x.keep, sinks, length)
     segmented = length > segment and long

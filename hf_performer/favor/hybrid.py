@@ -353,8 +353,8 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     segment (:func:`_sinks_within`), which finds them itself; bidirectionally it is the summary of every far key
     (:func:`_far_summary`), and every sequence must have ``S`` real tokens.  Block by block this is the arithmetic of
     one pass over the sequence.  Without autograd the segments hold all (batch, key head) rows; under autograd they
-    run one row at a time as :class:`_RowSegments`, which recomputes each segment in backward, so that backward
-    holds one row's segment graph."""
+    run one part of the rows at a time (:func:`_rows_per_part`: one row on the CPU) as :class:`_RowSegments`, which
+    recomputes each segment in backward, so that backward holds one part's segment graph."""
     settings = dict(causal=causal, window=window, sinks=sinks, far_part=far_part, far_key_limit=far_key_limit)
     if not recording:
         plan = _plan(x, segment, **settings)
@@ -450,20 +450,20 @@ def _run_segments(query, key, value, projection, far_log_weight, plan: _Plan, en
 
 
 class _SegmentLeaves(NamedTuple):
-    """What every segment's recomputation of one row in backward shares: leaves of their own graph, and the
-    gradients that row's segments add into."""
+    """What every segment's recomputation of one part of the rows (:class:`_RowSegments`) in backward shares: leaves
+    of their own graph, and the gradients that part's segments add into."""
 
     projection: torch.Tensor  # [m, D]
-    far_log_weight: torch.Tensor | None  # [1, G]
-    sink_key: torch.Tensor  # [1, 1, S, D]
-    sink_value: torch.Tensor  # [1, 1, S, Dv]
-    grads: list  # the gradients of query, key, value (the row's views), ω and far_log_weight (the row's view); None
-    # where not wanted
+    far_log_weight: torch.Tensor | None  # [P, G]
+    sink_key: torch.Tensor  # [P, 1, S, D]
+    sink_value: torch.Tensor  # [P, 1, S, Dv]
+    grads: list  # the gradients of query, key, value (the part's views), ω and far_log_weight (the part's view);
+    # None where not wanted
 
 
 def _segment_leaves(plan: _Plan, inputs, wants, grads: list, projection: torch.Tensor) -> _SegmentLeaves:
-    """:class:`_SegmentLeaves` of one row's saved ``inputs`` (query, key, value, projection, far_log_weight) and its
-    views of the gradients ``grads``; ``projection``: the leaf of ω that every row shares."""
+    """:class:`_SegmentLeaves` of one part's saved ``inputs`` (query, key, value, projection, far_log_weight) and its
+    views of the gradients ``grads``; ``projection``: the leaf of ω that every part shares."""
     key, value, weight = inputs[1], inputs[2], inputs[4]
     keys_wanted = wants[1] or wants[2]
     sink_key, sink_value = (t.detach().requires_grad_(keys_wanted) for t in _gather_sinks(plan, key, value))
@@ -512,9 +512,9 @@ def _segment_backward(plan: _Plan, index: int, inputs, wants, shared: _SegmentLe
     return got[5]
 
 
-def _causal_row_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
+def _causal_part_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
                          entries: list) -> None:
-    """One row's causal segments in reverse, each run again and differentiated (:func:`_segment_backward`), the
+    """One part's causal segments in reverse, each run again and differentiated (:func:`_segment_backward`), the
     gradient of its entry summary (``entries``: the (summary, reference) each segment started from) carried to the
     segment before."""
     grad_summary = None
@@ -525,9 +525,9 @@ def _causal_row_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, gra
         grad_summary = _segment_backward(plan, index, inputs, wants, shared, grad_out, summary, reference, grad_summary)
 
 
-def _bidirectional_row_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
+def _bidirectional_part_backward(plan: _Plan, inputs, wants, shared: _SegmentLeaves, grad_out: torch.Tensor,
                                 entries: list) -> None:
-    """One row's bidirectional segments, in two passes: every segment run again with the row's summary of all far
+    """One part's bidirectional segments, in two passes: every segment run again with its rows' summary of all far
     keys (``entries``: its one (summary, reference)) as a leaf, adding up the summary's gradient; then each segment's
     share of the summary recomputed (:func:`_far_sum`, the reference held fixed, as the forward's maximum is) to take
     that gradient into its keys, values and ω."""
@@ -564,8 +564,8 @@ class _RowSegments(torch.autograd.Function):
     Forward: each part's segments without autograd (:func:`_run_segments`), keeping for backward only the inputs and
     what each part's segments read from the rest of its rows: causally the (summary, reference) each segment starts
     from (``[P, m, Dv + 1]``), bidirectionally the rows' summary of all far keys (:func:`_far_summary`).  Backward:
-    part by part, each segment run again under autograd and differentiated at once (:func:`_causal_row_backward`,
-    :func:`_bidirectional_row_backward`), its gradients written into one gradient tensor per input.  So backward
+    part by part, each segment run again under autograd and differentiated at once (:func:`_causal_part_backward`,
+    :func:`_bidirectional_part_backward`), its gradients written into one gradient tensor per input.  So backward
     holds one part's segment graph, no pieces of the gradients and no list of outputs, and ``torch.autograd.grad``
     works through it.  Not twice differentiable."""
 
@@ -595,11 +595,11 @@ class _RowSegments(torch.autograd.Function):
         grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)]
         projection = inputs[3].detach().requires_grad_(wants[3])
         for (rows, plan), entries in zip(ctx.parts, ctx.entries):
-            row_inputs = [None if t is None else (t if position == 3 else t[rows]) for position, t in enumerate(inputs)]
-            row_grads = [None if g is None else (g if position == 3 else g[rows]) for position, g in enumerate(grads)]
-            shared = _segment_leaves(plan, row_inputs, wants, row_grads, projection)
-            backward = _causal_row_backward if plan.causal else _bidirectional_row_backward
-            backward(plan, row_inputs, wants, shared, grad_out[rows], entries)
+            part_inputs = [None if t is None else (t if position == 3 else t[rows]) for position, t in enumerate(inputs)]
+            part_grads = [None if g is None else (g if position == 3 else g[rows]) for position, g in enumerate(grads)]
+            shared = _segment_leaves(plan, part_inputs, wants, part_grads, projection)
+            backward = _causal_part_backward if plan.causal else _bidirectional_part_backward
+            backward(plan, part_inputs, wants, shared, grad_out[rows], entries)
         return (*grads, None)
 
 
@@ -612,9 +612,9 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
     ``exp``; ``far_key_limit = N > 0``: a query with ``n > N`` far keys has its FAVOR+ weights times ``N / n``
     (:func:`_far_key_offset`).
 
-    Sequences longer than a segment (:data:`SEGMENT_ELEMENTS` of all rows, :data:`AUTOGRAD_SEGMENT_ELEMENTS` of one
-    row under autograd) go through :func:`_segments` (a segment of tokens at a time; under autograd one row at a
-    time): causal ones without autograd always, the others where one (batch, key head) row is more than a group.
+    Sequences longer than a segment (:data:`SEGMENT_ELEMENTS` of all rows, :data:`AUTOGRAD_SEGMENT_ELEMENTS` of a
+    part of the rows under autograd, one row on the CPU) go through :func:`_segments` (a segment of tokens at a time;
+    under autograd one part at a time): causal ones without autograd always, the others where one (batch, key head) row is more than a group.
     Causal ones without autograd whose rows hold at least :data:`ROW_SEGMENT_ELEMENTS` key features go one row at a
     time instead, each in segments of that size.  Others go in groups of rows of :data:`GROUP_ELEMENTS` key features
     (:data:`AUTOGRAD_ROW_ELEMENTS` under autograd), each written into one output (under autograd as

@@ -218,8 +218,8 @@ Forward+backward peak beyond the inputs (8 heads × 64, W = 64, S = 4, fresh pro
 ``benchmarks/op_memory.py``) 53 / 133 / 453 MiB causally at 4,096 / 16,384 / 65,536 tokens and 60 / 121 / 413
 bidirectionally, against 98 / 199 / 648 and 102 / 176 / 468 with segments of 256 tokens of all 8 rows (SDPA: 42 / 162 /
 644), in 1.01–1.12× their time for one sequence and 0.83–1.22× for four (interleaved in one process, 2 threads,
-4,096 and 16,384 tokens; SmolLM2's 3 key heads × 3 query heads: 1.01–1.14×): a batch's rows make that many more
-calls.  One row's 512-token segments took 1.25–1.73× the time of 1,024-token ones at 2,048 tokens (the pieces'
+4,096 and 16,384 tokens; SmolLM2's 3 key heads × 3 query heads: 1.01–1.14×); parts of 4 rows took 1.16–1.17× the
+time of one-row parts for those four sequences.  One row's 512-token segments took 1.25–1.73× the time of 1,024-token ones at 2,048 tokens (the pieces'
 fixed operations and context blocks).  SmolLM2's 512-token recovery steps run in one plain autograd pass (all rows
 one group)."""
 

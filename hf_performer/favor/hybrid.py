@@ -333,6 +333,16 @@ def _plan(x: _Inputs, segment: int, *, causal: bool, window: int, sinks: int, fa
                  far_key_limit)
 
 
+def _as_rows(x: _Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The (batch, key head) rows of ``x`` as sequences of one key head each: ``query [R, 1, G, L, D]``, ``key``,
+    ``value`` ``[R, 1, L, ·]``, ``keep [R, 1, L]`` or None (``R = B·Hk``)."""
+    b, key_heads, group, length, d = x.query.shape
+    rows = b * key_heads
+    keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
+    return (x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d),
+            x.value.reshape(rows, 1, length, -1), keep)
+
+
 def _rows_per_part(device: torch.device, rows: int) -> int:
     """(Batch, key head) rows per part of :class:`_RowSegments`: one on the CPU, where smaller graphs pay
     (:data:`AUTOGRAD_SEGMENT_ELEMENTS`); all ``rows`` elsewhere, where every part is another series of kernel launches
@@ -363,16 +373,13 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
             return _run_segments(*tensors, plan)
         summary, reference = _far_summary(plan, x.key, x.value, x.projection)
         return _run_segments(*tensors, plan, summary=summary, reference=reference)
-    b, key_heads, group, length, d = x.query.shape
-    rows = b * key_heads
-    query = x.query.reshape(rows, 1, group, length, d)
-    key, value = x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
-    keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
+    query, key, value, keep = _as_rows(x)
+    rows = query.shape[0]
     parts = _slices(rows, _rows_per_part(x.query.device, rows))
     plans = [_plan(_Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part],
                            *x[5:]), segment, **settings) for part in parts]
     out = _RowSegments.apply(query, key, value, x.projection, far_log_weight, list(zip(parts, plans)))
-    return out.view(b, key_heads, group, length, -1)
+    return out.view(*x.query.shape[:-1], -1)
 
 
 def _gather_sinks(plan: _Plan, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,8 +658,7 @@ def hybrid_favor(x: _Inputs, *, causal: bool, window: int, sinks: int, far_part:
 
     if per_group >= rows:
         return attend(x, weight)
-    query, key, value = x.query.reshape(rows, 1, group, length, d), x.key.reshape(rows, 1, length, d), x.value.reshape(rows, 1, length, -1)
-    keep = None if x.keep is None else x.keep.expand(b, key_heads, length).reshape(rows, 1, length)
+    query, key, value, keep = _as_rows(x)
     groups = _Groups(keep, _slices(rows, per_group), attend, tuple(x[5:]))
     tensors = (query, key, value, x.projection, weight)
     out = _GroupedHybrid.apply(*tensors, groups) if recording else groups.run(*tensors)

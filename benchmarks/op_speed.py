@@ -1,11 +1,14 @@
 """Attention-op speed: hf-performer FAVOR+ (pure and hybrid) vs SDPA vs performer-pytorch, measured side by side.
 
-One process, same threads, same inputs (fp32, batch 1, 8 heads, head dim 64, nb_features 256 by
-default).  For each length, the matmul peak is measured first, then every (mode, pass, provider)
-cell in turn, so the ratios compare runs taken moments apart on the same (shared) machine.  Each
-cell is the best of ``--repeats`` runs after a warm-up (a single run when one takes more than
-``--slow-seconds``).  Writes ``results/op_speed.csv``, ``op_speed_run.json`` (conditions, crossover
-lengths, extrapolation fit), ``op_speed.png`` and ``op_flop_rate.png``.
+Same threads, same inputs (fp32, batch 1, 8 heads, head dim 64, nb_features 256 by default).  Each length
+runs in ``--processes`` fresh processes, one after another (default 3; ``0``: every length in this one process).
+In each, the matmul peak is measured first, then every (mode, pass, provider) cell in turn, so the ratios compare
+runs taken moments apart on the same (shared) machine.  Each cell is the best of ``--repeats`` runs after a
+warm-up (a single run when one takes more than ``--slow-seconds``); the CSV holds the median over the processes,
+with their fastest and slowest (``seconds_min``, ``seconds_max``), and the ratios, rates and crossovers come from
+the medians.  Why several processes: FAVOR+'s time depends on what the process allocated before, and runs in one
+process inherit that history (``RESULTS.md``).  Writes ``results/op_speed.csv``, ``op_speed_run.json``
+(conditions, crossover lengths, extrapolation fit), ``op_speed.png`` and ``op_flop_rate.png``.
 
     python benchmarks/op_speed.py                     # the full sweep, 256 … 16384 tokens
     python benchmarks/op_speed.py --lengths 512 1024  # a quick check
@@ -28,13 +31,16 @@ Beyond that its time is estimated with ``fixed + per_token · L`` fitted on its 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
+import sys
 
 import numpy as np
 import torch
 
 from flop_counts import favor_forward_flops, matmul_peak_gflops
-from measurement import RESULTS, Run, seconds_per_call
+from measurement import RESULTS, Run, run_child, seconds_per_call
 from plotting import style_length_axes
 from providers import (
     HYBRID, MODES, PASSES, PROVIDERS, add_causal_chunk_argument, add_hybrid_arguments, add_op_shape_arguments, attention_call,
@@ -46,6 +52,46 @@ def performer_pytorch_cap(args, mode: str, pass_: str) -> int:
     if mode == "bidirectional":
         return max(args.lengths)
     return args.performer_pytorch_causal_max if pass_ == "forward" else args.performer_pytorch_causal_backward_max
+
+
+def measure_length(length: int, args) -> list[dict]:
+    """Every (mode, pass, provider) cell at one length, in this process, after the matmul peak: rows with
+    ``seconds`` (:func:`seconds_per_call`) and ``matmul_peak_gflops``."""
+    peak = matmul_peak_gflops()
+    q, k, v = random_qkv(length, args.heads, args.head_dim)
+    rows = []
+    for mode in MODES:
+        for pass_ in args.passes:
+            for provider in args.providers:
+                if provider == "performer-pytorch" and length > performer_pytorch_cap(args, mode, pass_):
+                    continue
+                op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size,
+                                  args.local_window, args.sink_tokens)
+                seconds = seconds_per_call(attention_call(op, q, k, v, pass_), args.repeats, args.slow_seconds)
+                rows.append(dict(mode=mode, pass_=pass_, length=length, provider=provider, seconds=seconds,
+                                 matmul_peak_gflops=peak))
+    return rows
+
+
+def median_over_processes(length: int, args) -> list[dict]:
+    """:func:`measure_length` in ``args.processes`` fresh processes, one after another → per cell the median
+    ``seconds`` and matmul peak, with ``seconds_min``, ``seconds_max`` and ``processes`` (those that finished).
+
+    Why fresh processes: the op's speed depends on where its per-block tensors fall, i.e. on what the process
+    allocated before. Pure causal FAVOR+ at 2,048 tokens took 30 ms in some processes and 36–41 ms in others
+    (``RESULTS.md``), and in one process every length measured after another inherits that history. The median of a
+    few processes is the figure a rerun reproduces."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--child", str(length)]
+    runs = [run_child(command, args.child_timeout, f"L={length}, process {i + 1}") for i in range(args.processes)]
+    runs = [run for run in runs if run is not None]
+    if not runs:
+        raise SystemExit(f"op_speed: no process finished the cells at L={length}")
+    rows = []
+    for cells in zip(*runs):
+        seconds = [cell["seconds"] for cell in cells]
+        rows.append(dict(cells[0], seconds=statistics.median(seconds), seconds_min=min(seconds), seconds_max=max(seconds),
+                         processes=len(seconds), matmul_peak_gflops=statistics.median(c["matmul_peak_gflops"] for c in cells)))
+    return rows
 
 
 def crossover_length(lengths, sdpa_over_favor) -> str:
@@ -114,34 +160,37 @@ def main() -> None:
     parser.add_argument("--performer-pytorch-causal-backward-max", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--name", default="op_speed", help="results/<name>.csv, .png (default: op_speed)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per length, each timing every cell; the CSV has their median and range "
+                             "(default: 3; 0: every length in this one process)")
+    parser.add_argument("--child-timeout", type=float, default=3600, help="seconds for one process's cells")
+    parser.add_argument("--child", type=int, metavar="LENGTH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.lengths.sort()
     args.providers = ["hf-performer"] + [p for p in args.providers if p != "hf-performer"]  # the ratios' reference
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child is not None:
+        print(json.dumps(measure_length(args.child, args)))
+        return
 
     run = Run(args.name)
     rows = []
     for length in args.lengths:
-        peak = matmul_peak_gflops()
-        q, k, v = random_qkv(length, args.heads, args.head_dim)
+        measured = median_over_processes(length, args) if args.processes else measure_length(length, args)
         for mode in MODES:
             for pass_ in args.passes:
-                cells = {}
-                for provider in args.providers:
-                    if provider == "performer-pytorch" and length > performer_pytorch_cap(args, mode, pass_):
-                        continue
-                    op = attention_op(provider, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size,
-                                      args.local_window, args.sink_tokens)
-                    cells[provider] = seconds_per_call(attention_call(op, q, k, v, pass_), args.repeats, args.slow_seconds)
+                cells = [dict(row, measured="yes") for row in measured if (row["mode"], row["pass_"]) == (mode, pass_)]
+                ours = next(row for row in cells if row["provider"] == "hf-performer")
                 flops = args.heads * favor_forward_flops(
                     length, args.head_dim, args.nb_features, mode == "causal", args.causal_chunk_size
                 )["total"]
-                favor_rate = flops / cells["hf-performer"] / 1e9 if pass_ == "forward" else float("nan")
-                for provider, seconds in cells.items():
-                    rows.append(dict(mode=mode, pass_=pass_, length=length, provider=provider, seconds=seconds, measured="yes",
-                                     matmul_peak_gflops=peak, favor_gflops=favor_rate))
-                text = "  ".join(f"{p} {s:.3f}s ({s / cells['hf-performer']:.1f}x)" for p, s in cells.items())
+                favor_rate = flops / ours["seconds"] / 1e9 if pass_ == "forward" else float("nan")
+                rows += [dict(row, favor_gflops=favor_rate) for row in cells]
+                spread = (lambda r: f" [{r['seconds_min']:.3f}–{r['seconds_max']:.3f}]") if args.processes else (lambda r: "")
+                text = "  ".join(f"{r['provider']} {r['seconds']:.3f}s{spread(r)} ({r['seconds'] / ours['seconds']:.1f}x)"
+                                 for r in cells)
+                peak = ours["matmul_peak_gflops"]
                 print(f"L={length:<6} {mode:<13} {pass_:<16} {text}"
                       + (f"  FAVOR+ {favor_rate:.1f} GFLOP/s = {favor_rate / peak:.0%} of peak {peak:.0f}" if pass_ == "forward" else ""),
                       flush=True)
@@ -181,10 +230,13 @@ def main() -> None:
             print(f"crossover length vs SDPA ({HYBRID} faster from):", hybrid_crossovers)
 
     order = ["mode", "pass", "length", "provider", "seconds", "time_over_hf_performer", "measured", "favor_gflops", "matmul_peak_gflops"]
+    if args.processes:
+        order += ["seconds_min", "seconds_max", "processes"]
     rows = [{key: (f"{row[key]:.5g}" if isinstance(row.get(key), float) else row.get(key, "")) for key in order} for row in rows]
     hybrid = dict(hybrid_crossover_length_vs_sdpa=hybrid_crossovers,
                   hybrid=dict(local_window=args.local_window, sink_tokens=args.sink_tokens)) if HYBRID in args.providers else {}
     run.finish(rows, crossover_length_vs_sdpa=crossovers, performer_pytorch_extrapolation=fits, **hybrid,
+               processes_per_length=args.processes,
                shape=dict(batch=1, heads=args.heads, head_dim=args.head_dim, nb_features=args.nb_features,
                           causal_chunk_size=args.causal_chunk_size, dtype="float32"))
     plot([{k: (float(v) if k in ("seconds", "favor_gflops", "matmul_peak_gflops") and v != "" else v) for k, v in r.items()} for r in rows],

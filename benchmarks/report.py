@@ -166,7 +166,10 @@ def main() -> None:
     if speed:
         fits = speed_info.get("performer_pytorch_extrapolation", {})
         s += ["## Speed", "", "![op speed](results/op_speed.png)", "", "![FLOP rate](results/op_flop_rate.png)", "",
-              "Times in seconds (best of 3 after a warm-up, see `measurement.py`; one run when a call takes over 5 s); `(n×)` = that provider's time "
+              "Times in seconds (best of 3 after a warm-up, see `measurement.py`; one run when a call takes over 5 s"
+              + (f"; the median over {speed_info['processes_per_length']} fresh processes per length"
+                 if speed_info.get("processes_per_length") else "; every length in one process")
+              + "); `(n×)` = that provider's time "
               "over hf-performer's. FLOP counts: `benchmarks/flop_counts.py`, causal ones with the chunk size the op ran, "
               f"{speed_info.get('shape', {}).get('causal_chunk_size', 'not recorded')} tokens (matmul peak = best 2048³ "
               "`torch.mm`, measured right before each length)."

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of issue 6 with its default sizes, one after another (never in parallel: they
-# would time each other), then benchmarks/RESULTS.md.  About 25 minutes on 2 quiet cores.
+# would time each other), then benchmarks/RESULTS.md.  About 35 minutes on 2 quiet cores (op_speed times each
+# length in 3 fresh processes).
 #   bash benchmarks/run_all.sh                      all of them (from anywhere, `bench` extra installed)
 #   bash benchmarks/run_all.sh op_speed op_memory   only these, then the page
 set -euo pipefail

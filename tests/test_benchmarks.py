@@ -55,7 +55,7 @@ def results(tmp_path) -> Path:
 def op_speed_results(tmp_path_factory) -> Path:
     """One toy op_speed run, read by its own test and by the report's."""
     results = tmp_path_factory.mktemp("op_speed") / "results"
-    run_benchmark(results, "op_speed", "--lengths", "128", "256", "--repeats", "1")
+    run_benchmark(results, "op_speed", "--lengths", "128", "256", "--repeats", "1", "--processes", "2")
     return results
 
 
@@ -71,6 +71,8 @@ def test_op_speed_times_every_provider_and_reports_rates_and_crossovers(op_speed
         for provider in ("hf-performer", "sdpa", "performer-pytorch")
     }
     assert all(float(r["seconds"]) > 0 for r in rows)
+    # each cell is the median of two fresh processes' times, which it lies between
+    assert all(r["processes"] == "2" and float(r["seconds_min"]) <= float(r["seconds"]) <= float(r["seconds_max"]) for r in rows)
     ours = [r for r in rows if r["provider"] == "hf-performer"]
     assert all(float(r["time_over_hf_performer"]) == 1.0 for r in ours)
     assert all(float(r["favor_gflops"]) > 0 for r in ours if r["pass"] == "forward")
@@ -82,8 +84,9 @@ def test_op_speed_times_every_provider_and_reports_rates_and_crossovers(op_speed
 def test_op_speed_measures_the_hybrid_side_by_side_and_reports_its_crossovers(tmp_path):
     results = tmp_path / "results"
     run_benchmark(results, "op_speed", "--lengths", "128", "--repeats", "1", "--providers", "sdpa", "hf-performer-hybrid",
-                  "--passes", "forward", "--local-window", "16", "--sink-tokens", "2")
+                  "--passes", "forward", "--local-window", "16", "--sink-tokens", "2", "--processes", "0")
     rows = read_csv(results / "op_speed.csv")
+    assert "processes" not in rows[0]  # --processes 0: every cell timed once, in the script's own process
     assert {(r["mode"], r["pass"], r["provider"]) for r in rows} == {
         (mode, "forward", provider) for mode in ("bidirectional", "causal") for provider in ("hf-performer", "sdpa", "hf-performer-hybrid")
     }

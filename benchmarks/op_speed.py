@@ -176,6 +176,7 @@ def main() -> None:
 
     run = Run(args.name)
     rows = []
+    spread = (lambda r: f" [{r['seconds_min']:.3f}–{r['seconds_max']:.3f}]") if args.processes else (lambda r: "")
     for length in args.lengths:
         measured = median_over_processes(length, args) if args.processes else measure_length(length, args)
         for mode in MODES:
@@ -187,7 +188,6 @@ def main() -> None:
                 )["total"]
                 favor_rate = flops / ours["seconds"] / 1e9 if pass_ == "forward" else float("nan")
                 rows += [dict(row, favor_gflops=favor_rate) for row in cells]
-                spread = (lambda r: f" [{r['seconds_min']:.3f}–{r['seconds_max']:.3f}]") if args.processes else (lambda r: "")
                 text = "  ".join(f"{r['provider']} {r['seconds']:.3f}s{spread(r)} ({r['seconds'] / ours['seconds']:.1f}x)"
                                  for r in cells)
                 peak = ours["matmul_peak_gflops"]

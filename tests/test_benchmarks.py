@@ -86,7 +86,7 @@ def test_op_speed_measures_the_hybrid_side_by_side_and_reports_its_crossovers(tm
     run_benchmark(results, "op_speed", "--lengths", "128", "--repeats", "1", "--providers", "sdpa", "hf-performer-hybrid",
                   "--passes", "forward", "--local-window", "16", "--sink-tokens", "2", "--processes", "0")
     rows = read_csv(results / "op_speed.csv")
-    assert "processes" not in rows[0]  # --processes 0: every cell timed once, in the script's own process
+    assert "processes" not in rows[0]  # --processes 0: every length timed in the script's own process, no spread
     assert {(r["mode"], r["pass"], r["provider"]) for r in rows} == {
         (mode, "forward", provider) for mode in ("bidirectional", "causal") for provider in ("hf-performer", "sdpa", "hf-performer-hybrid")
     }

@@ -257,10 +257,8 @@ def test_segments_run_again_in_backward_give_the_naive_gradients(causal, far_par
     assert len(plans) == 1
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_segments_under_autograd_run_one_row_at_a_time(causal, monkeypatch):
-    # backward then holds one (batch, key head) row's segment graph: every plan is one row's, and there is one per row
-    segments_of_four_windows(monkeypatch, causal, recording=True)
+def planned_rows(monkeypatch) -> list:
+    """A list that receives the (batch, key heads) shape of every sequence :func:`hybrid._plan` cuts into segments."""
     rows, plan = [], hybrid._plan
 
     def recorded(x, segment, **settings):
@@ -268,6 +266,14 @@ def test_segments_under_autograd_run_one_row_at_a_time(causal, monkeypatch):
         return plan(x, segment, **settings)
 
     monkeypatch.setattr(hybrid, "_plan", recorded)
+    return rows
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_under_autograd_run_one_row_at_a_time(causal, monkeypatch):
+    # backward then holds one (batch, key head) row's segment graph: every plan is one row's, and there is one per row
+    segments_of_four_windows(monkeypatch, causal, recording=True)
+    rows = planned_rows(monkeypatch)
     q, k, v = (t.requires_grad_() for t in qkv(70))
     favor_attention(q, k, v, projection(), causal=causal, local_window=5, sink_tokens=3)[0].sum().backward()
     assert rows == [(1, 1)] * (B * 2)
@@ -279,13 +285,7 @@ def test_segments_of_all_rows_under_autograd_give_the_naive_gradients(causal, mo
     segments_of_four_windows(monkeypatch, causal, recording=True)
     monkeypatch.setattr(hybrid, "AUTOGRAD_SEGMENT_ELEMENTS", 4 * 5 * B * 2 * M)  # four windows of all rows
     monkeypatch.setattr(hybrid, "_rows_per_part", lambda device, rows: rows)
-    rows, plan = [], hybrid._plan
-
-    def recorded(x, segment, **settings):
-        rows.append(x.query.shape[:2])
-        return plan(x, segment, **settings)
-
-    monkeypatch.setattr(hybrid, "_plan", recorded)
+    rows = planned_rows(monkeypatch)
     inputs = [t.requires_grad_() for t in qkv(70)]
     reference_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     mask = torch.ones(B, 70, dtype=torch.bool)

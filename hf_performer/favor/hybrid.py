@@ -376,8 +376,8 @@ def _segments(x: _Inputs, far_log_weight: torch.Tensor | None, segment: int, *, 
     query, key, value, keep = _as_rows(x)
     rows = query.shape[0]
     parts = _slices(rows, _rows_per_part(x.query.device, rows))
-    plans = [_plan(_Inputs(query[part], key[part], value[part], x.projection, None if keep is None else keep[part],
-                           *x[5:]), segment, **settings) for part in parts]
+    plans = [_plan(_Inputs(*_part_of((query, key, value, x.projection, keep), part), *x[5:]), segment, **settings)
+             for part in parts]
     out = _RowSegments.apply(query, key, value, x.projection, far_log_weight, list(zip(parts, plans)))
     return out.view(*x.query.shape[:-1], -1)
 
@@ -563,6 +563,13 @@ def _bidirectional_part_backward(plan: _Plan, inputs, wants, shared: _SegmentLea
         del part, got
 
 
+def _part_of(tensors, rows: slice) -> list:
+    """``tensors`` in the order of :class:`_RowSegments`' inputs or of :class:`_Inputs` (query, key, value, ω, then
+    ``far_log_weight`` or ``keep``, or their gradients) for the (batch, key head) ``rows`` of one part: views of those
+    rows, ω (position 3, every row's) whole, None as None."""
+    return [None if t is None else (t if position == 3 else t[rows]) for position, t in enumerate(tensors)]
+
+
 class _RowSegments(torch.autograd.Function):
     """:func:`_segments` under autograd, one part of the (batch, key head) rows at a time (:func:`_rows_per_part`):
     ``query [R, 1, G, L, D]``, ``key``, ``value`` ``[R, 1, L, ·]``, ``projection [m, D]``, ``far_log_weight [R, G]``
@@ -578,20 +585,19 @@ class _RowSegments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, projection, far_log_weight, parts):
+        inputs = (query, key, value, projection, far_log_weight)
         out = query.new_empty(*query.shape[:-1], value.shape[-1])
         ctx.entries = []
         for rows, plan in parts:
-            tensors = [t[rows] for t in (query, key, value)]
-            weight = None if far_log_weight is None else far_log_weight[rows]
+            part = _part_of(inputs, rows)
             if plan.causal:
                 entries = []
-                _run_segments(*tensors, projection, weight, plan, entries, out=out[rows])
+                _run_segments(*part, plan, entries, out=out[rows])
             else:
-                entries = [_far_summary(plan, *tensors[1:], projection)]
-                _run_segments(*tensors, projection, weight, plan, summary=entries[0][0], reference=entries[0][1],
-                              out=out[rows])
+                entries = [_far_summary(plan, part[1], part[2], projection)]
+                _run_segments(*part, plan, summary=entries[0][0], reference=entries[0][1], out=out[rows])
             ctx.entries.append(entries)
-        ctx.save_for_backward(query, key, value, projection, far_log_weight)
+        ctx.save_for_backward(*inputs)
         ctx.parts = parts
         return out
 
@@ -602,9 +608,8 @@ class _RowSegments(torch.autograd.Function):
         grads = [torch.zeros_like(t) if wanted else None for t, wanted in zip(inputs, wants)]
         projection = inputs[3].detach().requires_grad_(wants[3])
         for (rows, plan), entries in zip(ctx.parts, ctx.entries):
-            part_inputs = [None if t is None else (t if position == 3 else t[rows]) for position, t in enumerate(inputs)]
-            part_grads = [None if g is None else (g if position == 3 else g[rows]) for position, g in enumerate(grads)]
-            shared = _segment_leaves(plan, part_inputs, wants, part_grads, projection)
+            part_inputs = _part_of(inputs, rows)
+            shared = _segment_leaves(plan, part_inputs, wants, _part_of(grads, rows), projection)
             backward = _causal_part_backward if plan.causal else _bidirectional_part_backward
             backward(plan, part_inputs, wants, shared, grad_out[rows], entries)
         return (*grads, None)

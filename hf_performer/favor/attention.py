@@ -128,6 +128,8 @@ def _divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0, and its
     gradient stays 0: dividing by 1 there (rather than by the smallest float) keeps ``1/D`` from
     overflowing into the backward pass, where ``inf · 0`` would make NaN gradients."""
+    if not records_gradients(numerator, denominator):
+        return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None]
     seen = denominator >= torch.finfo(denominator.dtype).tiny
     return numerator / torch.where(seen, denominator, torch.ones_like(denominator))[..., None]
 
@@ -456,7 +458,7 @@ QUERY_FLOOR = 60.0
 """Causal query features are kept ≥ ``exp(−60)`` times their largest.  At very large query/key norms
 every product of a query's and a key's features (each normalised by its own maximum) can underflow,
 leaving an all-zero row with NaN gradients; the floor keeps the key that sets the running maximum
-at ≥ ``exp(−60)/m`` of it.  Where rows are healthy, terms that small do not reach float32's
+at ≥ ``exp(−60)·m^-½`` of it.  Where rows are healthy, terms that small do not reach float32's
 resolution of the row's sum, so results do not change."""
 
 
@@ -526,19 +528,23 @@ def _softmax_terms(query, key, values, projection, keep, reference, input_scale:
     running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
     chunk_end = running[..., -1]  # [B, Hk, n]
     state_ref = torch.cat([reference[..., None], chunk_end[..., :-1]], -1)
-    # exp(c_s − M_t) for s ≤ t, ≤ 1 since M_t ≥ c_s; −inf, so 0, for the future keys s > t
-    future = torch.full((chunk, chunk), -math.inf, device=key.device).triu_(1)
-    decay = exp_((log_weight[..., None, :] - running[..., :, None]).add_(future))
-    key_weight = torch.exp(log_weight - chunk_end[..., None])[..., None]
-    scan_decay = torch.exp(state_ref - chunk_end)[..., None, None]
-    carry = torch.exp(state_ref[..., None] - running)[:, :, None, :, :, None]  # ≤ 1
+    # exp(c_s − M_t) for s ≤ t, ≤ 1 since M_t ≥ c_s; −inf, so 0, for the future keys s > t.  A chunk's last query
+    # has M_t = the chunk's end: its row is each key's weight in the chunk sum, as the state's is its scan decay.
+    decay = exp_((log_weight[..., None, :] - running[..., :, None]).add_(_future_mask(chunk, key.device)))
+    carry = torch.exp(state_ref[..., None] - running)  # ≤ 1
+    # the queries' features without φ's m^-½: every query term is a product with them, in numerator and denominator
     q_logits = (query @ (projection * input_scale).transpose(0, 1)).unflatten(-2, (n, chunk))
-    q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True) + half_log_m)
-    floor = -QUERY_FLOOR - half_log_m
-    q_floored = q_logits < floor if floor_mask else None  # clamp's gradient: 0 below the floor
-    q_feat = exp_(q_logits.clamp_(min=floor))
-    return _ChunkTerms(q_feat, k_feat, values, key_weight, decay[:, :, None], scan_decay, carry, chunk_end[..., -1],
-                       q_floored)
+    q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True))
+    q_floored = q_logits < -QUERY_FLOOR if floor_mask else None  # clamp's gradient: 0 below the floor
+    q_feat = exp_(q_logits.clamp_(min=-QUERY_FLOOR))
+    return _ChunkTerms(q_feat, k_feat, values, decay[..., -1, :, None], decay[:, :, None], carry[..., -1, None, None],
+                       carry[:, :, None, :, :, None], chunk_end[..., -1], q_floored)
+
+
+@functools.cache
+def _future_mask(chunk: int, device: torch.device) -> torch.Tensor:
+    """``[C, C]``: −inf above the diagonal (the keys after a query in its chunk), 0 elsewhere; made once."""
+    return torch.full((chunk, chunk), -math.inf, device=device).triu_(1)
 
 
 def _chunk_sums(terms: _ChunkTerms) -> torch.Tensor:

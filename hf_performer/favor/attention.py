@@ -174,9 +174,9 @@ m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 102
 
 LEAN_BLOCK_ELEMENTS = 1 << 18
 """Feature elements per block where nothing of a block outlives it: 1 MiB of float32 (128 tokens at 8 heads,
-m = 256).  Bidirectional attention (which recomputes features in backward): one buffer reused by every block keeps
-the forward pass's peak memory within a MiB of SDPA's (issue 14), for about 10 % of its time at 16,384 tokens (FLOP
-rate 41–45 % in two runs, 45–51 % with 4 MiB blocks).  Causal attention without autograd: with the states before
+m = 256).  Bidirectional attention (which recomputes features in backward): the queries' blocks, in one buffer
+reused by every block, keep the forward pass's peak memory within a MiB of SDPA's (issue 14); the keys' go into
+the output's memory in larger blocks (:func:`_key_summary`).  Causal attention without autograd: with the states before
 each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at 16,384 and 2,048
 tokens, and the forward's peak 33 MiB at 16,384 tokens (SDPA's 32–33; 60 MiB with 512).  Under autograd causal
 attention takes :func:`recompute_block_length` (softmax) or :data:`BLOCK_ELEMENTS` (other kernels)."""
@@ -319,26 +319,17 @@ class _BidirectionalFavor(torch.autograd.Function):
     ``dc = [g, −g·out] / z``, ``dS += φ̃(q) dcᵀ``, ``dφ̃(q) = S dc`` and ``d(ωq)`` = ``dφ̃(q) ⊙ φ̃(q)``;
     then per key block, ``dφ̃(k) = dS [v, 1]``, ``dv = dS[:, :Dv]ᵀ φ̃(k)`` and, since
     ``log φ̃(k) = s·ωk − s²‖k‖²/2 + const``, ``dk = s·(dφ̃(k) ⊙ φ̃(k)) ω − s²·k·Σ_j (dφ̃(k) ⊙ φ̃(k))_j``.
-    Memory beyond inputs, output and gradients: the summary, its gradient and one block's features.
+    Memory beyond inputs, output and gradients: the summary, its gradient and one block's features (the keys'
+    go into the output's memory while it is unwritten: :func:`_key_summary`).
     """
 
     @staticmethod
     def forward(ctx, rows, key, value, projection, keep, scale, block):
         b, key_heads, _, dv, m = *rows.shape[:3], value.shape[-1], projection.shape[0]
-        # one buffer for every block's features and one for its products: no allocation per block
-        features = rows.new_empty(b * key_heads * block * m)
-        top, summary = None, None
-        for k_block, v_block, keep_block in _key_blocks(key, value, keep, block):
-            buffer = _buffer(features, b, key_heads, k_block.shape[2], m)
-            # relative to the larger of their own and the summary's reference, per feature: only the summary is
-            # rescaled; ([V, 1]ᵀφ̃(K))ᵀ rather than φ̃(K)ᵀ[V, 1]: 0.95× the op's time (the transposed left operand
-            # ran at half the matmul rate)
-            k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale, out=buffer,
-                                             at_least=top)
-            part = (_with_ones(v_block).transpose(-1, -2) @ k_feat).transpose(-1, -2)
-            summary = part if top is None else summary.mul_(torch.exp(top - reference)[..., None]).add_(part)
-            top = reference
         out = rows.new_empty(*rows.shape[:-1], dv)
+        summary, top = _key_summary(key, value, projection, keep, scale, block, scratch=out.view(-1))
+        # one buffer for every query block's features and one for its products: no allocation per block
+        features = rows.new_empty(b * key_heads * block * m)
         products = rows.new_empty(b * key_heads * block * (dv + 1))
         for q_block, out_block in zip(_split(rows, block), _split(out, block)):
             n = q_block.shape[2]
@@ -380,6 +371,40 @@ class _BidirectionalFavor(torch.autograd.Function):
                 _logit_gradients(d_logits, k_block, projection, scale, grad_key[:, :, part] if wants_key else None,
                                  grad_projection, keys=True)
         return grad_rows, grad_key, grad_value, grad_projection, None, None, None
+
+
+def _key_summary(key, value, projection, keep, scale: float, block: int, scratch: torch.Tensor):
+    """The first pass of :class:`_BidirectionalFavor`: the summary ``S = φ̃(K)ᵀ[V, 1]`` ``[B, Hk, m, Dv + 1]`` of
+    ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]`` (``keep [B, 1, Lk]`` or ``None``) and the per-feature reference
+    ``[B, Hk, m]`` it is kept relative to, over blocks of keys.
+
+    ``scratch``: 1-d memory nothing reads yet, the output's until its queries are read out.  Each block's features,
+    its ``[V, 1]`` and its product go there, in blocks as large as it holds up to :func:`block_length`'s cache
+    budget (at 16,384 tokens, 8 heads × 64, m = 256: 512 tokens, 0.8× the time of this pass in the forward's
+    128-token ``block``, and no memory of its own); where it holds fewer than ``block`` tokens, into a buffer of
+    ``block`` tokens."""
+    b, key_heads, _, dv = value.shape
+    rows, m = b * key_heads, projection.shape[0]
+    per_token, products = rows * (m + dv + 1), rows * (dv + 1) * m
+    tokens = min(max(block, block_length(rows, m)), (scratch.numel() - products) // per_token)
+    if tokens < block:
+        tokens, scratch = block, key.new_empty(block * per_token + products)
+    features, values = scratch[: rows * tokens * m], scratch[rows * tokens * m : tokens * per_token]
+    product = _buffer(scratch[tokens * per_token :], b, key_heads, dv + 1, m)
+    ones = value.new_ones(b, key_heads, tokens, 1)
+    summary, top = None, None
+    for k_block, v_block, keep_block in _key_blocks(key, value, keep, tokens):
+        n = k_block.shape[2]
+        # relative to the larger of their own and the summary's reference, per feature: only the summary is
+        # rescaled; ([V, 1]ᵀφ̃(K))ᵀ rather than φ̃(K)ᵀ[V, 1]: 0.95× the op's time (the transposed left operand
+        # ran at half the matmul rate)
+        k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale,
+                                         out=_buffer(features, b, key_heads, n, m), at_least=top)
+        v_ones = torch.cat([v_block, ones[:, :, :n]], -1, out=_buffer(values, b, key_heads, n, dv + 1))
+        part = torch.matmul(v_ones.transpose(-1, -2), k_feat, out=product).transpose(-1, -2)
+        summary = part.clone() if top is None else summary.mul_(torch.exp(top - reference)[..., None]).add_(part)
+        top = reference
+    return summary, top
 
 
 def _combined_gradient(grad_out: torch.Tensor, out: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,18 @@ def query_log_features(q: torch.Tensor, projection: torch.Tensor, key_reference:
     return logits.add_(key_reference), normaliser
 
 
+def _project(x: torch.Tensor, projection_t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``x [..., L, d] @ projection_t [d, m]``, into ``out [..., L, m]`` if given.  An ``out`` whose ``[L, m]``
+    matrices are apart in memory (e.g. at the end of each row of an output, :func:`~hf_performer.favor.attention.
+    _read_out_queries`) is written by one batched product: ``matmul`` would fold a contiguous ``x`` into one
+    ``[N·L, d]`` matrix and refuse such an ``out``."""
+    if out is None or out.is_contiguous():
+        return torch.matmul(x, projection_t, out=out)
+    rows = x.reshape(-1, *x.shape[-2:])
+    torch.bmm(rows, projection_t.expand(rows.shape[0], *projection_t.shape), out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
 def query_features(
     q: torch.Tensor,
     projection: torch.Tensor,
@@ -185,11 +197,11 @@ def query_features(
     entry lies in ``(0, m^-½]`` and the feature ``j*`` that reaches the maximum meets keys whose own
     feature ``j*`` sums to ≥ 1, so the denominator is ≥ ``m^-1`` whatever the norms of ``q`` and ``k``.
     ``kernel_fn=None`` means softmax.  The scale goes into ``ω`` (``[m, d]``) rather than into ``q``
-    (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.  ``out`` (``[..., L, m]``, contiguous):
+    (``[L, d]``): ``(s·q)ω = q(s·ω)`` with no pass over ``q``.  ``out`` (``[..., L, m]``, each ``[L, m]`` contiguous):
     where to compute them, a buffer reused block after block instead of a new allocation each time.
     """
     m = projection.shape[0]
-    logits = torch.matmul(q, (projection * input_scale).transpose(0, 1), out=out)
+    logits = _project(q, (projection * input_scale).transpose(0, 1), out)
     if kernel_fn is not None:
         return (kernel_fn(logits) + kernel_epsilon) * m**-0.5
     if key_reference is not None:

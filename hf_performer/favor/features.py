@@ -168,9 +168,9 @@ def query_log_features(q: torch.Tensor, projection: torch.Tensor, key_reference:
 
 def _project(x: torch.Tensor, projection_t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``x [..., L, d] @ projection_t [d, m]``, into ``out [..., L, m]`` if given.  An ``out`` whose ``[L, m]``
-    matrices are apart in memory (e.g. at the end of each row of an output, :func:`~hf_performer.favor.attention.
-    _read_out_queries`) is written by one batched product: ``matmul`` would fold a contiguous ``x`` into one
-    ``[N·L, d]`` matrix and refuse such an ``out``."""
+    matrices are apart in memory (the end of each row of an output, in the bidirectional forward's read-out) is
+    written by one batched product: ``matmul`` would fold a contiguous ``x`` into one ``[N·L, d]`` matrix and
+    refuse such an ``out``."""
     if out is None or out.is_contiguous():
         return torch.matmul(x, projection_t, out=out)
     rows = x.reshape(-1, *x.shape[-2:])

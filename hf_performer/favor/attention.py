@@ -409,17 +409,19 @@ def _read_out_queries(rows, projection, scale: float, summary, top, out, block: 
     memory block after block (so it stays in cache), in blocks as large as it holds up to :func:`block_length`'s
     cache budget, shrinking as the unwritten part does (at 16,384 tokens, 8 heads × 64, m = 256: 512 tokens, 0.9×
     the time of this pass in 128-token blocks).  The rest, fewer than about ``6·block`` tokens of each row, in
-    ``block`` tokens in a buffer of their own: the peak memory of 128-token blocks in one buffer, as before."""
+    ``block`` tokens in a buffer of their own: the peak memory of 128-token blocks in one buffer, as before.  Off the
+    CPU and under ``torch.compile`` every block goes in that buffer."""
     b, key_heads, length, dv = out.shape
     m = projection.shape[0]
     per_token = m + dv + 1  # floats of a token's features and product
     most = max(block, block_length(b * key_heads, m))
     by_row, spare, start = out.view(b * key_heads, length * dv), None, 0
-    eager = not torch.compiler.is_compiling()  # dynamo takes no out= whose rows are apart in memory
+    # out= whose rows are apart in memory: eager on the CPU, where it was measured (dynamo takes no such out=)
+    apart = out.device.type == "cpu" and not torch.compiler.is_compiling()
     while start < length:
         # the block's outputs and, at each row's end, its scratch must both fit in what is still unwritten
         tokens = min(most, length - start, (length - start) * dv // (dv + per_token))
-        if tokens >= block and eager:
+        if tokens >= block and apart:
             ends = by_row[:, length * dv - tokens * per_token :]  # [B·Hk, tokens·(m + Dv + 1)], rows apart
             feat_out = ends[:, : tokens * m].view(b, key_heads, tokens, m)
             product_out = ends[:, tokens * m :].view(b, key_heads, tokens, dv + 1)
@@ -432,7 +434,7 @@ def _read_out_queries(rows, projection, scale: float, summary, top, out, block: 
                                 out=feat_out)
         combined = torch.matmul(q_feat, summary, out=product_out)
         out_block = out[:, :, start : start + tokens]
-        if eager:
+        if apart:
             _divide(combined[..., :-1], combined[..., -1], out=out_block)
         else:
             out_block.copy_(_divide(combined[..., :-1], combined[..., -1]))

@@ -175,9 +175,10 @@ m = 256; the fastest measured, ``benchmarks/block_size.py``, next to 256 and 102
 
 LEAN_BLOCK_ELEMENTS = 1 << 18
 """Feature elements per block where nothing of a block outlives it: 1 MiB of float32 (128 tokens at 8 heads,
-m = 256).  Bidirectional attention (which recomputes features in backward): the queries' blocks, in one buffer
-reused by every block, keep the forward pass's peak memory within a MiB of SDPA's (issue 14); the keys' go into
-the output's memory in larger blocks (:func:`_key_summary`).  Causal attention without autograd: with the states before
+m = 256).  Bidirectional attention (which recomputes features in backward): the forward's blocks go into the
+output's own memory while it is unwritten, up to :data:`BLOCK_ELEMENTS` (:func:`_key_summary`,
+:func:`_read_out_queries`), and the last few of each row into one buffer of this size, which keeps its peak memory
+within a MiB of SDPA's (issue 14).  Causal attention without autograd: with the states before
 each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at 16,384 and 2,048
 tokens, and the forward's peak 33 MiB at 16,384 tokens (SDPA's 32–33; 60 MiB with 512).  Under autograd causal
 attention takes :func:`recompute_block_length` (softmax) or :data:`BLOCK_ELEMENTS` (other kernels)."""
@@ -320,14 +321,14 @@ class _BidirectionalFavor(torch.autograd.Function):
     ``dc = [g, −g·out] / z``, ``dS += φ̃(q) dcᵀ``, ``dφ̃(q) = S dc`` and ``d(ωq)`` = ``dφ̃(q) ⊙ φ̃(q)``;
     then per key block, ``dφ̃(k) = dS [v, 1]``, ``dv = dS[:, :Dv]ᵀ φ̃(k)`` and, since
     ``log φ̃(k) = s·ωk − s²‖k‖²/2 + const``, ``dk = s·(dφ̃(k) ⊙ φ̃(k)) ω − s²·k·Σ_j (dφ̃(k) ⊙ φ̃(k))_j``.
-    Memory beyond inputs, output and gradients: the summary, its gradient and one block's features (the keys'
-    go into the output's memory while it is unwritten: :func:`_key_summary`).
+    Memory beyond inputs, output and gradients: the summary, its gradient and one block's features (in the
+    forward, mostly in the output's own memory while it is unwritten: :func:`_key_summary`,
+    :func:`_read_out_queries`).
     """
 
     @staticmethod
     def forward(ctx, rows, key, value, projection, keep, scale, block):
-        b, key_heads, _, dv, m = *rows.shape[:3], value.shape[-1], projection.shape[0]
-        out = rows.new_empty(*rows.shape[:-1], dv)
+        out = rows.new_empty(*rows.shape[:-1], value.shape[-1])
         summary, top = _key_summary(key, value, projection, keep, scale, block, scratch=out.view(-1))
         _read_out_queries(rows, projection, scale, summary, top, out, block)
         ctx.save_for_backward(rows, key, value, projection, keep, summary, top, out)

@@ -609,9 +609,10 @@ def _future_mask(chunk: int, device: torch.device) -> torch.Tensor:
 
 def _chunk_sums(terms: _ChunkTerms) -> torch.Tensor:
     """What each chunk adds to the state, ``φ̃(K)ᵀ([V, 1] ⊙ key_weight)``: ``[B, Hk, n, m, Dv + 1]`` (made when the
-    states are scanned, and freed then)."""
+    states are scanned, and freed then).  Computed as ``(([V, 1] ⊙ key_weight)ᵀ φ̃(K))ᵀ``, a transposed view: a
+    transposed left operand ran at half the matmul rate (as in the bidirectional summary)."""
     values = terms.values if terms.key_weight is None else terms.values * terms.key_weight
-    return terms.k_feat.transpose(-1, -2) @ values
+    return (values.transpose(-1, -2) @ terms.k_feat).transpose(-1, -2)
 
 
 def _scores(terms: _ChunkTerms) -> torch.Tensor:
@@ -640,11 +641,13 @@ def _causal_chunks(
     input_scale: float,
     kernel_fn: KernelFn | None,
     kernel_epsilon: float,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Causal FAVOR+ of ``query [B, Hk, G, L, D]`` on ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
     (query ``t`` sees keys ``≤ t`` and those summed in ``summary [B, Hk, m, Dv + 1]``, relative to
     ``reference [B, Hk]`` for the softmax kernel; see :func:`_entry`) → ``(out [B, Hk, G, L, Dv],
-    summary after the keys, its reference)``.
+    summary after the keys, its reference)``.  ``out``: a ``[B, Hk, G, L, Dv]`` view to write the output into
+    (without autograd; whole chunks are divided straight into it).
 
     Chunks of ``C`` tokens: inside a chunk the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay)[V, 1]`` is exact;
     across chunks a state ``[m, Dv + 1]`` is carried (a scan), so memory is O(L·(m + C) + (L/C)·m·Dv).
@@ -668,8 +671,13 @@ def _causal_chunks(
                          kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon)
     before, after = _chunk_states(summary, _chunk_sums(terms), terms.scan_decay)
     combined = _combined(terms, _scores(terms), before)
-    out = _divide(combined[..., :dv], combined[..., dv]).view(b, key_heads, group, -1, dv)[..., :length, :]
-    return out, after, terms.reference
+    numerator, denominator = combined[..., :dv], combined[..., dv]
+    # whole chunks are divided straight into out (without autograd, eager: dynamo takes no out= that is a view)
+    whole = combined.shape[-3] * chunk == length
+    if out is not None and whole and not combined.requires_grad and not torch.compiler.is_compiling():
+        return _divide(numerator, denominator, out=out.unflatten(-2, (-1, chunk))).flatten(-3, -2), after, terms.reference
+    result = _divide(numerator, denominator).view(b, key_heads, group, -1, dv)[..., :length, :]
+    return result if out is None else out.copy_(result), after, terms.reference
 
 
 def _chunk_states(summary: torch.Tensor, sums: torch.Tensor, decay: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -695,12 +703,11 @@ def _causal_blocks(query, key, value, projection, keep, summary, reference, *, c
     ):
         if entries is not None:
             entries[0][index], entries[1][index] = summary, reference
-        part, summary, reference = _causal_chunks(q_block, k_block, v_block, projection, keep_block, summary,
-                                                  reference, chunk=chunk, **features)
+        part, summary, reference = _causal_chunks(
+            q_block, k_block, v_block, projection, keep_block, summary, reference, chunk=chunk,
+            out=None if out is None else out[..., index * block : index * block + q_block.shape[-2], :], **features)
         if out is None:
             outputs.append(part)
-        else:
-            out[..., index * block : index * block + part.shape[-2], :] = part
     if out is None:
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -2)
     return out, summary, reference
@@ -885,7 +892,9 @@ def causal_favor(
         out = x.query.new_empty(*x.query.shape[:-1], dv) if q_len > block and not recording else None
         out, summary, reference = _causal_blocks(*inputs, chunk=chunk, block=block, features=features, out=out)
     log_scale = state.log_scale if reference is None else reference[..., None].expand(-1, -1, m).contiguous()
-    return _ungroup(out, x.dtype), FavorState(summary, log_scale)
+    # the chunk sums are transposed views (_chunk_sums), so is the scan's last state: a state handed out is laid out
+    # one way, so that decoding from it (or from a copy of it) rounds the same
+    return _ungroup(out, x.dtype), FavorState(summary.contiguous(), log_scale)
 
 
 def _fold(state: FavorState, key, value, keep, projection, block: int, features) -> FavorState:

@@ -935,7 +935,8 @@ class _BlockScan(NamedTuple):
     def states(self, heads: slice, blocks: slice, initial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states before each of ``blocks`` [h, c, m, Dv + 1], state after the last)`` of key heads ``heads``,
         from ``initial`` (``[h, m, Dv + 1]``, the state before the first of ``blocks``; None: before block 0)."""
-        sums = self.k_feat[heads, blocks].transpose(-1, -2) @ self.values[heads, blocks]  # [h, c, m, Dv + 1]
+        # [h, c, m, Dv + 1], as a transposed view of (values)ᵀ φ̃(K): a transposed left operand ran at 0.7× the rate
+        sums = (self.values[heads, blocks].transpose(-1, -2) @ self.k_feat[heads, blocks]).transpose(-1, -2)
         initial = torch.zeros_like(sums[:, 0]) if initial is None else initial
         before, after = _chunk_states(initial[None], sums[None], self.decay[None, heads, blocks])
         return before[0], after[0]

@@ -127,8 +127,11 @@ def _free_threshold_chunk() -> None:
 def _divide(numerator: torch.Tensor, denominator: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``D⁻¹ · numerator``; a query that sees no key (all padding) gets 0 instead of 0/0, and its
     gradient stays 0: dividing by 1 there (rather than by the smallest float) keeps ``1/D`` from
-    overflowing into the backward pass, where ``inf · 0`` would make NaN gradients.  ``out``: where to write it
-    (without autograd only)."""
+    overflowing into the backward pass, where ``inf · 0`` would make NaN gradients.  ``out``: where to write it,
+    a view of a larger output: straight into it, except under autograd (which takes no ``out=``) or
+    ``torch.compile`` (dynamo takes no ``out=`` that is a view), where the result is copied there."""
+    if out is not None and (numerator.requires_grad or torch.compiler.is_compiling()):
+        return out.copy_(_divide(numerator, denominator))
     if not records_gradients(numerator, denominator):
         return torch.div(numerator, denominator.clamp_min(torch.finfo(denominator.dtype).tiny)[..., None], out=out)
     seen = denominator >= torch.finfo(denominator.dtype).tiny
@@ -417,7 +420,7 @@ def _read_out_queries(rows, projection, scale: float, summary, top, out, block: 
     per_token = m + dv + 1  # floats of a token's features and product
     most = max(block, block_length(b * key_heads, m))
     by_row, spare, start = out.view(b * key_heads, length * dv), None, 0
-    # out= whose rows are apart in memory: eager on the CPU, where it was measured (dynamo takes no such out=)
+    # scratch whose rows are apart in memory: eager on the CPU, where it was measured (dynamo takes no such out=)
     apart = out.device.type == "cpu" and not torch.compiler.is_compiling()
     while start < length:
         # the block's outputs and, at each row's end, its scratch must both fit in what is still unwritten
@@ -434,11 +437,7 @@ def _read_out_queries(rows, projection, scale: float, summary, top, out, block: 
         q_feat = query_features(rows[:, :, start : start + tokens], projection, input_scale=scale, key_reference=top,
                                 out=feat_out)
         combined = torch.matmul(q_feat, summary, out=product_out)
-        out_block = out[:, :, start : start + tokens]
-        if apart:
-            _divide(combined[..., :-1], combined[..., -1], out=out_block)
-        else:
-            out_block.copy_(_divide(combined[..., :-1], combined[..., -1]))
+        _divide(combined[..., :-1], combined[..., -1], out=out[:, :, start : start + tokens])
         start += tokens
 
 
@@ -647,7 +646,7 @@ def _causal_chunks(
     (query ``t`` sees keys ``≤ t`` and those summed in ``summary [B, Hk, m, Dv + 1]``, relative to
     ``reference [B, Hk]`` for the softmax kernel; see :func:`_entry`) → ``(out [B, Hk, G, L, Dv],
     summary after the keys, its reference)``.  ``out``: a ``[B, Hk, G, L, Dv]`` view to write the output into
-    (without autograd; whole chunks are divided straight into it).
+    (whole chunks are divided straight into it: :func:`_divide`).
 
     Chunks of ``C`` tokens: inside a chunk the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay)[V, 1]`` is exact;
     across chunks a state ``[m, Dv + 1]`` is carried (a scan), so memory is O(L·(m + C) + (L/C)·m·Dv).
@@ -672,9 +671,7 @@ def _causal_chunks(
     before, after = _chunk_states(summary, _chunk_sums(terms), terms.scan_decay)
     combined = _combined(terms, _scores(terms), before)
     numerator, denominator = combined[..., :dv], combined[..., dv]
-    # whole chunks are divided straight into out (without autograd, eager: dynamo takes no out= that is a view)
-    whole = combined.shape[-3] * chunk == length
-    if out is not None and whole and not combined.requires_grad and not torch.compiler.is_compiling():
+    if out is not None and combined.shape[-3] * chunk == length:  # whole chunks: divided straight into out
         return _divide(numerator, denominator, out=out.unflatten(-2, (-1, chunk))).flatten(-3, -2), after, terms.reference
     result = _divide(numerator, denominator).view(b, key_heads, group, -1, dv)[..., :length, :]
     return result if out is None else out.copy_(result), after, terms.reference

@@ -32,11 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from hf_performer.favor.features import (
+    LOG2_E,
     NEG_LOG_WEIGHT,
     check_feature_count,
-    exp_,
     key_features,
-    key_log_features,
     log_normaliser,
     query_features,
 )
@@ -549,10 +548,12 @@ def _chunk_terms(
     kernel_fn: KernelFn | None,
     kernel_epsilon: float,
     floor_mask: bool = False,
+    log2_projection: torch.Tensor | None = None,
 ) -> _ChunkTerms:
     """The :class:`_ChunkTerms` of ``query [B, Hk, G, L, D]``, ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
     after keys whose running maximum is ``reference [B, Hk]`` (softmax kernel; see :func:`_causal_chunks`).
-    ``floor_mask``: also say which query features sit on :data:`QUERY_FLOOR` (the backward pass needs it)."""
+    ``floor_mask``: also say which query features sit on :data:`QUERY_FLOOR` (the backward pass needs it).
+    ``log2_projection``: :func:`_log2_projection` of ``projection``, made once for all blocks (softmax kernel)."""
     b, key_heads, _, length, _ = query.shape
     dv = value.shape[-1]
     n = math.ceil(length / chunk)
@@ -563,7 +564,8 @@ def _chunk_terms(
         keep = F.pad(keep, (0, pad), value=False)
     values = _with_ones(value).view(b, key_heads, n, chunk, dv + 1)
     if kernel_fn is None:
-        return _softmax_terms(query, key, values, projection, keep, reference, input_scale, floor_mask)
+        log2_projection = _log2_projection(projection, input_scale) if log2_projection is None else log2_projection
+        return _softmax_terms(query, key, values, log2_projection, keep, reference, input_scale, floor_mask)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=key.device).tril()
     features = dict(kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, input_scale=input_scale)
     k_feat = key_features(key, projection, keep=keep, **features)[0].view(b, key_heads, n, chunk, -1)
@@ -572,32 +574,49 @@ def _chunk_terms(
     return _ChunkTerms(q_feat, k_feat, values, None, causal.to(k_feat.dtype), scan_decay, None, None, None)
 
 
-def _softmax_terms(query, key, values, projection, keep, reference, input_scale: float,
+def _log2_projection(projection: torch.Tensor, input_scale: float) -> torch.Tensor:
+    """``(s·log₂e·ω)ᵀ`` ``[D, m]``: the product that gives the causal softmax terms' logits in base 2
+    (:func:`_softmax_terms`), made once per call rather than once per block."""
+    return (projection * (input_scale * LOG2_E)).transpose(0, 1)
+
+
+def _softmax_terms(query, key, values, log2_projection, keep, reference, input_scale: float,
                    floor_mask: bool) -> _ChunkTerms:
-    """:func:`_chunk_terms` for the softmax kernel, inputs padded to whole chunks (``values [B, Hk, n, C, Dv + 1]``).
-    Every stabiliser is detached: a constant, in autograd and in :class:`_CausalFavor`."""
+    """:func:`_chunk_terms` for the softmax kernel, inputs padded to whole chunks (``values [B, Hk, n, C, Dv + 1]``),
+    logits from ``log2_projection`` (:func:`_log2_projection`).  Every stabiliser is detached: a constant in
+    :class:`_CausalFavor`.
+
+    The logits, the stabilisers and the exponents are in base 2 (``log₂ φ``): every exponential of the block is an
+    ``exp2`` of them straight, with no pass that multiplies by ``log₂e`` first (``exp_`` on the CPU) or a slower
+    ``exp``, and the features, weights and carries are those of the natural logarithm.  ``reference`` in and out
+    stays natural (``FavorState``'s, the entries :class:`_CausalFavor` keeps)."""
     b, key_heads, n, chunk, _ = values.shape
-    m = projection.shape[0]
-    half_log_m = 0.5 * math.log(m)  # φ's m^-½ rides in the exponents, half on each side
-    log_feat = key_log_features(key, projection, keep, input_scale=input_scale).view(b, key_heads, n, chunk, m)
+    m = log2_projection.shape[1]
+    half_log_m = 0.5 * math.log2(m)  # φ's m^-½ rides in the exponents, half on each side
+    log_feat = (key @ log2_projection).sub_(log_normaliser(key, None, scale=input_scale).mul_(LOG2_E))
+    if keep is not None:
+        log_feat = log_feat.masked_fill_(~keep[..., None], NEG_LOG_WEIGHT)
+    log_feat = log_feat.view(b, key_heads, n, chunk, m)
     log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
-    k_feat = exp_(log_feat.sub_((log_weight + half_log_m)[..., None]))  # in place: no autograd op saved log_feat
+    k_feat = log_feat.sub_((log_weight + half_log_m)[..., None]).exp2_()
     if keep is not None:
         k_feat = k_feat * keep.view(b, 1, n, chunk, 1)
+    reference = reference * LOG2_E
     running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
     chunk_end = running[..., -1]  # [B, Hk, n]
     state_ref = torch.cat([reference[..., None], chunk_end[..., :-1]], -1)
-    # exp(c_s − M_t) for s ≤ t, ≤ 1 since M_t ≥ c_s; −inf, so 0, for the future keys s > t.  A chunk's last query
+    # 2^(c_s − M_t) for s ≤ t, ≤ 1 since M_t ≥ c_s; −inf, so 0, for the future keys s > t.  A chunk's last query
     # has M_t = the chunk's end: its row is each key's weight in the chunk sum, as the state's is its scan decay.
-    decay = exp_((log_weight[..., None, :] - running[..., :, None]).add_(_future_mask(chunk, key.device)))
-    carry = torch.exp(state_ref[..., None] - running)  # ≤ 1
+    decay = (log_weight[..., None, :] - running[..., :, None]).add_(_future_mask(chunk, key.device)).exp2_()
+    carry = torch.exp2(state_ref[..., None] - running)  # ≤ 1
     # the queries' features without φ's m^-½: every query term is a product with them, in numerator and denominator
-    q_logits = (query @ (projection * input_scale).transpose(0, 1)).unflatten(-2, (n, chunk))
+    q_logits = (query @ log2_projection).unflatten(-2, (n, chunk))
     q_logits = q_logits.sub_(q_logits.detach().amax(-1, keepdim=True))
-    q_floored = q_logits < -QUERY_FLOOR if floor_mask else None  # clamp's gradient: 0 below the floor
-    q_feat = exp_(q_logits.clamp_(min=-QUERY_FLOOR))
+    floor = QUERY_FLOOR * LOG2_E
+    q_floored = q_logits < -floor if floor_mask else None  # clamp's gradient: 0 below the floor
+    q_feat = q_logits.clamp_(min=-floor).exp2_()
     return _ChunkTerms(q_feat, k_feat, values, decay[..., -1, :, None], decay[:, :, None], carry[..., -1, None, None],
-                       carry[:, :, None, :, :, None], chunk_end[..., -1], q_floored)
+                       carry[:, :, None, :, :, None], chunk_end[..., -1] / LOG2_E, q_floored)
 
 
 @functools.cache
@@ -624,7 +643,8 @@ def _combined(terms: _ChunkTerms, scores: torch.Tensor, before: torch.Tensor, co
     its chunk (``before [B, Hk, n, m, Dv + 1]``, the scan's states but the last), carried to the query.  ``columns``
     of ``[V, 1]``: all, or ``slice(-1, None)`` for the denominators ``z`` alone."""
     inter = terms.q_feat @ before[:, :, None, ..., columns]
-    return scores @ terms.values[:, :, None, ..., columns] + (inter if terms.carry is None else inter.mul_(terms.carry))
+    inter = inter if terms.carry is None else inter.mul_(terms.carry)
+    return inter.add_(scores @ terms.values[:, :, None, ..., columns])
 
 
 def _causal_chunks(
@@ -641,12 +661,13 @@ def _causal_chunks(
     kernel_fn: KernelFn | None,
     kernel_epsilon: float,
     out: torch.Tensor | None = None,
+    log2_projection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Causal FAVOR+ of ``query [B, Hk, G, L, D]`` on ``key [B, Hk, L, D]``, ``value [B, Hk, L, Dv]``
     (query ``t`` sees keys ``≤ t`` and those summed in ``summary [B, Hk, m, Dv + 1]``, relative to
     ``reference [B, Hk]`` for the softmax kernel; see :func:`_entry`) → ``(out [B, Hk, G, L, Dv],
     summary after the keys, its reference)``.  ``out``: a ``[B, Hk, G, L, Dv]`` view to write the output into
-    (whole chunks are divided straight into it: :func:`_divide`).
+    (whole chunks are divided straight into it: :func:`_divide`); ``log2_projection``: see :func:`_chunk_terms`.
 
     Chunks of ``C`` tokens: inside a chunk the masked product ``(φ̃(Q)φ̃(K)ᵀ ⊙ decay)[V, 1]`` is exact;
     across chunks a state ``[m, Dv + 1]`` is carried (a scan), so memory is O(L·(m + C) + (L/C)·m·Dv).
@@ -667,7 +688,7 @@ def _causal_chunks(
     b, key_heads, group, length, _ = query.shape
     dv = value.shape[-1]
     terms = _chunk_terms(query, key, value, projection, keep, reference, chunk=chunk, input_scale=input_scale,
-                         kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon)
+                         kernel_fn=kernel_fn, kernel_epsilon=kernel_epsilon, log2_projection=log2_projection)
     before, after = _chunk_states(summary, _chunk_sums(terms), terms.scan_decay)
     combined = _combined(terms, _scores(terms), before)
     numerator, denominator = combined[..., :dv], combined[..., dv]
@@ -695,6 +716,8 @@ def _causal_blocks(query, key, value, projection, keep, summary, reference, *, c
     blocks' outputs into (else they are concatenated); ``entries``: ``[n_blocks, B, Hk, m, Dv + 1]`` and
     ``[n_blocks, B, Hk]`` tensors that receive the summary and reference each block starts from."""
     outputs = []
+    if features["kernel_fn"] is None:
+        features = dict(features, log2_projection=_log2_projection(projection, features["input_scale"]))
     for index, (q_block, (k_block, v_block, keep_block)) in enumerate(
         zip(_split(query, block, 3), _key_blocks(key, value, keep, block))
     ):
@@ -743,6 +766,7 @@ class _CausalFavor(torch.autograd.Function):
         wants = ctx.needs_input_grad
         grads = [torch.empty_like(t) if wanted else None for t, wanted in zip((query, key, value), wants)]
         grad_projection = torch.zeros_like(projection) if wants[3] else None
+        log2_projection = _log2_projection(projection, ctx.scale)
         for index in range(entry_summaries.shape[0] - 1, -1, -1):
             tokens = slice(index * ctx.block, (index + 1) * ctx.block)
             q_block, k_block, v_block, out_block, g_block = (t[..., tokens, :] for t in (query, key, value, out, grad_out))
@@ -750,14 +774,15 @@ class _CausalFavor(torch.autograd.Function):
             grad_summary = _causal_block_backward(
                 q_block, k_block, v_block, projection, None if keep is None else keep[..., tokens],
                 entry_summaries[index], entry_references[index], out_block, g_block, grad_summary, scale=ctx.scale,
-                chunk=ctx.chunk, grad_query=grad_query, grad_key=grad_key, grad_value=grad_value,
-                grad_projection=grad_projection,
+                chunk=ctx.chunk, log2_projection=log2_projection, grad_query=grad_query, grad_key=grad_key,
+                grad_value=grad_value, grad_projection=grad_projection,
             )
         return (*grads, grad_projection, None, grad_summary if wants[5] else None, None, None, None, None)
 
 
 def _causal_block_backward(query, key, value, projection, keep, summary, reference, out, grad_out, grad_exit, *,
-                           scale: float, chunk: int, grad_query, grad_key, grad_value, grad_projection) -> torch.Tensor:
+                           scale: float, chunk: int, log2_projection, grad_query, grad_key, grad_value,
+                           grad_projection) -> torch.Tensor:
     """One block of :class:`_CausalFavor` backward: its terms and chunk states recomputed from the entry
     ``summary [B, Hk, m, Dv + 1]`` and ``reference [B, Hk]``; from ``grad_out [B, Hk, G, L, Dv]`` and the gradient
     ``grad_exit`` of the summary after the block, writes the gradients of ``query``, ``key``, ``value`` into
@@ -771,7 +796,7 @@ def _causal_block_backward(query, key, value, projection, keep, summary, referen
     """
     length, dv = query.shape[3], value.shape[-1]
     terms = _chunk_terms(query, key, value, projection, keep, reference, chunk=chunk, input_scale=scale,
-                         kernel_fn=None, kernel_epsilon=0.0, floor_mask=True)
+                         kernel_fn=None, kernel_epsilon=0.0, floor_mask=True, log2_projection=log2_projection)
     scores = _scores(terms)
     d_combined, d_scores = _read_out_gradients(terms, scores, summary, out, grad_out, query, projection, scale,
                                                grad_query, grad_projection)

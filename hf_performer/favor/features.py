@@ -107,10 +107,11 @@ def learned_projection(feature_map: str, nb_features: int, dim: int, *, generato
     return orthogonal_random_matrix(nb_features, dim, **draw)
 
 
-def log_normaliser(x: torch.Tensor, logits: torch.Tensor, feature_map: str = "favor+", *,
+def log_normaliser(x: torch.Tensor, logits: torch.Tensor | None, feature_map: str = "favor+", *,
                    scale: float = 1.0) -> torch.Tensor:
     """``c(s·x)`` of ``log φ(s·x) = ω(s·x) − c(s·x) − ½ log m`` for inputs ``x [..., L, d]`` (``s = scale``) and their
-    logits ``ω(s·x)`` ``[..., L, m]``: ``[..., L, 1]``, or ``[..., L, m]`` (one per feature) for ``"hedgehog"``:
+    logits ``ω(s·x)`` ``[..., L, m]`` (``"favor+"`` does not read them): ``[..., L, 1]``, or ``[..., L, m]`` (one per
+    feature) for ``"hedgehog"``:
 
     - ``"favor+"``: ``‖s·x‖²/2``, the positive random features of the paper (eq. 7): ``E[φ(q)ᵀφ(k)] = exp(qᵀk)``.
       With ``‖q‖, ‖k‖`` of a pretrained model the estimate is an average of log-normal terms whose mean rests on

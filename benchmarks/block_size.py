@@ -5,7 +5,8 @@
 uses them before the next block; ``block_size = L`` is the one-pass computation, every ``[L, m]``
 tensor streamed through memory.  One process, forward and forward+backward, best of ``--repeats``.
 Writes ``results/block_size.csv`` and ``block_size_run.json``.  ``default`` marks the block the op picks for
-a forward without autograd (``LEAN_BLOCK_ELEMENTS`` of features); under autograd causal attention picks
+a forward without autograd (``LEAN_BLOCK_ELEMENTS`` of features; causally ``causal_block_elements``, more for
+sequences below 2,048 tokens at 8 heads); under autograd causal attention picks
 ``recompute_block_length`` instead (memory, see its docstring), bidirectional the same as without.
 
     python benchmarks/block_size.py                      # L = 16384, 8 heads, d 64, m 256
@@ -36,7 +37,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import_favor_without_transformers()
     from hf_performer.favor import favor_attention, orthogonal_random_matrix
-    from hf_performer.favor.attention import LEAN_BLOCK_ELEMENTS, block_length
+    from hf_performer.favor.attention import LEAN_BLOCK_ELEMENTS, block_length, causal_block_elements
 
     run = Run("block_size")
     q, k, v = random_qkv(args.length, args.heads, args.head_dim)
@@ -45,7 +46,8 @@ def main() -> None:
     for causal in (False, True):
         chunks = args.chunks if causal else [128]
         for chunk in chunks:
-            default = block_length(args.heads, args.nb_features, chunk if causal else 1, LEAN_BLOCK_ELEMENTS)
+            elements = causal_block_elements(args.heads, args.length, args.nb_features) if causal else LEAN_BLOCK_ELEMENTS
+            default = block_length(args.heads, args.nb_features, chunk if causal else 1, elements)
             for block in sorted({*args.blocks, default}):
                 if causal and block % chunk:
                     continue

@@ -509,6 +509,29 @@ def test_bidirectional_default_blocks_short_in_one_long_in_lean_blocks(monkeypat
         torch.testing.assert_close(out.double(), reference(q, k, v, omega, causal=False), atol=1e-5, rtol=1e-4)
 
 
+def test_causal_default_blocks_short_sequences_in_larger_blocks(monkeypatch):
+    """Without autograd, a causal sequence below ``SHORT_CAUSAL_ELEMENTS`` feature elements runs in blocks of
+    ``SHORT_CAUSAL_BLOCK_ELEMENTS``, a longer one in lean blocks (counted through the softmax terms of each block):
+    both equal to the reference."""
+    from hf_performer.favor import attention
+
+    calls = []
+    original = attention._softmax_terms
+    monkeypatch.setattr(attention, "_softmax_terms", lambda *a, **kw: calls.append(a[1].shape[-2]) or original(*a, **kw))
+    monkeypatch.setattr(attention, "MIN_BLOCK_TOKENS", 8)
+    monkeypatch.setattr(attention, "LEAN_BLOCK_ELEMENTS", B * H * 8 * M)
+    monkeypatch.setattr(attention, "SHORT_CAUSAL_BLOCK_ELEMENTS", B * H * 16 * M)
+    q, k, v = qkv(40)
+    omega = projection()
+    for short_elements, blocks in ((B * H * 41 * M, [16, 16, 8]), (B * H * 40 * M, [8] * 5)):
+        monkeypatch.setattr(attention, "SHORT_CAUSAL_ELEMENTS", short_elements)
+        calls.clear()
+        with torch.no_grad():
+            out, _ = causal_favor(q, k, v, omega, chunk_size=8)
+        assert calls == blocks
+        torch.testing.assert_close(out.double(), reference(q, k, v, omega, causal=True), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("queries", [160, 4])
 def test_bidirectional_keys_in_the_output_memory_match_the_reference(queries, monkeypatch):
     """The forward's key pass computes its features in the output's memory while it is still unwritten: 160 queries

@@ -180,13 +180,34 @@ LEAN_BLOCK_ELEMENTS = 1 << 18
 m = 256).  Bidirectional attention (which recomputes features in backward): the forward's blocks go into the
 output's own memory while it is unwritten, up to :data:`BLOCK_ELEMENTS` (:func:`_key_summary`,
 :func:`_read_out_queries`), and the last few of each row into one buffer of this size, which keeps its peak memory
-within a MiB of SDPA's (issue 14).  Causal attention without autograd: with the states before
-each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at 16,384 and 2,048
+within a MiB of SDPA's (issue 14).  Causal attention without autograd, from :data:`SHORT_CAUSAL_ELEMENTS` on: with
+the states before each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at 16,384 and 2,048
 tokens, and the forward's peak 33 MiB at 16,384 tokens (SDPA's 32–33; 60 MiB with 512).  Under autograd causal
 attention takes :func:`recompute_block_length` (softmax) or :data:`BLOCK_ELEMENTS` (other kernels)."""
 
 MIN_BLOCK_TOKENS = 128
 """Fewest tokens per block (see :func:`block_length`)."""
+
+SHORT_CAUSAL_ELEMENTS = 1 << 22
+"""Feature elements (``rows × L × m``) below which causal attention without autograd takes blocks of
+:data:`SHORT_CAUSAL_BLOCK_ELEMENTS` instead of :data:`LEAN_BLOCK_ELEMENTS`: sequences shorter than 2,048 tokens at 8
+heads with m = 256, below the lengths of issue 14's memory goal and where its causal crossover (≤ 1,536 tokens) is."""
+
+SHORT_CAUSAL_BLOCK_ELEMENTS = 1 << 19
+"""Feature elements per block of a short causal sequence (:data:`SHORT_CAUSAL_ELEMENTS`): 256 tokens at 8 heads,
+m = 256, half as many blocks, each with its fixed operations (about 120 of them, 0.3 ms a block).  At 1,024 /
+1,536 / 1,792 tokens (8 heads × 64, 2 threads, no autograd, interleaved in one process, medians of 11, three
+processes) 256-token blocks took 0.86–0.92× / 0.88–0.92× / 0.90× the time of 128.  Longer sequences keep 128-token
+blocks: 256 raised the forward's peak above SDPA's, by 1–6 MiB at 2,048–16,384 tokens (``benchmarks/RESULTS.md``)."""
+
+
+def causal_block_elements(rows: int, length: int, nb_features: int) -> int:
+    """Feature elements per block of causal attention without autograd for ``rows`` (batch × heads) rows of
+    ``length`` queries: :data:`SHORT_CAUSAL_BLOCK_ELEMENTS` below :data:`SHORT_CAUSAL_ELEMENTS`, else
+    :data:`LEAN_BLOCK_ELEMENTS` (for :func:`block_length`)."""
+    short = rows * length * nb_features < SHORT_CAUSAL_ELEMENTS
+    return SHORT_CAUSAL_BLOCK_ELEMENTS if short else LEAN_BLOCK_ELEMENTS
+
 
 SHORT_ELEMENTS = 1 << 21
 """Feature elements (``rows × L × m``) up to which bidirectional attention runs as one block: 8 MiB of float32,
@@ -895,7 +916,8 @@ def causal_favor(
     recording = records_gradients(x.query, x.key, x.value, x.projection, *state)
     own_backward = kernel_fn is None and recording  # _CausalFavor
     chunk = max(1, chunk_size)
-    block = block_length(b * key_heads * group, m, chunk, None if recording else LEAN_BLOCK_ELEMENTS)
+    rows = b * key_heads * group
+    block = block_length(rows, m, chunk, None if recording else causal_block_elements(rows, q_len, m))
     if own_backward:
         block = recompute_block_length(q_len, dv, group, chunk, block)
     block = max(chunk, (block_size or block) // chunk * chunk)

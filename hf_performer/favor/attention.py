@@ -604,8 +604,8 @@ def _log2_projection(projection: torch.Tensor, input_scale: float) -> torch.Tens
 def _softmax_terms(query, key, values, log2_projection, keep, reference, input_scale: float,
                    floor_mask: bool) -> _ChunkTerms:
     """:func:`_chunk_terms` for the softmax kernel, inputs padded to whole chunks (``values [B, Hk, n, C, Dv + 1]``),
-    logits from ``log2_projection`` (:func:`_log2_projection`).  Every stabiliser is detached: a constant in
-    :class:`_CausalFavor`.
+    logits from ``log2_projection`` (:func:`_log2_projection`).  Every stabiliser is detached: a constant, in
+    autograd and in :class:`_CausalFavor`.
 
     The logits, the stabilisers and the exponents are in base 2 (``log₂ φ``): every exponential of the block is an
     ``exp2`` of them straight, with no pass that multiplies by ``log₂e`` first (``exp_`` on the CPU) or a slower
@@ -614,14 +614,16 @@ def _softmax_terms(query, key, values, log2_projection, keep, reference, input_s
     b, key_heads, n, chunk, _ = values.shape
     m = log2_projection.shape[1]
     half_log_m = 0.5 * math.log2(m)  # φ's m^-½ rides in the exponents, half on each side
-    log_feat = (key @ log2_projection).sub_(log_normaliser(key, None, scale=input_scale).mul_(LOG2_E))
+    # log₂ φ(k_s) = ωk_s − c(k_s): relative to c_s = its largest, the norm c(k_s) cancels, so it goes into the weight
+    # c_s alone (no pass over [L, m] for it); the largest ωk_s is the stabiliser (detached), the norm is not
+    k_logits = (key @ log2_projection).view(b, key_heads, n, chunk, m)
+    top = k_logits.detach().amax(-1)
+    k_feat = k_logits.sub_((top + half_log_m)[..., None]).exp2_()
+    log_weight = top - log_normaliser(key, None, scale=input_scale).mul_(LOG2_E).view_as(top)  # c_s [B, Hk, n, C]
     if keep is not None:
-        log_feat = log_feat.masked_fill_(~keep[..., None], NEG_LOG_WEIGHT)
-    log_feat = log_feat.view(b, key_heads, n, chunk, m)
-    log_weight = log_feat.detach().amax(-1)  # c_s [B, Hk, n, C]
-    k_feat = log_feat.sub_((log_weight + half_log_m)[..., None]).exp2_()
-    if keep is not None:
-        k_feat = k_feat * keep.view(b, 1, n, chunk, 1)
+        padding = ~keep.view(b, 1, n, chunk)
+        log_weight = log_weight.masked_fill_(padding, NEG_LOG_WEIGHT)
+        k_feat = k_feat.masked_fill(padding[..., None], 0.0)  # not in place: exp2's backward (tests) reads it
     reference = reference * LOG2_E
     running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
     chunk_end = running[..., -1]  # [B, Hk, n]

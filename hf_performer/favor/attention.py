@@ -352,8 +352,8 @@ class _BidirectionalFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, key, value, projection, keep, scale, block):
         out = rows.new_empty(*rows.shape[:-1], value.shape[-1])
-        summary, top = _key_summary(key, value, projection, keep, scale, block, scratch=out.view(-1))
-        _read_out_queries(rows, projection, scale, summary, top, out, block)
+        summary, top, buffer = _key_summary(key, value, projection, keep, scale, block, scratch=out.view(-1))
+        _read_out_queries(rows, projection, scale, summary, top, out, block, spare=buffer)
         ctx.save_for_backward(rows, key, value, projection, keep, summary, top, out)
         ctx.scale, ctx.block = scale, block
         return out
@@ -392,20 +392,22 @@ class _BidirectionalFavor(torch.autograd.Function):
 
 def _key_summary(key, value, projection, keep, scale: float, block: int, scratch: torch.Tensor):
     """The first pass of :class:`_BidirectionalFavor`: the summary ``S = φ̃(K)ᵀ[V, 1]`` ``[B, Hk, m, Dv + 1]`` of
-    ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]`` (``keep [B, 1, Lk]`` or ``None``) and the per-feature reference
-    ``[B, Hk, m]`` it is kept relative to, over blocks of keys.
+    ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]`` (``keep [B, 1, Lk]`` or ``None``), the per-feature reference
+    ``[B, Hk, m]`` it is kept relative to, over blocks of keys, and the buffer of its own it took (else ``None``).
 
     ``scratch``: 1-d memory nothing reads yet, the output's until its queries are read out.  Each block's features,
     its ``[V, 1]`` and its product go there, in blocks as large as it holds up to :func:`block_length`'s cache
     budget (at 16,384 tokens, 8 heads × 64, m = 256: 512 tokens, 0.8× the time of this pass in the forward's
     128-token ``block``, and no memory of its own); where it holds fewer than ``block`` tokens, into a buffer of
-    ``block`` tokens."""
+    ``block`` tokens (always for a sequence of one block): the read-out then takes it over, while it is in cache."""
     b, key_heads, _, dv = value.shape
     rows, m = b * key_heads, projection.shape[0]
     per_token, products = rows * (m + dv + 1), rows * (dv + 1) * m
     tokens = min(max(block, block_length(rows, m)), (scratch.numel() - products) // per_token)
+    buffer = None
     if tokens < block:
-        tokens, scratch = block, key.new_empty(block * per_token + products)
+        tokens = block
+        scratch = buffer = key.new_empty(block * per_token + products)
     features, values = scratch[: rows * tokens * m], scratch[rows * tokens * m : tokens * per_token]
     product = _buffer(scratch[tokens * per_token :], b, key_heads, dv + 1, m)
     ones = value.new_ones(b, key_heads, tokens, 1)
@@ -421,10 +423,11 @@ def _key_summary(key, value, projection, keep, scale: float, block: int, scratch
         part = torch.matmul(v_ones.transpose(-1, -2), k_feat, out=product).transpose(-1, -2)
         summary = part.clone() if top is None else summary.mul_(torch.exp(top - reference)[..., None]).add_(part)
         top = reference
-    return summary, top
+    return summary, top, buffer
 
 
-def _read_out_queries(rows, projection, scale: float, summary, top, out, block: int) -> None:
+def _read_out_queries(rows, projection, scale: float, summary, top, out, block: int,
+                      spare: torch.Tensor | None = None) -> None:
     """The second pass of :class:`_BidirectionalFavor`: ``out = D⁻¹ φ̃(Q) S`` for ``rows [B, Hk, R, D]``, written
     block by block into ``out [B, Hk, R, Dv]``, from the ``summary [B, Hk, m, Dv + 1]`` of the keys kept relative to
     ``top [B, Hk, m]``.
@@ -434,12 +437,15 @@ def _read_out_queries(rows, projection, scale: float, summary, top, out, block: 
     cache budget, shrinking as the unwritten part does (at 16,384 tokens, 8 heads × 64, m = 256: 512 tokens, 0.9×
     the time of this pass in 128-token blocks).  The rest, fewer than about ``6·block`` tokens of each row, in
     ``block`` tokens in a buffer of their own: the peak memory of 128-token blocks in one buffer, as before.  Off the
-    CPU and under ``torch.compile`` every block goes in that buffer."""
+    CPU and under ``torch.compile`` every block goes in that buffer.  ``spare``: a 1-d buffer of at least
+    ``B·Hk·block·(m + Dv + 1)`` floats to be that buffer, the key pass's own (:func:`_key_summary`): written just
+    before, it is in cache, where a new one is not (at 512–768 tokens, 8 heads × 64, m = 256, one block: 0.90–0.97×
+    the forward's time)."""
     b, key_heads, length, dv = out.shape
     m = projection.shape[0]
     per_token = m + dv + 1  # floats of a token's features and product
     most = max(block, block_length(b * key_heads, m))
-    by_row, spare, start = out.view(b * key_heads, length * dv), None, 0
+    by_row, start = out.view(b * key_heads, length * dv), 0
     # scratch whose rows are apart in memory: eager on the CPU, where it was measured (dynamo takes no such out=)
     apart = out.device.type == "cpu" and not torch.compiler.is_compiling()
     while start < length:

@@ -535,9 +535,9 @@ def test_causal_default_blocks_short_sequences_in_larger_blocks(monkeypatch):
 @pytest.mark.parametrize("queries", [160, 4])
 def test_bidirectional_keys_in_the_output_memory_match_the_reference(queries, monkeypatch):
     """The forward's key pass computes its features in the output's memory while it is still unwritten: 160 queries
-    (per key head 2 × 160 × 16 floats, less a [17, 64] product, hold 49 keys of 64 + 17 floats), in blocks of 49
-    keys, more than ``block_size`` 8; 4 queries hold none, so in a buffer of 8 keys.  Values and gradients equal
-    the reference's either way, with grouped heads and padding across a key block's edge (50–70)."""
+    (per key head 2 × 160 × 16 floats, less a [16, 64] product, hold 64 keys of 64 floats), in blocks of 64 keys,
+    more than ``block_size`` 8; 4 queries hold none, so in a buffer of 8 keys.  Values and gradients equal the
+    reference's either way, with grouped heads and padding across a key block's edge (50–70)."""
     from hf_performer.favor import attention, features
 
     calls = []
@@ -547,7 +547,7 @@ def test_bidirectional_keys_in_the_output_memory_match_the_reference(queries, mo
     reference_inputs, expanded = repeated(inputs)
     q, k, v, omega = inputs
     out = bidirectional_favor(q[:, :, -queries:], k, v, omega, key_padding_mask=mask, block_size=8)
-    key_blocks = [49, 49, 49, 13] if queries == 160 else [8] * 20
+    key_blocks = [64, 64, 32] if queries == 160 else [8] * 20
     assert calls[: len(key_blocks)] == key_blocks
     expected = reference(expanded[0][:, :, -queries:], *expanded[1:], causal=False, key_padding_mask=mask)
     assert_same_input_gradients(out, expected, inputs, reference_inputs)

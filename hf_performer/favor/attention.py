@@ -395,35 +395,39 @@ def _key_summary(key, value, projection, keep, scale: float, block: int, scratch
     ``key [B, Hk, Lk, D]``, ``value [B, Hk, Lk, Dv]`` (``keep [B, 1, Lk]`` or ``None``), the per-feature reference
     ``[B, Hk, m]`` it is kept relative to, over blocks of keys, and the buffer of its own it took (else ``None``).
 
-    ``scratch``: 1-d memory nothing reads yet, the output's until its queries are read out.  Each block's features,
-    its ``[V, 1]`` and its product go there, in blocks as large as it holds up to :func:`block_length`'s cache
-    budget (at 16,384 tokens, 8 heads × 64, m = 256: 512 tokens, 0.8× the time of this pass in the forward's
-    128-token ``block``, and no memory of its own); where it holds fewer than ``block`` tokens, into a buffer of
-    ``block`` tokens (always for a sequence of one block): the read-out then takes it over, while it is in cache."""
+    ``scratch``: 1-d memory nothing reads yet, the output's until its queries are read out.  Each block's features
+    and its product ``Vᵀφ̃(K)`` go there, in blocks as large as it holds up to :func:`block_length`'s cache budget (at
+    16,384 tokens, 8 heads × 64, m = 256: 512 tokens, 0.8× the time of this pass in the forward's 128-token
+    ``block``, and no memory of its own); where it holds fewer than ``block`` tokens, into a buffer of ``block``
+    tokens (always for a sequence of one block): the read-out then takes it over, while it is in cache.
+
+    ``S`` is kept as ``Sᵀ = [Vᵀφ̃(K); Σ φ̃(K)]`` (``[B, Hk, Dv + 1, m]``, handed out transposed): the product with
+    ``Vᵀ`` on the left ran at the matmul rate where ``φ̃(K)ᵀ`` on the left ran at half of it, and the keys' sum is a
+    reduction of features just written, where a ``[V, 1]`` copy of the values was one more buffer to write."""
     b, key_heads, _, dv = value.shape
     rows, m = b * key_heads, projection.shape[0]
-    per_token, products = rows * (m + dv + 1), rows * (dv + 1) * m
-    tokens = min(max(block, block_length(rows, m)), (scratch.numel() - products) // per_token)
+    products = rows * dv * m
+    tokens = min(max(block, block_length(rows, m)), (scratch.numel() - products) // (rows * m))
     buffer = None
     if tokens < block:
-        tokens = block
-        scratch = buffer = key.new_empty(block * per_token + products)
-    features, values = scratch[: rows * tokens * m], scratch[rows * tokens * m : tokens * per_token]
-    product = _buffer(scratch[tokens * per_token :], b, key_heads, dv + 1, m)
-    ones = value.new_ones(b, key_heads, tokens, 1)
+        tokens = block  # the read-out's too: features and [n, z] of ``block`` tokens
+        scratch = buffer = key.new_empty(rows * block * (m + dv + 1) + products)
+    features = scratch[: rows * tokens * m]
+    product = _buffer(scratch[rows * tokens * m :], b, key_heads, dv, m)
     summary, top = None, None
     for k_block, v_block, keep_block in _key_blocks(key, value, keep, tokens):
-        n = k_block.shape[2]
-        # relative to the larger of their own and the summary's reference, per feature: only the summary is
-        # rescaled; ([V, 1]ᵀφ̃(K))ᵀ rather than φ̃(K)ᵀ[V, 1]: 0.95× the op's time (the transposed left operand
-        # ran at half the matmul rate)
+        # relative to the larger of their own and the summary's reference, per feature: only the summary is rescaled
         k_feat, reference = key_features(k_block, projection, keep=keep_block, input_scale=scale,
-                                         out=_buffer(features, b, key_heads, n, m), at_least=top)
-        v_ones = torch.cat([v_block, ones[:, :, :n]], -1, out=_buffer(values, b, key_heads, n, dv + 1))
-        part = torch.matmul(v_ones.transpose(-1, -2), k_feat, out=product).transpose(-1, -2)
-        summary = part.clone() if top is None else summary.mul_(torch.exp(top - reference)[..., None]).add_(part)
+                                         out=_buffer(features, b, key_heads, k_block.shape[2], m), at_least=top)
+        torch.matmul(v_block.transpose(-1, -2), k_feat, out=product)
+        if top is None:
+            summary = torch.cat([product, k_feat.sum(-2, keepdim=True)], -2)
+        else:
+            summary.mul_(torch.exp(top - reference)[..., None, :])
+            summary[:, :, :dv].add_(product)
+            summary[:, :, dv].add_(k_feat.sum(-2))
         top = reference
-    return summary, top, buffer
+    return summary.transpose(-1, -2), top, buffer
 
 
 def _read_out_queries(rows, projection, scale: float, summary, top, out, block: int,

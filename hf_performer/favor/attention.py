@@ -181,8 +181,8 @@ m = 256).  Bidirectional attention (which recomputes features in backward): the 
 output's own memory while it is unwritten, up to :data:`BLOCK_ELEMENTS` (:func:`_key_summary`,
 :func:`_read_out_queries`), and the last few of each row into one buffer of this size, which keeps its peak memory
 within a MiB of SDPA's (issue 14).  Causal attention without autograd, from :data:`SHORT_CAUSAL_ELEMENTS` on: with
-the states before each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at 16,384 and 2,048
-tokens, and the forward's peak 33 MiB at 16,384 tokens (SDPA's 32–33; 60 MiB with 512).  Under autograd causal
+the states before each chunk scanned into one block of memory, 128-token blocks took 0.87–0.92× the time of 512 at
+16,384 and 2,048 tokens, and the forward's peak 33 MiB at 16,384 tokens (SDPA's 32–33; 60 MiB with 512).  Under autograd causal
 attention takes :func:`recompute_block_length` (softmax) or :data:`BLOCK_ELEMENTS` (other kernels)."""
 
 MIN_BLOCK_TOKENS = 128
@@ -443,8 +443,8 @@ def _read_out_queries(rows, projection, scale: float, summary, top, out, block: 
     ``block`` tokens in a buffer of their own: the peak memory of 128-token blocks in one buffer, as before.  Off the
     CPU and under ``torch.compile`` every block goes in that buffer.  ``spare``: a 1-d buffer of at least
     ``B·Hk·block·(m + Dv + 1)`` floats to be that buffer, the key pass's own (:func:`_key_summary`): written just
-    before, it is in cache, where a new one is not (at 512–768 tokens, 8 heads × 64, m = 256, one block: 0.90–0.97×
-    the forward's time)."""
+    before, it is in cache, where a new one is not (at 512–1,024 tokens, 8 heads × 64, m = 256, one block: 0.94–1.03×
+    the forward's time interleaved, faster in most fresh processes)."""
     b, key_heads, length, dv = out.shape
     m = projection.shape[0]
     per_token = m + dv + 1  # floats of a token's features and product
@@ -633,7 +633,7 @@ def _softmax_terms(query, key, values, log2_projection, keep, reference, input_s
     if keep is not None:
         padding = ~keep.view(b, 1, n, chunk)
         log_weight = log_weight.masked_fill_(padding, NEG_LOG_WEIGHT)
-        k_feat = k_feat.masked_fill(padding[..., None], 0.0)  # not in place: exp2's backward (tests) reads it
+        k_feat = k_feat.masked_fill(padding[..., None], 0.0)  # not in place: autograd reads exp2's output
     reference = reference * LOG2_E
     running = torch.maximum(torch.cummax(log_weight.flatten(2), -1).values.view_as(log_weight), reference[..., None, None])
     chunk_end = running[..., -1]  # [B, Hk, n]

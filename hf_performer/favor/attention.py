@@ -143,6 +143,13 @@ def _with_ones(value: torch.Tensor) -> torch.Tensor:
     return torch.cat([value, value.new_ones(*value.shape[:-1], 1)], -1)
 
 
+def _token_sums(features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``featuresᵀ values``, ``[..., m, Dv']`` from ``features [..., T, m]`` and ``values [..., T, Dv']``: sums over the
+    ``T`` tokens (a summary, chunk sums, their gradient), as a transposed view of ``valuesᵀ features``.  On the CPU the
+    product with the transposed ``[m, T]`` operand on the left ran at half to 0.7× the matmul rate (``RESULTS.md``)."""
+    return (values.transpose(-1, -2) @ features).transpose(-1, -2)
+
+
 def _read_out(q_feat: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     """``D⁻¹ φ(Q)(φ(K)ᵀ[V, 1])``: ``q_feat [B, Hk, R, m]`` and ``summary [B, Hk, m, Dv + 1]`` → ``[B, Hk, R, Dv]``."""
     combined = q_feat @ summary
@@ -372,7 +379,7 @@ class _BidirectionalFavor(torch.autograd.Function):
         ):
             q_feat = query_features(q_block, projection, input_scale=scale, key_reference=top)
             d_combined = _combined_gradient(g_block, out_block, q_feat @ summary[..., -1:])
-            grad_summary.add_((d_combined.transpose(-1, -2) @ q_feat).transpose(-1, -2))  # as forward's summary
+            grad_summary.add_(_token_sums(q_feat, d_combined))
             if wants_rows or wants_projection:
                 d_logits = (d_combined @ summary.transpose(-1, -2)).mul_(q_feat)  # d(s·ωq) per feature
                 _logit_gradients(d_logits, q_block, projection, scale, grad_block, grad_projection)
@@ -660,10 +667,9 @@ def _future_mask(chunk: int, device: torch.device) -> torch.Tensor:
 
 def _chunk_sums(terms: _ChunkTerms) -> torch.Tensor:
     """What each chunk adds to the state, ``φ̃(K)ᵀ([V, 1] ⊙ key_weight)``: ``[B, Hk, n, m, Dv + 1]`` (made when the
-    states are scanned, and freed then).  Computed as ``(([V, 1] ⊙ key_weight)ᵀ φ̃(K))ᵀ``, a transposed view: a
-    transposed left operand ran at half the matmul rate (as in the bidirectional summary)."""
+    states are scanned, and freed then), a transposed view (:func:`_token_sums`)."""
     values = terms.values if terms.key_weight is None else terms.values * terms.key_weight
-    return (values.transpose(-1, -2) @ terms.k_feat).transpose(-1, -2)
+    return _token_sums(terms.k_feat, values)
 
 
 def _scores(terms: _ChunkTerms) -> torch.Tensor:

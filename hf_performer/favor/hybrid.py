@@ -47,6 +47,7 @@ from hf_performer.favor.attention import (
     _inputs,
     _Inputs,
     _raise_mmap_threshold,
+    _token_sums,
     _ungroup,
     _with_ones,
     fold_keys,
@@ -935,8 +936,7 @@ class _BlockScan(NamedTuple):
     def states(self, heads: slice, blocks: slice, initial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(states before each of ``blocks`` [h, c, m, Dv + 1], state after the last)`` of key heads ``heads``,
         from ``initial`` (``[h, m, Dv + 1]``, the state before the first of ``blocks``; None: before block 0)."""
-        # [h, c, m, Dv + 1], as a transposed view of (values)ᵀ φ̃(K): a transposed left operand ran at 0.7× the rate
-        sums = (self.values[heads, blocks].transpose(-1, -2) @ self.k_feat[heads, blocks]).transpose(-1, -2)
+        sums = _token_sums(self.k_feat[heads, blocks], self.values[heads, blocks])  # [h, c, m, Dv + 1]
         initial = torch.zeros_like(sums[:, 0]) if initial is None else initial
         before, after = _chunk_states(initial[None], sums[None], self.decay[None, heads, blocks])
         return before[0], after[0]
